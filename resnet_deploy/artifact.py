@@ -1,0 +1,94 @@
+"""The manifest that travels with every exported artifact (``<artifact>.json``).
+
+It carries the recipe that made the artifact and everything a runtime needs to feed it the same
+images as the float model: format, precision, I/O dtypes and quantization parameters,
+preprocessing, class names, the source model and its sha256, the artifact's sha256 and size,
+the calibration recipe, the parity check's figures, tool and library versions.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from resnet_deploy import __version__
+from resnet_deploy.data.constants import CLASS_NAMES
+from resnet_deploy.data.preprocess import Preprocessing
+from resnet_deploy.errors import ResnetDeployError
+from resnet_deploy.fileio import sha256_file, sidecar_path, write_json_atomic
+
+MANIFEST_VERSION = 1
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    shape: list  # None for a dynamic dimension
+    dtype: str  # "float32", "int8", "uint8", "float16"
+    scale: float | None = None  # integer tensors: real = scale * (q - zero_point)
+    zero_point: int | None = None
+
+
+@dataclass
+class Manifest:
+    format: str  # keras | tflite | onnx
+    precision: str  # fp32 | fp16 | dynamic_int8 | int8
+    artifact: str  # file name, relative to the manifest
+    sha256: str
+    size_bytes: int
+    input: TensorSpec
+    output: TensorSpec
+    preprocessing: dict = field(default_factory=lambda: Preprocessing.pixels().to_dict())
+    class_names: list = field(default_factory=lambda: list(CLASS_NAMES))
+    source_model: dict | None = None  # {"path", "sha256", "architecture"}
+    calibration: dict | None = None  # sampler recipe, method, activation/weight types
+    options: dict = field(default_factory=dict)  # converter options that made it
+    validation: dict | None = None  # parity figures against the float model
+    tool: dict = field(default_factory=lambda: {"name": "resnet-deploy", "version": __version__})
+    libraries: dict = field(default_factory=dict)
+    machine: dict = field(default_factory=dict)
+    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    manifest_version: int = MANIFEST_VERSION
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Manifest":
+        d = dict(d)
+        known = {f for f in cls.__dataclass_fields__}
+        d["input"] = TensorSpec(**d["input"])
+        d["output"] = TensorSpec(**d["output"])
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @property
+    def preprocessing_spec(self) -> Preprocessing:
+        return Preprocessing.from_dict(self.preprocessing)
+
+    def save(self, artifact_path: str | os.PathLike) -> Path:
+        side = sidecar_path(artifact_path)
+        write_json_atomic(side, self.to_dict())
+        return side
+
+
+def read_manifest(artifact_path: str | os.PathLike) -> Manifest | None:
+    """The artifact's manifest, or None when the file has none (it still benches with defaults)."""
+    side = sidecar_path(artifact_path)
+    if not side.exists():
+        return None
+    try:
+        return Manifest.from_dict(json.loads(side.read_text()))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ResnetDeployError(f"The manifest {side} is unreadable: {type(exc).__name__}: {exc}",
+                                expected="the JSON written by `resnet-deploy export`",
+                                fix="re-export the artifact, or delete the manifest to bench with defaults") from exc
+
+
+def file_facts(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+    return {"sha256": sha256_file(p), "size_bytes": size}

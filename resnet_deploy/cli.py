@@ -1,0 +1,119 @@
+"""The ``resnet-deploy`` command line: thin commands that parse options and call the library.
+
+Heavy frameworks (TensorFlow, Keras, the runtimes) are imported inside the commands, so
+``resnet-deploy --help`` answers instantly.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from resnet_deploy import __version__
+from resnet_deploy.bench.command import bench
+from resnet_deploy.cli_common import DataOption, handle_errors
+from resnet_deploy.converters.command import export
+from resnet_deploy.training.command import train
+
+app = typer.Typer(
+    name="resnet-deploy",
+    help="Train, convert and benchmark Keras ResNets on CIFAR-10 for CPUs, phones and edge devices.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"resnet-deploy {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                    help="Print the version and exit.")] = None,
+) -> None:
+    """Train, convert and benchmark Keras ResNets on CIFAR-10."""
+
+
+app.command("train")(handle_errors(train))
+app.command("export")(handle_errors(export))
+app.command("bench")(handle_errors(bench))
+
+
+@app.command("models")
+@handle_errors
+def models(
+    width: Annotated[float, typer.Option(help="Width multiplier applied to every layer's channels.")] = 1.0,
+    stem: Annotated[str, typer.Option(help="cifar (3x3 conv, no pooling) or imagenet (7x7/2 conv + max-pool).")] = "cifar",
+    family: Annotated[Optional[str], typer.Option(help="Show only one family: resnet or cifar.")] = None,
+) -> None:
+    """List the architectures: parameters, MACs at 32x32, blocks per stage and widths."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from resnet_deploy.models.builder import _validate
+    from resnet_deploy.models.registry import ARCHS
+    from resnet_deploy.models.summary import arch_counts
+
+    table = Table(title=f"ResNet family (width x{width:g}, {stem} stem, 32x32x3 input, 10 classes)")
+    for col in ("name", "family", "block", "blocks per stage", "widths", "params", "MACs"):
+        table.add_column(col, justify="right" if col in ("params", "MACs") else "left")
+    for name, spec in ARCHS.items():
+        if family and spec.family != family:
+            continue
+        _validate(spec, width, stem, (32, 32, 3), 10)
+        c = arch_counts(spec, width, stem)
+        kind = spec.block + (", pre-act" if spec.preact else "") + ("" if spec.shortcuts else ", plain")
+        table.add_row(name, spec.family, kind, "-".join(map(str, spec.blocks_per_stage)),
+                      "/".join(str(max(1, round(w * width))) for w in spec.widths),
+                      f"{c.params / 1e6:.3f} M", f"{c.macs / 1e6:,.1f} M")
+    Console().print(table)
+    Console().print("params: trainable parameters (BN gamma/beta counted, moving statistics not). "
+                    "MACs: multiply-accumulates of convolutions and the classifier for one image.")
+
+
+@app.command("data")
+@handle_errors
+def data(data: DataOption = None) -> None:
+    """Find CIFAR-10 and print what was found: source, images per class per split, mean/std, warnings."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from resnet_deploy.data.constants import CIFAR10_MEAN, CIFAR10_STD, CLASS_NAMES
+    from resnet_deploy.data.sources import channel_stats, load_cifar10
+
+    console = Console()
+    ds = load_cifar10(data)
+    console.print(f"source: [bold]{ds.source}[/] ({ds.kind})")
+    table = Table(title="CIFAR-10 images per class")
+    table.add_column("class")
+    splits = [s for s in (ds.train, ds.test) if s is not None]
+    for s in splits:
+        table.add_column(s.name, justify="right")
+    counts = [s.class_counts() for s in splits]
+    for i, name in enumerate(CLASS_NAMES):
+        table.add_row(f"{i} {name}", *(f"{c[i]:,}" for c in counts))
+    table.add_row("total", *(f"{len(s):,}" for s in splits), style="bold")
+    console.print(table)
+    stats = Table(title="per-channel pixel statistics (0..255)")
+    for col in ("split", "mean R, G, B", "std R, G, B"):
+        stats.add_column(col)
+    for s in splits:
+        m, sd = channel_stats(s.x)
+        stats.add_row(s.name, ", ".join(f"{v:.2f}" for v in m), ", ".join(f"{v:.2f}" for v in sd))
+    stats.add_row("normalisation used", ", ".join(f"{v:.2f}" for v in CIFAR10_MEAN),
+                  ", ".join(f"{v:.2f}" for v in CIFAR10_STD), style="dim")
+    console.print(stats)
+    for note in ds.notes:
+        console.print(f"[yellow]warning:[/] {note}")
+    if not ds.notes:
+        console.print("[green]complete:[/] 50,000 training and 10,000 test images, 10 classes")
+
+
+if __name__ == "__main__":
+    app()

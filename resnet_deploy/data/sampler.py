@@ -1,0 +1,69 @@
+"""Seeded, class-balanced samples: calibration images come from the *training* split only."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from resnet_deploy.data.constants import NUM_CLASSES
+from resnet_deploy.data.sources import Split
+from resnet_deploy.errors import DataError
+
+
+def class_balanced_indices(y: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` indices into ``y``, as equal per class as possible (the remainder goes to randomly
+    chosen classes), drawn without replacement with ``seed``. Sorted ascending."""
+    y = np.asarray(y)
+    classes = np.unique(y)
+    if n < 1:
+        raise DataError(f"Cannot draw {n} calibration images.", expected="a positive count",
+                        fix="pass --calib-samples 1 or more (a few hundred is typical)")
+    if n > len(y):
+        raise DataError(f"Cannot draw {n} images from a split of {len(y)}.",
+                        expected=f"at most {len(y)}", fix="lower --calib-samples")
+    rng = np.random.default_rng(seed)
+    per = np.full(len(classes), n // len(classes))
+    per[rng.choice(len(classes), n % len(classes), replace=False)] += 1
+    chosen = []
+    for c, k in zip(classes, per):
+        pool = np.flatnonzero(y == c)
+        if k > len(pool):
+            raise DataError(f"Class {int(c)} has only {len(pool)} images, {k} were asked for.",
+                            fix="lower --calib-samples")
+        chosen.append(rng.choice(pool, k, replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+def indices_hash(idx: np.ndarray) -> str:
+    """A short, stable fingerprint of a sample (sha256 of the int64 indices), for manifests."""
+    return hashlib.sha256(np.asarray(idx, dtype="<i8").tobytes()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class CalibrationSample:
+    x: np.ndarray  # uint8 pixels, (n, 32, 32, 3)
+    y: np.ndarray
+    indices: np.ndarray  # into the training split
+    seed: int
+
+    @property
+    def recipe(self) -> dict:
+        counts = np.bincount(self.y, minlength=NUM_CLASSES)
+        return {
+            "split": "train",
+            "samples": int(len(self.indices)),
+            "seed": self.seed,
+            "class_balanced": True,
+            "per_class": counts.tolist(),
+            "indices_sha256_16": indices_hash(self.indices),
+        }
+
+
+def calibration_sample(train: Split, n: int, seed: int = 0) -> CalibrationSample:
+    if train.name != "train":
+        raise DataError(f"Calibration must come from the training split, got {train.name!r}.",
+                        fix="evaluation uses the test split; calibrate on training images")
+    idx = class_balanced_indices(train.y, n, seed)
+    return CalibrationSample(train.x[idx], train.y[idx], idx, seed)

@@ -1,0 +1,60 @@
+"""Machine and library facts printed beside every figure (CPU model and flags, versions)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+
+_PACKAGES = (
+    "resnet-deploy", "tensorflow", "keras", "tf-keras", "tensorflow-model-optimization", "tf2onnx",
+    "onnx", "onnxruntime", "ai-edge-litert", "numpy", "jax", "torch",
+)
+_INTERESTING_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512vnni", "avx_vnni", "avx512_bf16",
+                      "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16", "asimddp", "i8mm")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """The ISA flags that decide inference speed (AVX-512, VNNI, BF16, AMX), as /proc/cpuinfo names them."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith(("flags", "Features")):
+                    have = set(line.split(":", 1)[1].split())
+                    return [f for f in _INTERESTING_FLAGS if f in have]
+    except OSError:
+        pass
+    return []
+
+
+def library_versions(packages=_PACKAGES) -> dict[str, str]:
+    out = {}
+    for name in packages:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def machine_info() -> dict:
+    return {
+        "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "os": platform.platform(terse=True),
+        "keras_backend": os.environ.get("KERAS_BACKEND", "tensorflow"),
+    }

@@ -1,0 +1,102 @@
+"""Saving and loading float models with the metadata that travels beside them.
+
+``model.keras`` gets a sidecar ``model.keras.json`` (architecture, input convention,
+preprocessing, class names, and whatever the trainer adds: accuracy, recipe, device...).
+Models are loaded with Keras' safe mode: a file cannot run code on load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from resnet_deploy.data.constants import CLASS_NAMES, IMAGE_SHAPE, NUM_CLASSES
+from resnet_deploy.data.preprocess import Preprocessing
+from resnet_deploy.errors import ModelError
+from resnet_deploy.fileio import atomic_path, check_can_write, sidecar_path, write_json_atomic
+
+INPUT_CONVENTION = "float32 RGB pixels 0..255, NHWC (normalisation is inside the model)"
+
+
+def base_metadata(arch: str, width: float = 1.0, stem: str = "cifar",
+                  preprocessing: Preprocessing | None = None) -> dict:
+    return {
+        "architecture": arch,
+        "width": width,
+        "stem": stem,
+        "input_shape": list(IMAGE_SHAPE),
+        "input_convention": INPUT_CONVENTION,
+        "preprocessing": (preprocessing or Preprocessing.pixels()).to_dict(),
+        "output": "logits (no softmax)",
+        "class_names": list(CLASS_NAMES),
+    }
+
+
+def save_model(model, path: str | os.PathLike, metadata: dict | None = None, force: bool = False) -> Path:
+    """Write ``model`` to ``path`` (.keras) and its metadata sidecar, each atomically."""
+    path = Path(path)
+    if path.suffix != ".keras":
+        raise ModelError(f"Cannot save a model to {path}.", expected="a path ending in .keras")
+    check_can_write(path, force, "model")
+    with atomic_path(path, suffix=".tmp.keras") as tmp:  # Keras insists on the .keras suffix
+        model.save(tmp)
+    if metadata is not None:
+        write_json_atomic(sidecar_path(path), metadata)
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict | None:
+    side = sidecar_path(path)
+    if not side.exists():
+        return None
+    try:
+        return json.loads(side.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"The metadata file {side} is not valid JSON: {exc}",
+                         fix="delete it (defaults are used) or restore it from the training run") from exc
+
+
+def load_model(path: str | os.PathLike, check_io: bool = True):
+    """Load a float Keras model (.keras, .h5 or SavedModel folder) safely and check its I/O."""
+    import keras
+
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"Model {path} does not exist.", fix="check the path (train writes runs/<name>/model.keras)")
+    try:
+        if path.is_dir():
+            if not (path / "saved_model.pb").exists():
+                raise ModelError(f"{path} is a folder without saved_model.pb.",
+                                 expected="a .keras file, a .h5 file or a SavedModel folder")
+            layer = keras.layers.TFSMLayer(str(path), call_endpoint="serving_default")
+            inp = keras.Input(IMAGE_SHAPE, name="image")
+            out = layer(inp)
+            if isinstance(out, dict):
+                out = list(out.values())[0]
+            model = keras.Model(inp, out, name=path.name)
+        elif path.suffix in (".keras", ".h5", ".hdf5"):
+            model = keras.saving.load_model(path, compile=False, safe_mode=True)
+        else:
+            raise ModelError(f"{path} is not a Keras model file.",
+                             expected="a .keras file, a .h5 file or a SavedModel folder")
+    except ModelError:
+        raise
+    except Exception as exc:
+        raise ModelError(f"Could not load {path} as a Keras model: {type(exc).__name__}: {str(exc)[:400]}",
+                         expected="a complete .keras/.h5 file or SavedModel folder written by Keras",
+                         fix="check that the file is not truncated; re-save it with model.save('model.keras')") from exc
+    if check_io:
+        check_classifier_io(model, str(path))
+    return model
+
+
+def check_classifier_io(model, source: str) -> None:
+    in_shape = tuple(model.inputs[0].shape[1:]) if model.inputs else None
+    out_shape = tuple(model.outputs[0].shape[1:]) if model.outputs else None
+    if in_shape != IMAGE_SHAPE:
+        raise ModelError(f"{source} takes inputs of shape {in_shape}.", expected=f"CIFAR-10 images {IMAGE_SHAPE}",
+                         fix="use a model built for 32x32 RGB images")
+    if out_shape != (NUM_CLASSES,):
+        raise ModelError(f"{source} outputs shape {out_shape}.", expected=f"({NUM_CLASSES},) class scores",
+                         fix="use a CIFAR-10 classifier with 10 outputs")

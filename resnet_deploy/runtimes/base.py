@@ -1,0 +1,84 @@
+"""Runner shape shared by every engine (after Polygraphy's backend runners).
+
+A runner is a context manager: ``with open_runner(path) as r: logits = r.predict(pixels)``.
+``predict`` takes uint8 or float RGB NHWC pixels 0..255, checks them, applies the artifact's
+recorded preprocessing, and calls the engine's ``_predict_impl`` batch by batch; engines that
+take integer input quantize it themselves, so callers always pass the same images. Timing lives
+in ``bench``, not here.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from pathlib import Path
+
+import numpy as np
+
+from resnet_deploy.data.constants import IMAGE_SHAPE
+from resnet_deploy.data.preprocess import Preprocessing, preprocess
+from resnet_deploy.errors import ResnetDeployError
+
+
+class Runner(abc.ABC):
+    name = "base"
+
+    def __init__(self, path: str | os.PathLike, preprocessing: Preprocessing | None = None,
+                 threads: int | None = None, batch_size: int = 256):
+        self.path = Path(path)
+        self.preprocessing = preprocessing or Preprocessing.pixels()
+        self.threads = threads
+        self.batch_size = batch_size
+        self._loaded = False
+
+    # Lifecycle ---------------------------------------------------------------------------
+    def __enter__(self) -> "Runner":
+        self.load()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def load(self) -> None:
+        if not self.path.exists():
+            raise ResnetDeployError(f"{self.path} does not exist.", fix="check the path")
+        self._load_impl()
+        self._loaded = True
+
+    def close(self) -> None:
+        self._loaded = False
+
+    # Inference ---------------------------------------------------------------------------
+    def predict(self, pixels: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+        """Float32 logits (N, classes) for RGB NHWC pixels 0..255."""
+        if not self._loaded:
+            raise RuntimeError(f"{type(self).__name__}.predict called before load() / with-block")
+        pixels = np.asarray(pixels)
+        if pixels.ndim == 3:
+            pixels = pixels[None]
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != IMAGE_SHAPE:
+            raise ResnetDeployError(f"{self.name} got images of shape {pixels.shape}.",
+                                    expected=f"(N, {', '.join(map(str, IMAGE_SHAPE))}) RGB pixels 0..255")
+        bs = batch_size or self.batch_size
+        if not self.supports_batch:
+            bs = 1
+        outs = [self.predict_preprocessed(preprocess(pixels[i:i + bs], self.preprocessing))
+                for i in range(0, len(pixels), bs)]
+        return np.concatenate(outs).astype(np.float32, copy=False)
+
+    def predict_preprocessed(self, x: np.ndarray) -> np.ndarray:
+        """One batch of already-preprocessed float32 input; the hot path bench times."""
+        return self._predict_impl(x)
+
+    @property
+    def supports_batch(self) -> bool:
+        return True
+
+    @abc.abstractmethod
+    def _load_impl(self) -> None: ...
+
+    @abc.abstractmethod
+    def _predict_impl(self, x: np.ndarray) -> np.ndarray: ...
+
+    def describe(self) -> dict:
+        return {"runtime": self.name, "threads": self.threads}

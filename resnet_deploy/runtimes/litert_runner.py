@@ -1,0 +1,72 @@
+"""TFLite artifacts through LiteRT (``ai_edge_litert``; XNNPACK is on by default).
+
+Integer I/O is handled here from the tensor details: float inputs are quantized with the
+input's scale/zero-point and integer outputs are dequantized, so callers always pass float.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from resnet_deploy.errors import ResnetDeployError
+from resnet_deploy.runtimes.base import Runner
+
+
+def quantize(x: np.ndarray, scale: float, zero_point: int, dtype) -> np.ndarray:
+    info = np.iinfo(dtype)
+    return np.clip(np.round(x / scale) + zero_point, info.min, info.max).astype(dtype)
+
+
+def dequantize(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
+    return (q.astype(np.float32) - zero_point) * np.float32(scale)
+
+
+class LiteRTRunner(Runner):
+    name = "litert"
+
+    def _load_impl(self) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        try:
+            self.interpreter = Interpreter(model_path=str(self.path), num_threads=self.threads)
+            self.interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            raise ResnetDeployError(f"LiteRT cannot load {self.path}: {str(exc).strip()[:300]}",
+                                    expected="a complete .tflite flatbuffer",
+                                    fix="re-export the artifact; the file may be truncated or not TFLite") from exc
+        ins, outs = self.interpreter.get_input_details(), self.interpreter.get_output_details()
+        if len(ins) != 1 or len(outs) != 1:
+            raise ResnetDeployError(f"{self.path} has {len(ins)} inputs and {len(outs)} outputs.",
+                                    expected="one image input and one logits output")
+        self.input_detail, self.output_detail = ins[0], outs[0]
+        self._batch = int(self.input_detail["shape"][0])
+
+    def _resize(self, n: int) -> None:
+        if n != self._batch:
+            self.interpreter.resize_tensor_input(self.input_detail["index"], [n, *self.input_detail["shape"][1:]])
+            self.interpreter.allocate_tensors()
+            self.input_detail = self.interpreter.get_input_details()[0]
+            self.output_detail = self.interpreter.get_output_details()[0]
+            self._batch = n
+
+    def _predict_impl(self, x: np.ndarray) -> np.ndarray:
+        self._resize(len(x))
+        d = self.input_detail
+        if np.issubdtype(d["dtype"], np.integer):
+            scale, zp = d["quantization"]
+            x = quantize(x, scale, zp, d["dtype"])
+        else:
+            x = x.astype(d["dtype"], copy=False)
+        self.interpreter.set_tensor(d["index"], x)
+        self.interpreter.invoke()
+        o = self.output_detail
+        y = self.interpreter.get_tensor(o["index"])
+        if np.issubdtype(o["dtype"], np.integer):
+            scale, zp = o["quantization"]
+            y = dequantize(y, scale, zp)
+        return y
+
+    def describe(self) -> dict:
+        d = self.input_detail
+        return {"runtime": self.name, "threads": self.threads, "input_dtype": np.dtype(d["dtype"]).name,
+                "input_quantization": list(d["quantization"])}
