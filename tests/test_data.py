@@ -1,0 +1,238 @@
+"""The CIFAR-10 data layer: sources, the restricted unpickler, validation, preprocessing, sampler."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from resnet_deploy.data import (CIFAR10_MEAN, CIFAR10_STD, Preprocessing, calibration_sample,
+                                class_balanced_indices, indices_hash, load_cifar10, preprocess)
+from resnet_deploy.data.safe_pickle import safe_load_batch
+from resnet_deploy.data.sources import Split, channel_stats
+from resnet_deploy.errors import DataError, UnsafePickleError
+
+
+# -- official-format fixtures ------------------------------------------------------------------
+def _batch_bytes(n: int, seed: int, protocol: int = 2) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """A pickle shaped like an official batch: bytes keys, uint8 (n, 3072) CHW planes, list labels."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    y = (np.arange(n) + seed) % 10
+    d = {b"batch_label": b"testing batch", b"labels": [int(v) for v in y],
+         b"data": x.transpose(0, 3, 1, 2).reshape(n, 3072), b"filenames": [b"img_%d.png" % i for i in range(n)]}
+    return pickle.dumps(d, protocol=protocol), x, y
+
+
+@pytest.fixture
+def batches_dir(tmp_path) -> tuple[Path, np.ndarray, np.ndarray]:
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    xs, ys = [], []
+    for i in range(1, 6):
+        raw, x, y = _batch_bytes(20, i)
+        (d / f"data_batch_{i}").write_bytes(raw)
+        xs.append(x)
+        ys.append(y)
+    raw, xt, yt = _batch_bytes(20, 99)
+    (d / "test_batch").write_bytes(raw)
+    return d, np.concatenate(xs), np.concatenate(ys), xt, yt
+
+
+def test_batches_folder_round_trips_pixels_and_labels(batches_dir):
+    d, x, y, xt, yt = batches_dir
+    for path in (d, d.parent):  # the folder itself, or its parent
+        ds = load_cifar10(path)
+        assert ds.kind == "batches"
+        np.testing.assert_array_equal(ds.train.x, x)
+        np.testing.assert_array_equal(ds.train.y, y)
+        np.testing.assert_array_equal(ds.test.x, xt)
+        assert ds.train.x.shape[1:] == (32, 32, 3) and ds.train.x.dtype == np.uint8
+
+
+def test_tarball_is_read_in_memory(batches_dir, tmp_path):
+    d, x, y, xt, yt = batches_dir
+    tar_path = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(tar_path, "w:gz") as tar:
+        tar.add(d, arcname="cifar-10-batches-py")
+    ds = load_cifar10(tar_path)
+    assert ds.kind == "tarball"
+    np.testing.assert_array_equal(ds.train.x, x)
+    np.testing.assert_array_equal(ds.test.y, yt)
+    ds_test = load_cifar10(tar_path, splits=("test",))
+    assert ds_test.train is None and len(ds_test.test) == 20
+
+
+def test_protocol_4_batches_load_too(tmp_path):
+    raw, x, y = _batch_bytes(10, 3, protocol=4)
+    assert safe_load_batch(raw, "p4")["data"].shape == (10, 3072)
+
+
+class _Evil:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_hostile_pickle_is_refused_and_runs_nothing(tmp_path, batches_dir):
+    d, *_ = batches_dir
+    marker = tmp_path / "pwned"
+    (d / "test_batch").write_bytes(pickle.dumps({b"data": _Evil(marker), b"labels": [0]}, protocol=2))
+    with pytest.raises(UnsafePickleError, match=r"posix\.system|os\.system"):
+        load_cifar10(d)
+    assert not marker.exists(), "the hostile pickle ran code"
+    # the plain pickle module would have run it: the test can tell the difference
+    pickle.loads(pickle.dumps(_Evil(marker)))
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("payload", [
+    pickle.dumps({b"data": np.zeros(3), b"f": eval}),  # a builtin
+    pickle.dumps([1, 2, 3]),  # not a dict
+    b"not a pickle at all",
+    pickle.dumps({b"x": 1})[:-3],  # truncated
+])
+def test_non_batch_pickles_raise_data_errors(payload):
+    with pytest.raises(DataError):
+        safe_load_batch(payload, "crafted")
+
+
+def test_npz_folder_validation_errors(tmp_path):
+    def write(name, **arrays):
+        np.savez(tmp_path / name, **arrays)
+
+    x = np.zeros((20, 32, 32, 3), np.uint8)
+    y = np.arange(20) % 10
+    write("train.npz", x=x, y=y)
+    write("test.npz", x=x.astype(np.float32), y=y)
+    with pytest.raises(DataError, match="float32"):
+        load_cifar10(tmp_path)
+    write("test.npz", x=x[:, :16], y=y)
+    with pytest.raises(DataError, match="shape"):
+        load_cifar10(tmp_path)
+    write("test.npz", x=x, y=y + 1)
+    with pytest.raises(DataError, match="labels range"):
+        load_cifar10(tmp_path)
+    write("test.npz", x=x, y=y[:10])
+    with pytest.raises(DataError, match="20 images but 10 labels"):
+        load_cifar10(tmp_path)
+    write("test.npz", x=x, y=np.zeros(20, int))
+    with pytest.raises(DataError, match="no images of automobile"):
+        load_cifar10(tmp_path)
+    write("test.npz", images=x, labels=y)
+    with pytest.raises(DataError, match="not x and y"):
+        load_cifar10(tmp_path)
+    (tmp_path / "test.npz").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="Could not read"):
+        load_cifar10(tmp_path)
+
+
+def test_missing_data_says_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.delenv("RESNET_DEPLOY_DATA", raising=False)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+    monkeypatch.setenv("RESNET_DEPLOY_NO_DOWNLOAD", "1")
+    with pytest.raises(DataError) as err:
+        load_cifar10()
+    msg = str(err.value)
+    assert "keras_home" in msg and "--data" in msg and "RESNET_DEPLOY_DATA" in msg
+    with pytest.raises(DataError, match="does not exist"):
+        load_cifar10(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="No CIFAR-10 found"):
+        load_cifar10(tmp_path / "empty")
+
+
+def test_env_var_and_keras_cache_are_used(batches_dir, tmp_path, monkeypatch):
+    d, x, *_ = batches_dir
+    monkeypatch.setenv("RESNET_DEPLOY_DATA", str(d))
+    assert load_cifar10().source == str(d)
+    monkeypatch.delenv("RESNET_DEPLOY_DATA")
+    home = tmp_path / "kh"
+    (home / "datasets").mkdir(parents=True)
+    d.rename(home / "datasets" / "cifar-10-batches-py")
+    monkeypatch.setenv("KERAS_HOME", str(home))
+    ds = load_cifar10()
+    assert "kh" in ds.source
+    np.testing.assert_array_equal(ds.train.x, x)
+
+
+def test_shared_copy_loads_with_notes(cifar):
+    assert len(cifar.train) == 49_923 and len(cifar.test) == 9_980
+    assert any("77 missing" in n for n in cifar.notes)
+    assert any("stand-ins" in n for n in cifar.notes)
+    mean, std = channel_stats(cifar.train.x[:5000])
+    np.testing.assert_allclose(mean, CIFAR10_MEAN, atol=2.0)
+    np.testing.assert_allclose(std, CIFAR10_STD, atol=1.5)
+
+
+def test_full_channel_stats_match_the_constants(cifar):
+    mean, std = channel_stats(cifar.train.x)
+    np.testing.assert_allclose(mean, CIFAR10_MEAN, atol=0.05)
+    np.testing.assert_allclose(std, CIFAR10_STD, atol=0.05)
+
+
+# -- preprocessing ------------------------------------------------------------------------------
+def test_preprocess_conventions():
+    px = np.array([[[[0, 128, 255]]]], np.uint8)
+    np.testing.assert_array_equal(preprocess(px), px.astype(np.float32))
+    np.testing.assert_allclose(preprocess(px, Preprocessing.unit_range()), px / 255.0, rtol=1e-6)
+    std = preprocess(px, Preprocessing.standardized())
+    np.testing.assert_allclose(std[0, 0, 0], (np.array([0, 128, 255]) - CIFAR10_MEAN) / CIFAR10_STD, rtol=1e-5)
+    spec = Preprocessing.standardized()
+    assert Preprocessing.from_dict(spec.to_dict()) == spec
+    assert Preprocessing.from_dict(None) == Preprocessing.pixels()
+
+
+@pytest.mark.parametrize("kwargs", [dict(scale=0), dict(mean=(1, 2, 3)), dict(mean=(1, 2), std=(1, 2)),
+                                    dict(mean=(0, 0, 0), std=(1, 0, 1))])
+def test_bad_preprocessing_is_refused(kwargs):
+    from resnet_deploy.errors import ResnetDeployError
+
+    with pytest.raises(ResnetDeployError):
+        Preprocessing(**kwargs)
+
+
+# -- sampler --------------------------------------------------------------------------------------
+def test_sampler_is_class_balanced_seeded_and_without_replacement():
+    y = np.repeat(np.arange(10), 50)
+    a = class_balanced_indices(y, 105, seed=3)
+    assert len(a) == len(np.unique(a)) == 105
+    counts = np.bincount(y[a], minlength=10)
+    assert counts.max() - counts.min() <= 1 and counts.sum() == 105
+    np.testing.assert_array_equal(a, class_balanced_indices(y, 105, seed=3))
+    assert not np.array_equal(a, class_balanced_indices(y, 105, seed=4))
+    assert indices_hash(a) == indices_hash(a.copy()) != indices_hash(class_balanced_indices(y, 105, seed=4))
+
+
+def test_sampler_errors():
+    y = np.repeat(np.arange(10), 5)
+    with pytest.raises(DataError):
+        class_balanced_indices(y, 0)
+    with pytest.raises(DataError):
+        class_balanced_indices(y, 51)
+    with pytest.raises(DataError, match="only 5 images"):
+        class_balanced_indices(np.concatenate([y, np.zeros(40, int)]), 80)
+
+
+def test_calibration_comes_from_the_training_split(cifar):
+    cal = calibration_sample(cifar.train, 200, seed=0)
+    assert cal.x.shape == (200, 32, 32, 3) and cal.recipe["split"] == "train"
+    assert cal.recipe["per_class"] == [20] * 10
+    np.testing.assert_array_equal(cal.x, cifar.train.x[cal.indices])
+    with pytest.raises(DataError, match="training split"):
+        calibration_sample(cifar.test, 10)
+
+
+def test_split_take():
+    s = Split("test", np.zeros((5, 32, 32, 3), np.uint8), np.arange(5))
+    assert len(s.take(3)) == 3 and s.take(None) is s and s.take(10) is s
+    with pytest.raises(DataError):
+        s.take(0)
