@@ -1,10 +1,106 @@
-"""`resnet-deploy export`: not built yet (issue #4)."""
+"""`resnet-deploy export MODEL`: parse options, build ``ExportOptions``, call ``export_model``, print a table.
+
+Cheap to import: no framework is imported until the command runs.
+"""
 
 from __future__ import annotations
 
-from resnet_deploy.errors import ResnetDeployError
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from resnet_deploy.cli_common import DataOption, quiet_frameworks
+from resnet_deploy.errors import ExportError
 
 
-def export() -> None:
-    """Not built yet (issue #4)."""
-    raise ResnetDeployError("`resnet-deploy export` is not built yet (issue #4).")
+def parse_preprocessing(input_range: Optional[str], mean: Optional[str], std: Optional[str]):
+    """``--input-range 0-1|0-255`` and ``--mean/--std r,g,b`` (in pixel units, 0..255) -> Preprocessing or None."""
+    from resnet_deploy.data.preprocess import Preprocessing
+
+    if input_range is None and mean is None and std is None:
+        return None
+    ranges = {"0-255": 1.0, "0-1": 1 / 255}
+    if input_range is not None and input_range not in ranges:
+        raise ExportError(f"Unknown --input-range {input_range!r}.", expected="0-255 or 0-1")
+    scale = ranges[input_range or "0-255"]
+
+    def triple(text, name):
+        if text is None:
+            return None
+        try:
+            vals = tuple(float(v) for v in text.split(","))
+        except ValueError:
+            vals = ()
+        if len(vals) != 3:
+            raise ExportError(f"--{name} {text!r} is not three numbers.", expected="R,G,B in pixel units, e.g. 125.3,123.0,113.9")
+        return tuple(v * scale for v in vals)  # pixel units -> units after scaling
+
+    return Preprocessing(scale=scale, mean=triple(mean, "mean"), std=triple(std, "std"))
+
+
+def export(
+    model: Annotated[Path, typer.Argument(help="Float model: .keras (from train), Keras .h5, or a SavedModel folder.",
+                                          show_default=False)],
+    formats: Annotated[str, typer.Option(help="Targets, comma-separated: tflite, onnx.")] = "tflite,onnx",
+    fp16: Annotated[bool, typer.Option("--fp16", help="Also write FP16 artifacts (TFLite float16 weights; ONNX float16, float I/O).")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="Also write full-integer INT8 (TFLite) and QDQ INT8 (ONNX Runtime static quantization).")] = False,
+    dynamic_int8: Annotated[bool, typer.Option("--dynamic-int8", help="Also write TFLite dynamic-range INT8 (int8 weights, float activations).")] = False,
+    int8_io: Annotated[bool, typer.Option("--int8-io", help="TFLite INT8 with int8 input/output (scale/zero-point in the manifest).")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: the model's folder).", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing artifacts and manifests.")] = False,
+    data: DataOption = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
+    onnx_activation_type: Annotated[Optional[str], typer.Option(
+        help="ONNX INT8 activation type: uint8 or int8. Default: uint8 on x86 (ONNX Runtime's fast U8S8 kernels), "
+             "int8 on arm64.", show_default=False)] = None,
+    calib_samples: Annotated[int, typer.Option(help="Calibration images (class-balanced, from the training split).")] = 300,
+    calib_seed: Annotated[int, typer.Option(help="Seed of the calibration sample.")] = 0,
+    calib_method: Annotated[str, typer.Option(help="ONNX calibration: minmax, entropy or percentile.")] = "minmax",
+    validate_samples: Annotated[int, typer.Option(help="Test images each artifact is checked on against the float model.")] = 256,
+    fp32_tolerance: Annotated[float, typer.Option(help="FP32 max |logit diff| allowed, relative to the logit scale.")] = 1e-3,
+    qat_epochs: Annotated[int, typer.Option(help="Quantization-aware fine-tuning epochs (tfmot); adds <stem>_int8_qat.tflite.")] = 0,
+    qat_samples: Annotated[int, typer.Option(help="Training images used for QAT fine-tuning.")] = 2000,
+    input_range: Annotated[Optional[str], typer.Option(help="Models without metadata: input range 0-255 or 0-1.", show_default=False)] = None,
+    mean: Annotated[Optional[str], typer.Option(help="Models without metadata: per-channel mean R,G,B in pixel units.", show_default=False)] = None,
+    std: Annotated[Optional[str], typer.Option(help="Models without metadata: per-channel std R,G,B in pixel units.", show_default=False)] = None,
+) -> None:
+    """Convert a float Keras model to TFLite/ONNX artifacts, validate each against it, and write manifests."""
+    quiet_frameworks()
+    from resnet_deploy.converters.options import ExportOptions, default_onnx_activation_type, parse_formats
+    from resnet_deploy.converters.pipeline import export_model
+
+    options = ExportOptions(
+        formats=parse_formats(formats), fp16=fp16, int8=int8, dynamic_int8=dynamic_int8, int8_io=int8_io,
+        out_dir=out, force=force, opset=opset,
+        onnx_activation_type=onnx_activation_type or default_onnx_activation_type(),
+        calib_samples=calib_samples, calib_seed=calib_seed, calib_method=calib_method,
+        validate_samples=validate_samples, fp32_tolerance=fp32_tolerance, qat_epochs=qat_epochs,
+        qat_samples=qat_samples, preprocessing=parse_preprocessing(input_range, mean, std))
+    from rich.console import Console
+
+    console = Console()
+    t0 = time.perf_counter()
+    with console.status("exporting") as status:
+        artifacts = export_model(model, options, data=data, progress=lambda m: (console.print(m, highlight=False),
+                                                                             status.update(m)))
+    _print_table(console, artifacts, time.perf_counter() - t0)
+
+
+def _print_table(console, artifacts, seconds: float) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"exported {len(artifacts)} artifacts in {seconds:.1f} s "
+                        f"(validated on {artifacts[0].manifest.validation['samples']} test images)")
+    for col in ("artifact", "size", "input", "max |dlogit|", "mean |dlogit|", "top-1 agree", "top-1 acc", "convert s"):
+        table.add_column(col, justify="left" if col in ("artifact", "input") else "right")
+    for a in artifacts:
+        m, v = a.manifest, a.manifest.validation
+        io = m.input.dtype + (f" s={m.input.scale:.3g} zp={m.input.zero_point}" if m.input.scale is not None else "")
+        table.add_row(a.path.name, f"{m.size_bytes / 1e6:.2f} MB", io, f"{v['max_abs_logit_diff']:.3g}",
+                      f"{v['mean_abs_logit_diff']:.3g}", f"{v['top1_agreement']:.1%}", f"{v['top1_accuracy']:.1%}",
+                      f"{m.options['timing_s']['convert']:.1f}")
+    console.print(table)
+    console.print(f"float model top-1 on the same images: {artifacts[0].manifest.validation['float_top1_accuracy']:.1%}; "
+                  "manifests: <artifact>.json")

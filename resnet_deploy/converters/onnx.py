@@ -1,0 +1,157 @@
+"""ONNX artifacts: FP32 (tf2onnx ``from_keras``), FP16 (float I/O kept) and INT8 (ONNX Runtime static
+quantization, QDQ, per-channel weights).
+
+``from_keras`` is used, not ``from_function``: the latter turns the ``Normalization`` layer's mean and
+variance into extra graph inputs that ONNX Runtime refuses (DESIGN.md). Every graph is checked to
+have exactly one input and one output, and the batch dimension is named ``batch`` (dynamic).
+INT8 activations default to uint8 on x86 (ONNX Runtime's fast U8S8 kernels) and int8 on arm64;
+``options.onnx_activation_type`` overrides it and the choice is recorded in the manifest.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+from resnet_deploy.artifact import TensorSpec
+from resnet_deploy.config import Precision
+from resnet_deploy.converters.base import ONNX_COMPUTE_OPS, ConvertResult
+from resnet_deploy.errors import ExportError
+
+INPUT_NAME = "image"
+_CALIB = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+_ELEM = {1: "float32", 10: "float16", 3: "int8", 2: "uint8"}
+
+
+def to_onnx(model, opset: int):
+    """The float ONNX ModelProto of a Keras model: one input ``image`` (dynamic batch), one output."""
+    import tensorflow as tf
+    import tf2onnx
+
+    spec = (tf.TensorSpec((None, *model.inputs[0].shape[1:]), tf.float32, name=INPUT_NAME),)
+    try:
+        proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset)
+    except Exception as exc:
+        raise ExportError(f"tf2onnx could not convert the model: {type(exc).__name__}: {str(exc)[:400]}",
+                          expected="a Keras model made of ops tf2onnx supports",
+                          fix="try another --opset, or export TFLite only with --formats tflite") from exc
+    inputs = [i.name for i in proto.graph.input]
+    if len(inputs) != 1 or len(proto.graph.output) != 1:
+        raise ExportError(f"The ONNX graph has inputs {inputs} and {len(proto.graph.output)} outputs.",
+                          expected="exactly one image input and one logits output",
+                          fix="model constants must not become graph inputs; report this model")
+    for v in (proto.graph.input[0], proto.graph.output[0]):
+        v.type.tensor_type.shape.dim[0].dim_param = "batch"
+    return proto
+
+
+def convert(model, out_path: Path, target, options, calibration=None) -> ConvertResult:
+    import onnx
+
+    proto = to_onnx(model, options.opset)
+    settings = {"converter": "tf2onnx.convert.from_keras", "opset": options.opset, "dynamic_batch": True}
+    cal = None
+    p = target.precision
+    if p is Precision.FP32:
+        onnx.save(proto, str(out_path))
+    elif p is Precision.FP16:
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        half = convert_float_to_float16(proto, keep_io_types=True)
+        _topological_sort(half.graph)  # the tool appends its input Casts at the end of the node list
+        onnx.save(half, str(out_path))
+        settings.update(fp16="onnxruntime.transformers.float16.convert_float_to_float16", io="float32")
+    elif p is Precision.INT8:
+        cal = _quantize(proto, Path(out_path), options, calibration)
+        settings.update(quant_format="QDQ", per_channel=options.onnx_per_channel)
+    else:
+        raise ExportError(f"ONNX has no {p.value} target here.", expected="fp32, fp16 or int8")
+    onnx.checker.check_model(str(out_path))
+    in_spec, out_spec = io_specs(out_path)
+    ops = op_report(out_path)
+    if p is Precision.INT8 and ops["float_compute_ops"]:
+        raise ExportError(f"The INT8 ONNX model leaves {ops['float_compute_ops']} outside QDQ pairs.",
+                          expected="every Conv/Gemm/MatMul reading dequantized int8 tensors")
+    return ConvertResult(in_spec, out_spec, settings, ops, cal)
+
+
+def _quantize(proto, out_path: Path, options, calibration) -> dict:
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from resnet_deploy.converters.calibration import onnx_reader
+
+    if calibration is None:
+        raise ExportError("ONNX INT8 needs calibration images.", fix="pass --data with CIFAR-10")
+    act = QuantType.QUInt8 if options.onnx_activation_type == "uint8" else QuantType.QInt8
+    with tempfile.TemporaryDirectory(prefix="rd-onnx-") as tmp:
+        fp32, pre = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx"
+        onnx.save(proto, str(fp32))
+        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=False)
+        quantize_static(str(pre), str(out_path), onnx_reader(calibration, INPUT_NAME),
+                        quant_format=QuantFormat.QDQ, per_channel=options.onnx_per_channel,
+                        activation_type=act, weight_type=QuantType.QInt8,
+                        calibrate_method=getattr(CalibrationMethod, _CALIB[options.calib_method]))
+    return {"tool": "onnxruntime.quantization.quantize_static", "method": options.calib_method,
+            "activations": f"{options.onnx_activation_type} per-tensor",
+            "activation_type_reason": "uint8 on x86 (ONNX Runtime U8S8 kernels), int8 on arm64; see DESIGN.md",
+            "weights": "int8 " + ("per-channel" if options.onnx_per_channel else "per-tensor"),
+            "pre_process": "onnxruntime.quantization.shape_inference.quant_pre_process",
+            "sample": calibration.recipe}
+
+
+def _topological_sort(graph) -> None:
+    """Reorder ``graph.node`` so every node comes after the producers of its inputs (ONNX requires it)."""
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        rest = [n for n in pending if not all(i in ready for i in n.input)]
+        done = [n for n in pending if all(i in ready for i in n.input)]
+        if not done:
+            raise ExportError("The FP16 ONNX graph has a cycle or a dangling input.", fix="report this model")
+        for n in done:
+            ready.update(n.output)
+        ordered += done
+        pending = rest
+    new = [type(n)() for n in ordered]
+    for dst, src in zip(new, ordered):
+        dst.CopyFrom(src)
+    del graph.node[:]
+    graph.node.extend(new)
+
+
+def _tensor_spec(v) -> TensorSpec:
+    t = v.type.tensor_type
+    shape = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+    return TensorSpec(v.name, shape, _ELEM.get(t.elem_type, str(t.elem_type)))
+
+
+def io_specs(path) -> tuple[TensorSpec, TensorSpec]:
+    import onnx
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    return _tensor_spec(g.input[0]), _tensor_spec(g.output[0])
+
+
+def op_report(path) -> dict:
+    """Op-type counts, QDQ pairs, and the compute ops (Conv/Gemm/MatMul) whose data and weight inputs do
+    not both come from DequantizeLinear (or that are not integer QOperators)."""
+    import onnx
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    producer = {o: n.op_type for n in g.node for o in n.output}
+    counts = Counter(n.op_type for n in g.node)
+    float_compute, int_compute = [], 0
+    for n in g.node:
+        if n.op_type in ONNX_COMPUTE_OPS:
+            if all(producer.get(i) == "DequantizeLinear" for i in n.input[:2]):
+                int_compute += 1
+            else:
+                float_compute.append(n.name or n.op_type)
+        elif n.op_type in ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"):
+            int_compute += 1
+    return {"op_counts": dict(sorted(counts.items())), "quantize_linear": counts.get("QuantizeLinear", 0),
+            "dequantize_linear": counts.get("DequantizeLinear", 0), "integer_compute_ops": int_compute,
+            "float_compute_ops": float_compute}

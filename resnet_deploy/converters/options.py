@@ -1,0 +1,146 @@
+"""What `resnet-deploy export` should make, as one frozen, self-validating dataclass.
+
+``ExportOptions.targets()`` turns the switches into the ordered list of (format, precision,
+variant) artifacts; the pipeline, the CLI and the bench helper all read the same list, so file
+names are predictable: ``<model-stem>_<precision>[_qat].<tflite|onnx>`` in ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from resnet_deploy.config import Format, Precision
+from resnet_deploy.data.preprocess import Preprocessing
+from resnet_deploy.errors import ExportError
+
+CALIB_METHODS = ("minmax", "entropy", "percentile")
+ACTIVATION_TYPES = ("uint8", "int8")
+EXPORT_FORMATS = (Format.TFLITE, Format.ONNX)
+MIN_OPSET, MAX_OPSET = 13, 21  # QDQ per-channel needs opset >= 13; tf2onnx 1.17 knows up to 18+
+
+
+def default_onnx_activation_type(machine: str | None = None) -> str:
+    """uint8 activations on x86 (ONNX Runtime's fast U8S8 kernels: 3.8x S8S8 on a residual net, see
+    DESIGN.md), int8 on arm64 (where S8S8 is the fast path)."""
+    m = (machine or platform.machine()).lower()
+    return "int8" if m in ("arm64", "aarch64", "armv8l") else "uint8"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One artifact to write."""
+
+    format: Format
+    precision: Precision
+    qat: bool = False
+
+    @property
+    def tag(self) -> str:
+        return self.precision.value + ("_qat" if self.qat else "")
+
+    def file_name(self, stem: str) -> str:
+        return f"{stem}_{self.tag}.{self.format.value}"
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    formats: tuple[Format, ...] = EXPORT_FORMATS
+    fp16: bool = False
+    int8: bool = False
+    dynamic_int8: bool = False  # TFLite dynamic-range (int8 weights, float activations)
+    int8_io: bool = False  # TFLite full-integer: int8 input/output instead of float
+    out_dir: Path | None = None  # default: the model's folder
+    force: bool = False
+    opset: int = 17
+    onnx_activation_type: str = field(default_factory=default_onnx_activation_type)
+    onnx_per_channel: bool = True
+    calib_samples: int = 300
+    calib_seed: int = 0
+    calib_method: str = "minmax"
+    validate_samples: int = 256
+    fp32_tolerance: float = 1e-3  # max |logit diff| allowed, relative to max(1, max |float logit|)
+    qat_epochs: int = 0
+    qat_samples: int = 2000
+    qat_learning_rate: float = 1e-4
+    qat_batch_size: int = 64
+    preprocessing: Preprocessing | None = None  # for models without metadata
+
+    def __post_init__(self):
+        fmts = tuple(Format(f) if not isinstance(f, Format) else f for f in self.formats)
+        bad = [f.value for f in fmts if f not in EXPORT_FORMATS]
+        if not fmts or bad:
+            raise ExportError(f"Cannot export to {bad or 'no format'}.",
+                              expected="--formats with tflite and/or onnx, e.g. tflite,onnx")
+        object.__setattr__(self, "formats", tuple(dict.fromkeys(fmts)))
+        if self.out_dir is not None:
+            object.__setattr__(self, "out_dir", Path(self.out_dir))
+        _check(MIN_OPSET <= self.opset <= MAX_OPSET, f"ONNX opset {self.opset} is not supported.",
+               f"an opset from {MIN_OPSET} to {MAX_OPSET}", "use --opset 17 (the default)")
+        _check(self.onnx_activation_type in ACTIVATION_TYPES,
+               f"Unknown ONNX activation type {self.onnx_activation_type!r}.", "uint8 or int8")
+        _check(self.calib_method in CALIB_METHODS, f"Unknown calibration method {self.calib_method!r}.",
+               " / ".join(CALIB_METHODS))
+        _check(self.calib_samples >= 1, f"--calib-samples {self.calib_samples} is too small.",
+               "1 or more (a few hundred is typical)")
+        _check(self.validate_samples >= 1, f"--validate-samples {self.validate_samples} is too small.",
+               "1 or more test images (256 by default)")
+        _check(self.fp32_tolerance > 0, f"FP32 tolerance {self.fp32_tolerance} must be positive.", "e.g. 1e-3")
+        _check(self.qat_epochs >= 0 and self.qat_samples >= 1 and self.qat_batch_size >= 1
+               and self.qat_learning_rate > 0, "QAT settings are out of range.",
+               "--qat-epochs >= 0, --qat-samples >= 1, a positive learning rate and batch size")
+        _check(not (self.int8_io and not self.int8 and not self.qat_epochs),
+               "--int8-io was given without --int8.", "--int8-io together with --int8 (or --qat-epochs)",
+               "add --int8")
+
+    # Plan ----------------------------------------------------------------------------------
+    def targets(self) -> list[Target]:
+        """The artifacts these options make, in export order."""
+        out = []
+        for fmt in self.formats:
+            out.append(Target(fmt, Precision.FP32))
+            if self.fp16:
+                out.append(Target(fmt, Precision.FP16))
+            if self.dynamic_int8 and fmt is Format.TFLITE:
+                out.append(Target(fmt, Precision.DYNAMIC_INT8))
+            if self.int8:
+                out.append(Target(fmt, Precision.INT8))
+            if self.qat_epochs and fmt is Format.TFLITE:
+                out.append(Target(fmt, Precision.INT8, qat=True))
+        return out
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(t.precision is Precision.INT8 for t in self.targets())
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["formats"] = [f.value for f in self.formats]
+        d["out_dir"] = str(self.out_dir) if self.out_dir else None
+        d["preprocessing"] = self.preprocessing.to_dict() if self.preprocessing else None
+        return d
+
+
+def _check(ok: bool, what: str, expected: str, fix: str | None = None) -> None:
+    if not ok:
+        raise ExportError(what, expected=expected, fix=fix)
+
+
+def parse_formats(text: str) -> tuple[Format, ...]:
+    """``"tflite,onnx"`` -> (Format.TFLITE, Format.ONNX), with a clear error for anything else."""
+    out = []
+    for part in (p.strip().lower() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            fmt = Format(part)
+        except ValueError:
+            fmt = None
+        if fmt not in EXPORT_FORMATS:
+            raise ExportError(f"Unknown export format {part!r}.", expected="tflite and/or onnx, comma-separated",
+                              fix="e.g. --formats tflite,onnx")
+        out.append(fmt)
+    if not out:
+        raise ExportError("--formats is empty.", expected="tflite and/or onnx, comma-separated")
+    return tuple(out)

@@ -1,0 +1,176 @@
+"""The library entry point of `resnet-deploy export`: ``export_model(model_path, options, data)``.
+
+Order of work, so that bad input costs nothing and loses nothing:
+
+1. plan the artifacts and refuse existing ones (artifact or manifest) unless ``force``;
+2. load the model safely (a non-model, truncated or non-CIFAR model is a ModelError, nothing written);
+3. resolve the preprocessing (model metadata, else options, else raw pixels) and load CIFAR-10;
+4. compute the float model's logits on the validation images and build the calibration sample;
+5. per artifact: convert into a temporary file beside the final name, validate that file against the
+   float logits (an FP32 mismatch fails the export and the temporary is removed), rename it, then
+   write its manifest.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from resnet_deploy.artifact import Manifest
+from resnet_deploy.config import Format
+from resnet_deploy.converters import onnx as onnx_converter
+from resnet_deploy.converters import tflite as tflite_converter
+from resnet_deploy.converters.options import ExportOptions, Target
+from resnet_deploy.data.constants import CLASS_NAMES
+from resnet_deploy.data.preprocess import Preprocessing, preprocess
+from resnet_deploy.errors import ExportError, OutputExistsError
+from resnet_deploy.fileio import atomic_path, sha256_file, sidecar_path
+
+# The registry: one module per format, each ``convert(model, out_path, target, options, calibration)``.
+CONVERTERS: dict[Format, Callable] = {Format.TFLITE: tflite_converter.convert, Format.ONNX: onnx_converter.convert}
+
+
+@dataclass(frozen=True)
+class ExportedArtifact:
+    path: Path
+    manifest: Manifest
+
+    @property
+    def format(self) -> str:
+        return self.manifest.format
+
+    @property
+    def precision(self) -> str:
+        return self.manifest.precision
+
+
+def plan(model_path: str | os.PathLike, options: ExportOptions) -> dict[Target, Path]:
+    """Where each artifact of ``options`` goes: ``<out>/<model-stem>_<precision>.<ext>``."""
+    model_path = Path(model_path)
+    out_dir = Path(options.out_dir) if options.out_dir else model_path.resolve().parent
+    stem = model_path.name if model_path.is_dir() else model_path.stem
+    return {t: out_dir / t.file_name(stem) for t in options.targets()}
+
+
+def _refuse_existing(paths: dict[Target, Path], force: bool) -> None:
+    if force:
+        return
+    taken = [str(p) for path in paths.values() for p in (path, sidecar_path(path)) if p.exists()]
+    if taken:
+        raise OutputExistsError(f"Refusing to overwrite {len(taken)} existing file(s): {', '.join(taken)}",
+                                expected="an output folder without these artifacts",
+                                fix="pass --force to replace them, or --out to write elsewhere")
+
+
+def resolve_preprocessing(metadata: dict | None, given: Preprocessing | None) -> tuple[Preprocessing, str]:
+    """The model's recorded preprocessing wins; options fill in for models without metadata."""
+    recorded = metadata.get("preprocessing") if metadata else None
+    if recorded:
+        spec = Preprocessing.from_dict(recorded)
+        if given is not None and given != spec:
+            raise ExportError(f"The preprocessing options (scale {given.scale:g}, mean {given.mean}, std {given.std}) "
+                              f"contradict the model's metadata (scale {spec.scale:g}, mean {spec.mean}, std {spec.std}).",
+                              expected="preprocessing options only for models without metadata",
+                              fix="drop --mean/--std/--input-range, or fix the model's .json sidecar")
+        return spec, "model metadata"
+    if given is not None:
+        return given, "export options"
+    return Preprocessing.pixels(), "default (no metadata, no options): float32 RGB pixels 0..255"
+
+
+def export_model(model_path: str | os.PathLike, options: ExportOptions, data=None,
+                 progress: Callable[[str], None] | None = None) -> list[ExportedArtifact]:
+    """Convert a float Keras model into the artifacts ``options`` asks for, each validated and with a manifest."""
+    from resnet_deploy.converters.calibration import build_calibration
+    from resnet_deploy.data.sources import load_cifar10
+    from resnet_deploy.models.io import load_model, read_metadata
+
+    say = progress or (lambda msg: None)
+    model_path = Path(model_path)
+    paths = plan(model_path, options)
+    _refuse_existing(paths, options.force)
+    model = load_model(model_path)
+    metadata = read_metadata(model_path)
+    spec, spec_source = resolve_preprocessing(metadata, options.preprocessing)
+    say(f"model {model_path} ({model.count_params():,} params), preprocessing from {spec_source}")
+    needs_train = options.needs_calibration or options.qat_epochs > 0
+    ds = load_cifar10(data, splits=("train", "test") if needs_train else ("test",))
+    reference = _reference(model, ds.test, options.validate_samples, spec)
+    calibration = None
+    if options.needs_calibration:
+        calibration = build_calibration(ds.train, options.calib_samples, options.calib_seed, spec)
+        say(f"calibration: {len(calibration)} training images, seed {options.calib_seed}, "
+            f"indices {calibration.recipe['indices_sha256_16']}")
+    qat_model, qat_info = None, None
+    if options.qat_epochs:
+        from resnet_deploy.converters.qat import qat_finetune
+
+        qat_model, qat_info = qat_finetune(model, metadata, ds.train, spec, options, say)
+    common = _common_manifest_fields(model_path, metadata, spec, spec_source)
+    out = []
+    for target, path in paths.items():
+        src = qat_model if target.qat else model
+        extra = {"qat": qat_info} if target.qat else {}
+        out.append(_export_one(src, path, target, options, calibration, reference, spec, common, extra))
+        v = out[-1].manifest.validation
+        say(f"{path.name}: {out[-1].manifest.size_bytes / 1e6:.2f} MB, max |dlogit| {v['max_abs_logit_diff']:.3g}, "
+            f"top-1 agreement {v['top1_agreement']:.1%}")
+    return out
+
+
+def _reference(model, test, n: int, spec: Preprocessing):
+    from resnet_deploy.converters.validate import Reference
+
+    split = test.take(n)
+    x = preprocess(split.x, spec)
+    logits = np.concatenate([np.asarray(model(x[i:i + 256], training=False)) for i in range(0, len(x), 256)])
+    return Reference(split.x, split.y, logits.astype(np.float32), f"test[:{len(split)}]")
+
+
+def _common_manifest_fields(model_path: Path, metadata: dict | None, spec: Preprocessing, spec_source: str) -> dict:
+    from resnet_deploy.envinfo import library_versions, machine_info
+
+    meta = metadata or {}
+    pre = spec.to_dict()
+    pre["source"] = spec_source
+    return {
+        "preprocessing": pre,
+        "class_names": list(meta.get("class_names") or CLASS_NAMES),
+        "source_model": {"path": str(model_path.resolve()), "sha256": sha256_file(model_path),
+                         "architecture": meta.get("architecture"), "width": meta.get("width"),
+                         "stem": meta.get("stem"), "has_metadata": metadata is not None},
+        "libraries": library_versions(),
+        "machine": machine_info(),
+    }
+
+
+def _export_one(model, final: Path, target: Target, options: ExportOptions, calibration, reference,
+                spec: Preprocessing, common: dict, extra: dict) -> ExportedArtifact:
+    from resnet_deploy.converters.validate import validate_artifact
+
+    side = sidecar_path(final)
+    if side.exists():  # --force: a stale manifest must never describe the new file
+        side.unlink()
+    with atomic_path(final, suffix=f".tmp.{target.format.value}") as tmp:
+        t0 = time.perf_counter()
+        result = CONVERTERS[target.format](model, tmp, target, options, calibration)
+        t1 = time.perf_counter()
+        validation = validate_artifact(tmp, spec, reference, target.precision, options.fp32_tolerance)
+        t2 = time.perf_counter()
+    opts = {"target": target.tag, "export": options.to_dict(), "converter": result.settings,
+            "op_report": result.ops, "timing_s": {"convert": round(t1 - t0, 3), "validate": round(t2 - t1, 3)}}
+    if result.input.scale is not None:
+        opts["integer_input"] = (f"q = clip(round(x / {result.input.scale:g}) + {result.input.zero_point}) where x is "
+                                 "the preprocessed input (raw pixels 0..255 for resnet-deploy models)")
+    opts.update(extra)
+    facts = {"sha256": sha256_file(final), "size_bytes": final.stat().st_size}
+    manifest = Manifest(format=target.format.value, precision=target.precision.value, artifact=final.name,
+                        input=result.input, output=result.output, calibration=result.calibration,
+                        options=opts, validation=validation, **facts, **common)
+    manifest.save(final)
+    return ExportedArtifact(final, manifest)

@@ -1,0 +1,109 @@
+"""TFLite artifacts: FP32, FP16, dynamic-range INT8 and full-integer INT8 (float or int8 I/O).
+
+``convert(model, out_path, target, options, calibration)`` writes one ``.tflite`` file with
+``TFLiteConverter.from_keras_model`` (it takes Keras 3 models and the tf_keras QAT twin alike) and
+returns its I/O specs and an op report read back from the flatbuffer: for INT8 targets, every
+CONV_2D / FULLY_CONNECTED must have integer inputs, or the conversion fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from resnet_deploy.artifact import TensorSpec
+from resnet_deploy.config import Precision
+from resnet_deploy.converters.base import TFLITE_COMPUTE_OPS, ConvertResult
+from resnet_deploy.errors import ExportError
+
+
+def convert(model, out_path: Path, target, options, calibration=None) -> ConvertResult:
+    import tensorflow as tf
+
+    conv = tf.lite.TFLiteConverter.from_keras_model(model)
+    settings = {"converter": "tf.lite.TFLiteConverter.from_keras_model", "tensorflow": tf.__version__}
+    p = target.precision
+    if p is Precision.FP16:
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        conv.target_spec.supported_types = [tf.float16]
+        settings.update(weights="float16", compute="float32 (weights dequantized at load)")
+    elif p is Precision.DYNAMIC_INT8:
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        settings.update(weights="int8", activations="float32 (dynamic-range)")
+    elif p is Precision.INT8:
+        if calibration is None:
+            raise ExportError("Full-integer INT8 needs calibration images.", fix="pass --data with CIFAR-10")
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        conv.representative_dataset = calibration.representative_dataset
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        if options.int8_io:
+            conv.inference_input_type = tf.int8
+            conv.inference_output_type = tf.int8
+        settings.update(weights="int8 per-channel", activations="int8",
+                        io="int8" if options.int8_io else "float32", qat=target.qat)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # Keras 3 prints the SavedModel it traces
+            data = conv.convert()
+    except Exception as exc:  # the converter raises ConverterError and friends
+        raise ExportError(f"TFLite conversion ({target.tag}) failed: {type(exc).__name__}: {str(exc)[:400]}",
+                          expected="a Keras model made of TFLite builtin ops",
+                          fix="check the model's layers; custom layers need a TFLite implementation") from exc
+    Path(out_path).write_bytes(data)
+    in_spec, out_spec = io_specs(out_path)
+    ops = op_report(out_path)
+    if p is Precision.INT8 and ops["float_compute_ops"]:
+        raise ExportError(f"The INT8 TFLite model still computes {ops['float_compute_ops']} in float.",
+                          expected="every conv/dense op integer in a full-integer model",
+                          fix="report this model; a layer the converter cannot quantize is in the way")
+    cal = None
+    if p is Precision.INT8:
+        cal = {"tool": "TFLite representative_dataset", "method": "minmax (TFLite default)",
+               "activations": "int8 per-tensor", "weights": "int8 per-channel (symmetric)",
+               "sample": calibration.recipe}
+    return ConvertResult(in_spec, out_spec, settings, ops, cal)
+
+
+def _interpreter(path):
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    # without the XNNPACK delegate, so the op list is the flatbuffer's own
+    it = Interpreter(model_path=str(path), experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    it.allocate_tensors()
+    return it
+
+
+def _spec(d: dict) -> TensorSpec:
+    dtype = np.dtype(d["dtype"]).name
+    shape = [None if int(s) < 0 else int(s) for s in d.get("shape_signature", d["shape"])]
+    scale, zp = d["quantization"]
+    if np.issubdtype(d["dtype"], np.integer):
+        return TensorSpec(d["name"], shape, dtype, float(scale), int(zp))
+    return TensorSpec(d["name"], shape, dtype)
+
+
+def io_specs(path) -> tuple[TensorSpec, TensorSpec]:
+    it = _interpreter(path)
+    return _spec(it.get_input_details()[0]), _spec(it.get_output_details()[0])
+
+
+def op_report(path) -> dict:
+    """Op-type counts, and which compute ops (conv/dense) read float inputs or weights."""
+    it = _interpreter(path)
+    dtypes = {t["index"]: np.dtype(t["dtype"]).name for t in it.get_tensor_details()}
+    counts: Counter = Counter()
+    float_compute, int_compute = [], 0
+    for op in it._get_ops_details():
+        name = op["op_name"]
+        counts[name] += 1
+        if name in TFLITE_COMPUTE_OPS:
+            in_types = [dtypes[i] for i in op["inputs"][:2] if i >= 0]
+            if all(t in ("int8", "uint8", "int16") for t in in_types):
+                int_compute += 1
+            else:
+                float_compute.append(f"{name}#{op['index']}({','.join(in_types)})")
+    return {"op_counts": dict(sorted(counts.items())), "integer_compute_ops": int_compute,
+            "float_compute_ops": float_compute}

@@ -1,0 +1,77 @@
+"""Parity of an exported artifact against the float Keras model it came from.
+
+The artifact runs through the same runner ``bench`` uses (``runtimes.open_runner``) on a fixed set
+of test images; the figures (max/mean |logit difference|, top-1 agreement, top-1 accuracy of both)
+go into the manifest. FP32 artifacts must match within a tolerance relative to the logit scale, or
+the export fails; the other precisions are expected to drift and are judged by ``bench``, but a
+rough expectation is recorded beside their figures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from resnet_deploy.config import Precision
+from resnet_deploy.data.preprocess import Preprocessing
+from resnet_deploy.errors import ExportError
+
+# Rough agreement expected of lossy precisions on a trained model (recorded, not enforced).
+EXPECTED_AGREEMENT = {Precision.FP16: 0.99, Precision.DYNAMIC_INT8: 0.97, Precision.INT8: 0.95}
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The float model's logits on the validation images, computed once per export."""
+
+    images: np.ndarray  # uint8 RGB pixels, from the test split
+    labels: np.ndarray
+    logits: np.ndarray
+    source: str  # e.g. "test[:256]"
+
+
+def parity(logits: np.ndarray, ref: np.ndarray) -> dict:
+    diff = np.abs(logits.astype(np.float64) - ref.astype(np.float64))
+    return {"max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean()),
+            "top1_agreement": float((logits.argmax(1) == ref.argmax(1)).mean())}
+
+
+def fp32_limit(ref_logits: np.ndarray, tolerance: float) -> float:
+    """Allowed max |logit diff| for FP32: ``tolerance`` relative to the logit scale (at least 1)."""
+    return float(tolerance * max(1.0, float(np.abs(ref_logits).max())))
+
+
+def validate_artifact(path, preprocessing: Preprocessing, reference: Reference, precision: Precision,
+                      fp32_tolerance: float = 1e-3) -> dict:
+    """Run ``path`` on the reference images; raise ExportError when an FP32 artifact disagrees."""
+    from resnet_deploy.runtimes import open_runner
+
+    with open_runner(path, preprocessing=preprocessing) as runner:
+        logits = runner.predict(reference.images)
+    if not np.all(np.isfinite(logits)):
+        raise ExportError(f"The {precision.value} artifact produced NaN or infinite logits.",
+                          expected="finite logits like the float model's",
+                          fix="check the preprocessing options and the calibration data")
+    fig = parity(logits, reference.logits)
+    fig.update(samples=int(len(reference.images)), images=reference.source,
+               top1_accuracy=float((logits.argmax(1) == reference.labels).mean()),
+               float_top1_accuracy=float((reference.logits.argmax(1) == reference.labels).mean()),
+               runtime=runner.name)
+    if precision is Precision.FP32:
+        limit = fp32_limit(reference.logits, fp32_tolerance)
+        fig.update(tolerance={"max_abs_logit_diff": limit}, passed=fig["max_abs_logit_diff"] <= limit)
+        if not fig["passed"]:
+            raise ExportError(
+                f"The FP32 artifact disagrees with the float model: max |logit diff| "
+                f"{fig['max_abs_logit_diff']:.3g} > {limit:.3g}, top-1 agreement {fig['top1_agreement']:.1%} "
+                f"on {fig['samples']} test images.",
+                expected="an FP32 conversion that reproduces the Keras model's logits",
+                fix="the converter changed the model's maths; check custom layers, or report this model")
+    else:
+        want = EXPECTED_AGREEMENT.get(precision)
+        fig.update(expected_top1_agreement=want, passed=None,
+                   note="lossy precision: recorded, not enforced (bench gates accuracy)")
+        if want is not None:
+            fig["below_expectation"] = fig["top1_agreement"] < want
+    return fig
