@@ -1,0 +1,105 @@
+"""Quantization-aware fine-tuning through tensorflow-model-optimization (tfmot 0.8 needs Keras 2).
+
+The float Keras 3 model is rebuilt as its tf_keras twin from the architecture in its metadata,
+weights are copied by layer name and checked to reproduce the float logits, then every Conv2D,
+BatchNormalization, ReLU, Add, pooling and Dense layer is annotated for quantization (the
+``Normalization`` input layer is left to the TFLite converter, which quantizes it from the
+representative dataset: tfmot has no quantize config for it). The annotated model is fine-tuned for
+a few epochs on a class-balanced, seeded subset of the *training* split, preprocessed like
+evaluation, and handed to the TFLite converter like any other model.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+import numpy as np
+
+from resnet_deploy.data.preprocess import Preprocessing, preprocess
+from resnet_deploy.data.sampler import class_balanced_indices, indices_hash
+from resnet_deploy.errors import ExportError
+
+_QUANTIZED_LAYERS = ("Conv2D", "DepthwiseConv2D", "Dense", "BatchNormalization", "ReLU", "Add",
+                     "GlobalAveragePooling2D", "MaxPooling2D", "AveragePooling2D")
+
+
+def _import_tfmot():
+    """tfmot sets TF_USE_LEGACY_KERAS=1 process-wide on import; undo that so Keras 3 code is unaffected."""
+    before = os.environ.get("TF_USE_LEGACY_KERAS")
+    import tensorflow_model_optimization as tfmot
+
+    if before is None:
+        os.environ.pop("TF_USE_LEGACY_KERAS", None)
+    else:
+        os.environ["TF_USE_LEGACY_KERAS"] = before
+    return tfmot
+
+
+def tf_keras_twin(model, metadata: dict | None):
+    """The tf_keras rebuild of a resnet-deploy model, weights copied and checked."""
+    from resnet_deploy.models.builder import build_model, transfer_weights
+
+    meta = metadata or {}
+    if not meta.get("architecture"):
+        raise ExportError("QAT needs the model's architecture, and the model has no metadata naming it.",
+                          expected="a model saved by `resnet-deploy train` (with its model.keras.json sidecar)",
+                          fix="export without --qat-epochs, or restore the .json sidecar beside the model")
+    twin = build_model(meta["architecture"], width=meta.get("width", 1.0), stem=meta.get("stem", "cifar"),
+                       framework="tf_keras")
+    transfer_weights(model, twin)
+    x = np.random.default_rng(0).uniform(0, 255, (4, *model.inputs[0].shape[1:])).astype(np.float32)
+    diff = float(np.abs(np.asarray(model(x, training=False)) - twin(x, training=False).numpy()).max())
+    if diff > 1e-3 * max(1.0, float(np.abs(np.asarray(model(x, training=False))).max())):
+        raise ExportError(f"The tf_keras twin does not reproduce the model (max |logit diff| {diff:.3g}).",
+                          expected="a model built by resnet-deploy whose metadata matches its layers",
+                          fix="export without --qat-epochs")
+    return twin
+
+
+def quantize_annotated(twin):
+    """tfmot's QAT model of ``twin``: supported layers annotated, the input Normalization left float."""
+    tfmot = _import_tfmot()
+    import tf_keras
+
+    qk = tfmot.quantization.keras
+
+    def annotate(layer):
+        return qk.quantize_annotate_layer(layer) if type(layer).__name__ in _QUANTIZED_LAYERS else layer
+
+    annotated = tf_keras.models.clone_model(twin, clone_function=annotate)
+    annotated.set_weights(twin.get_weights())
+    try:
+        return qk.quantize_apply(annotated), tfmot.__version__ if hasattr(tfmot, "__version__") else None
+    except Exception as exc:
+        raise ExportError(f"tfmot could not make the model quantization-aware: {type(exc).__name__}: {str(exc)[:300]}",
+                          expected="a ResNet built by resnet-deploy", fix="export without --qat-epochs") from exc
+
+
+def qat_finetune(model, metadata: dict | None, train, spec: Preprocessing, options,
+                 say: Callable[[str], None] = lambda m: None):
+    """Fine-tune ``model`` quantization-aware; returns (tf_keras QAT model, recipe dict for the manifest)."""
+    import tf_keras
+
+    twin = tf_keras_twin(model, metadata)
+    qat_model, tfmot_version = quantize_annotated(twin)
+    idx = class_balanced_indices(train.y, min(options.qat_samples, len(train)), seed=options.calib_seed + 1)
+    x, y = preprocess(train.x[idx], spec), train.y[idx]
+    tf_keras.utils.set_random_seed(options.calib_seed)
+    qat_model.compile(optimizer=tf_keras.optimizers.Adam(options.qat_learning_rate),
+                      loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    say(f"QAT: {options.qat_epochs} epoch(s) on {len(idx)} training images")
+    t0 = time.perf_counter()
+    hist = qat_model.fit(x, y, epochs=options.qat_epochs, batch_size=options.qat_batch_size, shuffle=True, verbose=0)
+    seconds = time.perf_counter() - t0
+    info = {
+        "tool": "tensorflow-model-optimization quantize_apply on the tf_keras twin", "tfmot": tfmot_version,
+        "epochs": options.qat_epochs, "samples": int(len(idx)), "split": "train",
+        "indices_sha256_16": indices_hash(idx), "seed": options.calib_seed + 1,
+        "optimizer": "Adam", "learning_rate": options.qat_learning_rate, "batch_size": options.qat_batch_size,
+        "left_float_for_converter": [l.name for l in twin.layers if type(l).__name__ == "Normalization"],
+        "history": {k: [round(float(v), 5) for v in vals] for k, vals in hist.history.items()},
+        "seconds": round(seconds, 2),
+    }
+    return qat_model, info
