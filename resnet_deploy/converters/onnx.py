@@ -90,7 +90,8 @@ def _quantize(proto, out_path: Path, options, calibration) -> dict:
         fp32, pre = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx"
         onnx.save(proto, str(fp32))
         quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=False)
-        quantize_static(str(pre), str(out_path), onnx_reader(calibration, INPUT_NAME),
+        batch = even_batch(len(calibration))  # the histogram calibrators stack batches: sizes must match
+        quantize_static(str(pre), str(out_path), onnx_reader(calibration, INPUT_NAME, batch),
                         quant_format=QuantFormat.QDQ, per_channel=options.onnx_per_channel,
                         activation_type=act, weight_type=QuantType.QInt8,
                         calibrate_method=getattr(CalibrationMethod, _CALIB[options.calib_method]))
@@ -99,7 +100,13 @@ def _quantize(proto, out_path: Path, options, calibration) -> dict:
             "activation_type_reason": "uint8 on x86 (ONNX Runtime U8S8 kernels), int8 on arm64; see DESIGN.md",
             "weights": "int8 " + ("per-channel" if options.onnx_per_channel else "per-tensor"),
             "pre_process": "onnxruntime.quantization.shape_inference.quant_pre_process",
-            "sample": calibration.recipe}
+            "reader_batch": batch, "sample": calibration.recipe}
+
+
+def even_batch(n: int, cap: int = 16) -> int:
+    """The largest batch size <= cap that divides n (ONNX Runtime's entropy/percentile calibrators
+    fail on a short last batch)."""
+    return max(b for b in range(1, min(cap, n) + 1) if n % b == 0)
 
 
 def _topological_sort(graph) -> None:
