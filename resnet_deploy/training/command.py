@@ -1,10 +1,82 @@
-"""`resnet-deploy train`: not built yet (issue #3)."""
+"""`resnet-deploy train`: parse options into a ``TrainConfig`` and call ``train_model``.
+
+Cheap to import: no framework is imported until the command runs. With ``--resume`` the saved
+recipe of the run is the starting point and only options given on the command line are applied
+on top of it (``train_model`` refuses any that would change the recipe).
+"""
 
 from __future__ import annotations
 
-from resnet_deploy.errors import ResnetDeployError
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from resnet_deploy.cli_common import DataOption, quiet_frameworks
 
 
-def train() -> None:
-    """Not built yet (issue #3)."""
-    raise ResnetDeployError("`resnet-deploy train` is not built yet (issue #3).")
+def train(
+    ctx: typer.Context,
+    arch: Annotated[str, typer.Option(help="Architecture (see `resnet-deploy models`).")] = "resnet34",
+    width: Annotated[float, typer.Option(help="Width multiplier of every layer's channels.")] = 1.0,
+    stem: Annotated[str, typer.Option(help="cifar (3x3 conv) or imagenet (7x7/2 conv + max-pool).")] = "cifar",
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 40,
+    batch_size: Annotated[int, typer.Option(help="Global batch size (split over devices with --distribute).")] = 512,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate. Default: 0.1 x batch/128.",
+                                                show_default=False)] = None,
+    momentum: Annotated[float, typer.Option(help="SGD momentum (Nesterov unless --no-nesterov).")] = 0.9,
+    nesterov: Annotated[bool, typer.Option(help="Nesterov momentum.")] = True,
+    weight_decay: Annotated[float, typer.Option(help="L2 weight decay on conv/dense kernels (torch SGD convention).")] = 5e-4,
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the cross-entropy.")] = 0.1,
+    schedule: Annotated[str, typer.Option(help="Decay after the warm-up: cosine or onecycle (linear).")] = "cosine",
+    warmup_epochs: Annotated[float, typer.Option(help="Linear warm-up length in epochs.")] = 2.0,
+    final_lr_fraction: Annotated[float, typer.Option(help="Learning rate at the end, as a fraction of the peak.")] = 0.0,
+    pad: Annotated[int, typer.Option(help="Reflect-padding before the random 32x32 crop (0: no crop).")] = 4,
+    flip: Annotated[bool, typer.Option(help="Random horizontal flips.")] = True,
+    cutout: Annotated[int, typer.Option(help="Side of the cutout square in pixels (0: off).")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation, shuffling and augmentation.")] = 0,
+    precision: Annotated[str, typer.Option(
+        help="auto, float32, mixed_float16 or mixed_bfloat16. auto: mixed_bfloat16 on GPUs with compute capability "
+             ">= 8, mixed_float16 on older GPUs, float32 on CPU (mixed_float16 is refused on CPU).")] = "auto",
+    distribute: Annotated[str, typer.Option(
+        help="none, or data-parallel over every GPU (keras.distribution on JAX, MirroredStrategy on TensorFlow).")] = "none",
+    teacher: Annotated[Optional[Path], typer.Option(help="Distil from this .keras CIFAR-10 classifier.",
+                                                    show_default=False)] = None,
+    kd_temperature: Annotated[float, typer.Option(help="Distillation temperature.")] = 4.0,
+    kd_weight: Annotated[float, typer.Option(help="Weight of the distillation term (the rest is cross-entropy).")] = 0.5,
+    limit_train: Annotated[Optional[int], typer.Option(help="Use only the first N training images (smoke runs).",
+                                                       show_default=False)] = None,
+    limit_test: Annotated[Optional[int], typer.Option(help="Use only the first N test images.", show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder. Default: runs/<arch>.",
+                                                show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Start afresh over an existing output folder.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in the output folder "
+                                                          "from its last checkpoint.")] = False,
+    workers: Annotated[int, typer.Option(help="Threads preparing batches.")] = 1,
+    data: DataOption = None,
+) -> None:
+    """Train a ResNet on CIFAR-10 (GPU if present): writes model.keras + metadata, log.csv, curves.png, checkpoints."""
+    quiet_frameworks()
+    from resnet_deploy.training.recipe import TrainConfig
+    from resnet_deploy.training.trainer import train_model
+
+    options = {k: v for k, v in ctx.params.items() if k not in ("data",)}
+    options["out_dir"] = options.pop("out")
+    if resume:
+        options = _resume_options(ctx, options)
+    train_model(TrainConfig(**options), data=data)
+
+
+def _resume_options(ctx: typer.Context, options: dict) -> dict:
+    """The saved recipe of the run, with only the options typed on the command line on top."""
+    from resnet_deploy.training.checkpoint import read_state
+    from resnet_deploy.training.recipe import TrainConfig
+
+    out = options["out_dir"] if options["out_dir"] is not None else Path("runs") / options["arch"]
+    saved = read_state(out).config
+    given = {k for k in ctx.params if getattr(ctx.get_parameter_source(k), "name", "") == "COMMANDLINE"}
+    merged = TrainConfig.from_dict(saved).to_dict()
+    for k in given - {"data", "out"}:
+        merged[k] = options[k]
+    merged.update(out_dir=out, resume=True)
+    return merged

@@ -1,0 +1,108 @@
+"""The input pipeline: numpy batches through ``keras.utils.PyDataset``, no tf.data.
+
+Augmentation (reflect-pad + random crop, horizontal flip, optional cutout) is vectorised over
+a whole batch in numpy. Every random draw comes from ``np.random.default_rng((seed, epoch,
+batch))``, so an epoch's batches are the same whatever order or thread builds them, and a run
+resumed at epoch k sees exactly the batches the uninterrupted run would have seen.
+
+Images stay uint8 until the end of a batch and leave as float32 pixels 0..255: the models carry
+their normalisation as their first layer (``data.preprocess`` with ``Preprocessing.pixels()``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import keras
+
+from resnet_deploy.data.constants import CIFAR10_MEAN, NUM_CLASSES
+from resnet_deploy.data.preprocess import Preprocessing, preprocess
+
+CUTOUT_FILL = np.round(np.asarray(CIFAR10_MEAN)).astype(np.uint8)  # the mean pixel: 0 after normalisation
+
+
+def augment_batch(x: np.ndarray, rng: np.random.Generator, pad: int = 4, flip: bool = True,
+                  cutout: int = 0) -> np.ndarray:
+    """Random crop after reflect padding, horizontal flip and cutout for a uint8 NHWC batch."""
+    n, h, w, _ = x.shape
+    if pad:
+        padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+        oy = rng.integers(0, 2 * pad + 1, n)
+        ox = rng.integers(0, 2 * pad + 1, n)
+        rows = (oy[:, None] + np.arange(h))[:, :, None]  # (n, h, 1)
+        cols = (ox[:, None] + np.arange(w))[:, None, :]  # (n, 1, w)
+        x = padded[np.arange(n)[:, None, None], rows, cols]
+    if flip:
+        flipped = rng.random(n) < 0.5
+        x = np.where(flipped[:, None, None, None], x[:, :, ::-1], x)
+    if cutout:
+        cy = rng.integers(0, h, n)[:, None, None]  # centre; the square may hang over the border
+        cx = rng.integers(0, w, n)[:, None, None]
+        yy = np.arange(h)[None, :, None]
+        xx = np.arange(w)[None, None, :]
+        lo_y, lo_x = cy - cutout // 2, cx - cutout // 2  # the square [lo, lo + cutout) around the centre
+        inside = (yy >= lo_y) & (yy < lo_y + cutout) & (xx >= lo_x) & (xx < lo_x + cutout)
+        x = np.where(inside[..., None], CUTOUT_FILL, x)
+    return np.ascontiguousarray(x)
+
+
+def one_hot(y: np.ndarray) -> np.ndarray:
+    return np.eye(NUM_CLASSES, dtype=np.float32)[y]
+
+
+class TrainBatches(keras.utils.PyDataset):
+    """Shuffled, augmented training batches; the last partial batch is dropped (fixed shapes)."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, pad: int = 4,
+                 flip: bool = True, cutout: int = 0, epoch: int = 0, workers: int = 1):
+        super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=max(4, 2 * workers))
+        self.x, self.y = x, y
+        self.batch_size, self.seed = batch_size, seed
+        self.pad, self.flip, self.cutout = pad, flip, cutout
+        self.epoch = epoch  # set by the trainer's callback at each epoch's start
+        self._cache: tuple[int, np.ndarray] | None = None  # (epoch, permutation), replaced in one assignment
+
+    @property
+    def num_batches(self) -> int:
+        return len(self.y) // self.batch_size
+
+    def order(self, epoch: int) -> np.ndarray:
+        cache = self._cache
+        if cache is None or cache[0] != epoch:
+            cache = (epoch, np.random.default_rng((self.seed, epoch)).permutation(len(self.y)))
+            self._cache = cache
+        return cache[1]
+
+    def batch(self, epoch: int, idx: int) -> tuple[np.ndarray, np.ndarray]:
+        sel = self.order(epoch)[idx * self.batch_size:(idx + 1) * self.batch_size]
+        rng = np.random.default_rng((self.seed, epoch, idx, 1))
+        x = augment_batch(self.x[sel], rng, self.pad, self.flip, self.cutout)
+        return preprocess(x, Preprocessing.pixels()), one_hot(self.y[sel])
+
+    def __getitem__(self, idx: int):
+        return self.batch(self.epoch, idx)
+
+
+class EvalBatches(keras.utils.PyDataset):
+    """Test batches in order. With ``pad_to_full`` the last batch is filled up with zero-weight
+    copies, so every batch divides across data-parallel replicas and accuracy stays exact."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, pad_to_full: bool = False):
+        super().__init__(workers=1, use_multiprocessing=False)
+        self.x, self.y, self.batch_size, self.pad_to_full = x, y, batch_size, pad_to_full
+
+    @property
+    def num_batches(self) -> int:
+        return -(-len(self.y) // self.batch_size)
+
+    def __getitem__(self, idx: int):
+        sl = slice(idx * self.batch_size, (idx + 1) * self.batch_size)
+        x, y = preprocess(self.x[sl], Preprocessing.pixels()), one_hot(self.y[sl])
+        if not self.pad_to_full:
+            return x, y
+        w = np.ones(len(y), np.float32)
+        short = self.batch_size - len(y)
+        if short:
+            x = np.concatenate([x, np.repeat(x[:1], short, 0)])
+            y = np.concatenate([y, np.repeat(y[:1], short, 0)])
+            w = np.concatenate([w, np.zeros(short, np.float32)])
+        return x, y, w

@@ -1,0 +1,116 @@
+"""Checkpoints written atomically, and ``--resume`` from the last one.
+
+``<out>/checkpoints/last/`` is one folder renamed into place in one step (``fileio.atomic_path``):
+
+    weights.weights.h5   the training model's weights (BatchNorm statistics included)
+    optimizer.npz        every optimizer variable (iteration counter, momenta, loss scale)
+    state.json           epochs done, best epoch, the history rows, the config, elapsed time
+
+The iteration counter drives the learning-rate schedule, so restoring the optimizer restores the
+schedule position. ``<out>/best.keras`` is the float32 model of the best epoch so far (by test
+accuracy, see the trainer's note on selection), loadable on its own.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from resnet_deploy.errors import TrainError
+from resnet_deploy.fileio import atomic_path
+
+LAST = Path("checkpoints") / "last"
+
+
+@dataclass
+class RunState:
+    epoch: int = 0  # epochs completed
+    iterations: int = 0
+    best_epoch: int | None = None
+    best_accuracy: float | None = None
+    elapsed_s: float = 0.0  # training seconds summed over every session of this run
+    sessions: int = 0
+    history: list[dict] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+    optimizer_variables: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def optimizer_of(model):
+    opt = model.optimizer
+    return getattr(opt, "inner_optimizer", opt)
+
+
+def optimizer_iterations(model) -> int:
+    import keras
+
+    return int(keras.ops.convert_to_numpy(optimizer_of(model).iterations))
+
+
+def current_lr(model) -> float:
+    import keras
+
+    return float(keras.ops.convert_to_numpy(optimizer_of(model).learning_rate))
+
+
+def save_last(out_dir: Path, model, state: RunState, student=None) -> None:
+    """Write the resume checkpoint: weights, optimizer variables and state, as one atomic folder.
+
+    ``model`` is the compiled model ``fit`` trains; ``student`` the network inside it whose weights
+    are saved (a distillation wrapper's teacher is not written again every epoch)."""
+    import keras
+
+    variables = model.optimizer.variables
+    state.optimizer_variables = [v.path for v in variables]
+    final = out_dir / LAST
+    with atomic_path(final, suffix=".tmp") as tmp:
+        tmp.mkdir()
+        (student or model).save_weights(tmp / "weights.weights.h5")
+        np.savez(tmp / "optimizer.npz", **{f"v{i:04d}": np.asarray(keras.ops.convert_to_numpy(v))
+                                           for i, v in enumerate(variables)})
+        (tmp / "state.json").write_text(json.dumps(state.to_dict(), indent=1, default=str) + "\n")
+
+
+def read_state(out_dir: Path) -> RunState:
+    path = out_dir / LAST / "state.json"
+    if not path.exists():
+        raise TrainError(f"Nothing to resume in {out_dir}: {path} does not exist.",
+                         expected="the output folder of an interrupted `resnet-deploy train` run",
+                         fix="pass the same --out as the interrupted run, or start afresh without --resume")
+    try:
+        return RunState(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        raise TrainError(f"The checkpoint state {path} is unreadable: {exc}",
+                         fix="start afresh with --force (the checkpoint cannot be trusted)") from exc
+
+
+def restore_last(out_dir: Path, model, state: RunState, student=None) -> None:
+    """Load weights and optimizer variables written by ``save_last`` into a freshly compiled model."""
+    folder = out_dir / LAST
+    (student or model).load_weights(folder / "weights.weights.h5")
+    opt = model.optimizer
+    if not opt.built:
+        opt.build(model.trainable_variables)
+    paths = [v.path for v in opt.variables]
+    if paths != state.optimizer_variables:
+        raise TrainError(f"The optimizer in {folder} does not match this run's "
+                         f"({len(state.optimizer_variables)} saved variables, {len(paths)} now).",
+                         expected="the same architecture, precision and optimizer as the interrupted run",
+                         fix="resume with the interrupted run's options, or start afresh with --force")
+    with np.load(folder / "optimizer.npz") as z:
+        for i, v in enumerate(opt.variables):
+            value = z[f"v{i:04d}"]
+            if tuple(value.shape) != tuple(v.shape):
+                raise TrainError(f"Optimizer variable {v.path} has shape {value.shape} in the checkpoint, "
+                                 f"{tuple(v.shape)} now.", fix="start afresh with --force")
+            v.assign(value)
+
+
+def recipe_differences(saved: dict, now: dict) -> list[str]:
+    return [f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}"
+            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]

@@ -1,0 +1,67 @@
+"""Knowledge distillation (Hinton et al. 2015), backend-agnostic Keras 3.
+
+``Distiller`` wraps the student; ``compute_loss`` adds the teacher's softened targets:
+
+    loss = (1 - w) * CE(labels, student) + w * T^2 * KL(softmax(teacher / T) || softmax(student / T))
+
+The teacher runs in inference mode and is never trained. Only the student is saved: the
+trainer checkpoints and exports ``distiller.student``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+
+from resnet_deploy.errors import ModelError, TrainError
+
+
+class Distiller(keras.Model):
+    def __init__(self, student, teacher, temperature: float, weight: float, **kwargs):
+        super().__init__(name=f"distill_{student.name}", **kwargs)
+        self.student = student
+        self.teacher = teacher
+        self.teacher.trainable = False
+        self.temperature = float(temperature)
+        self.weight = float(weight)
+
+    def call(self, x, training=False):
+        return self.student(x, training=training)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        ops = keras.ops
+        hard = super().compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training)
+        if not training:  # evaluation: the plain task loss, comparable with a run without a teacher
+            return hard
+        t = self.temperature
+        teacher_logits = ops.cast(self.teacher(x, training=False), "float32")
+        student_logits = ops.cast(y_pred, "float32")
+        p_teacher = ops.softmax(teacher_logits / t, axis=-1)
+        log_p_student = ops.log_softmax(student_logits / t, axis=-1)
+        log_p_teacher = ops.log_softmax(teacher_logits / t, axis=-1)
+        kl = ops.sum(p_teacher * (log_p_teacher - log_p_student), axis=-1)
+        soft = ops.mean(kl) * (t * t)
+        return (1.0 - self.weight) * hard + self.weight * soft
+
+
+def load_teacher(path: Path):
+    """Load a teacher and check that it is a CIFAR-10 classifier taking the student's inputs."""
+    from resnet_deploy.data.preprocess import Preprocessing
+    from resnet_deploy.models.io import load_model, read_metadata
+
+    try:
+        teacher = load_model(path)  # checks (32, 32, 3) -> (10,)
+    except ModelError as exc:
+        raise TrainError(f"The teacher cannot be used: {exc.what}", exc.expected,
+                         exc.fix or "pass a CIFAR-10 classifier trained by `resnet-deploy train`") from exc
+    meta = read_metadata(path) or {}
+    spec = Preprocessing.from_dict(meta.get("preprocessing"))
+    if not spec.is_identity:
+        raise TrainError(f"The teacher {path} expects preprocessed inputs ({spec.to_dict()['convention']}, "
+                         f"scale {spec.scale}, mean {spec.mean}).",
+                         expected="a teacher that takes RGB pixels 0..255 like the student (normalisation inside)",
+                         fix="use a teacher trained by `resnet-deploy train`")
+    if meta.get("output", "logits (no softmax)") != "logits (no softmax)":
+        raise TrainError(f"The teacher {path} outputs {meta['output']}.", expected="logits (no softmax)")
+    return teacher

@@ -1,0 +1,255 @@
+"""``train_model(config, data)``: train a ResNet of the family on CIFAR-10 with Keras ``fit``.
+
+Order of work: check the output folder and the resume state, probe the devices and settle the
+precision and data parallelism, load the teacher, load the data; only then build and train.
+Every bad option fails before a batch is trained.
+
+Selection note: the per-epoch ``val_*`` figures are measured on the test split, for monitoring.
+``model.keras`` is the model of the *last* epoch, not the best one, so its test accuracy is not
+inflated by choosing an epoch on the test set; ``best.keras`` is kept beside it for reference.
+"""
+
+from __future__ import annotations
+
+import datetime
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from resnet_deploy.errors import OutputExistsError, TrainError
+from resnet_deploy.training.recipe import TrainConfig
+
+OWNED = ("model.keras", "model.keras.json", "best.keras", "best.keras.json", "log.csv", "curves.png", "checkpoints")
+SELECTION_NOTE = ("val_* columns are measured on the test split for monitoring only; model.keras is the last "
+                  "epoch (not selected on the test set); best.keras is the epoch with the highest val_accuracy")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    model_path: Path  # <out>/model.keras, the float32 model of the last epoch
+    metadata: dict  # what is in model.keras.json
+    test_accuracy: float
+    out_dir: Path
+    history: list[dict] = field(default_factory=list)
+
+
+def train_model(config: TrainConfig, data=None, log: Callable[[str], None] | None = None) -> TrainResult:
+    """Train per ``config`` on CIFAR-10 found at ``data`` (see ``data.load_cifar10``); write ``<out>/``."""
+    from resnet_deploy.training.devices import probe_devices, replica_count, resolve_precision
+
+    log = log or _print
+    out = config.output_dir
+    state = _prepare_state(config, out)
+    dev = probe_devices()
+    precision = resolve_precision(config.precision, dev)
+    replicas = replica_count(config.distribute, dev)
+    if config.batch_size % replicas:
+        raise TrainError(f"--batch-size {config.batch_size} does not split over {replicas} devices.",
+                         expected=f"a multiple of {replicas}", fix=f"pass --batch-size {config.batch_size // replicas * replicas or replicas}")
+    if config.teacher is not None:
+        from resnet_deploy.training.distill import load_teacher
+
+        load_teacher(config.teacher)  # fail now on a wrong teacher; it is loaded again in the device scope
+    train, test, source = _load_data(config, data)
+    if not config.resume and config.force:
+        _clean(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return _run(config, out, state, dev, precision, replicas, train, test, source, log)
+
+
+def _print(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _prepare_state(config: TrainConfig, out: Path):
+    from resnet_deploy.training.checkpoint import RunState, read_state, recipe_differences
+
+    if config.resume and config.force:
+        raise TrainError("--resume and --force contradict each other.",
+                         fix="--resume continues the run in the folder; --force starts afresh over it: pass one")
+    if config.resume:
+        state = read_state(out)
+        saved = TrainConfig.from_dict(state.config, out_dir=out).recipe()
+        diffs = recipe_differences(saved, config.recipe())
+        if diffs:
+            raise TrainError(f"--resume would change the recipe of the run in {out}: " + "; ".join(diffs),
+                             expected="the options of the interrupted run (resume continues the same schedule)",
+                             fix="leave those options out when resuming, or start a new run with another --out")
+        return state
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not config.force:
+        hint = " or --resume to continue its interrupted run" if (out / "checkpoints").exists() else ""
+        raise OutputExistsError(f"The output folder {out} already exists and is not empty.",
+                                expected="a new or empty output folder",
+                                fix=f"choose another --out, pass --force to overwrite it{hint}")
+    return RunState(config=config.to_dict())
+
+
+def _clean(out: Path) -> None:
+    """--force: remove what an earlier run wrote here (only the files train writes, nothing else)."""
+    for name in OWNED:
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def _load_data(config: TrainConfig, data):
+    from resnet_deploy.data.sources import load_cifar10
+
+    ds = load_cifar10(data)
+    train, test = ds.train.take(config.limit_train), ds.test.take(config.limit_test)
+    if len(train) < config.batch_size:
+        raise TrainError(f"{len(train)} training images make no full batch of {config.batch_size}.",
+                         fix=f"pass --batch-size {len(train)} or less")
+    return train, test, ds.source
+
+
+def _compile(config: TrainConfig, precision: str, steps_per_epoch: int):
+    """Build and compile the training model (under the caller's dtype policy and device scope)."""
+    import keras
+
+    from resnet_deploy.models.builder import build_model
+    from resnet_deploy.training.schedule import WarmupDecay
+
+    student = build_model(config.arch, width=config.width, stem=config.stem, weight_decay=config.weight_decay / 2)
+    schedule = WarmupDecay(config.peak_lr, steps_per_epoch * config.epochs, round(config.warmup_epochs * steps_per_epoch),
+                           config.schedule, config.final_lr_fraction)
+    model = student
+    if config.teacher is not None:
+        from resnet_deploy.training.distill import Distiller, load_teacher
+
+        model = Distiller(student, load_teacher(config.teacher), config.kd_temperature, config.kd_weight)
+    model.compile(
+        optimizer=keras.optimizers.SGD(learning_rate=schedule, momentum=config.momentum, nesterov=config.nesterov),
+        loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=config.label_smoothing),
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+    )
+    if config.teacher is not None:
+        model.build((None, 32, 32, 3))
+    return model, student
+
+
+def _run(config, out, state, dev, precision, replicas, train, test, source, log) -> TrainResult:
+    import keras
+
+    from resnet_deploy.models.builder import build_model, transfer_weights
+    from resnet_deploy.training.batches import EvalBatches, TrainBatches
+    from resnet_deploy.training.callbacks import EpochSeeder, RunRecorder
+    from resnet_deploy.training.checkpoint import restore_last
+    from resnet_deploy.training.devices import distribution_scope
+
+    steps = len(train) // config.batch_size
+    keras.utils.set_random_seed(config.seed)
+    export_model = build_model(config.arch, width=config.width, stem=config.stem)  # float32, plain: what ships
+    previous_policy = keras.config.dtype_policy()
+    session_t0 = time.perf_counter()
+    try:
+        keras.config.set_dtype_policy(precision)
+        with distribution_scope(config.distribute, dev) as engine:
+            model, student = _compile(config, precision, steps)
+            _log_header(log, config, dev, precision, engine, replicas, train, test, source, steps, student, out)
+            if config.resume:
+                restore_last(out, model, state, student)
+                log(f"resuming after epoch {state.epoch}/{config.epochs} "
+                    f"(optimizer step {state.iterations}, lr {_lr(model):.4g})")
+            train_b = TrainBatches(train.x, train.y, config.batch_size, config.seed, config.pad, config.flip,
+                                   config.cutout, epoch=state.epoch, workers=config.workers)
+            test_b = EvalBatches(test.x, test.y, config.batch_size, pad_to_full=replicas > 1)
+
+            def save_best(epoch: int, acc: float) -> None:
+                from resnet_deploy.models.io import base_metadata, save_model
+
+                transfer_weights(student, export_model)
+                meta = base_metadata(config.arch, config.width, config.stem) | {
+                    "epoch": epoch, "val_accuracy": acc, "selection": SELECTION_NOTE, "recipe": config.recipe()}
+                save_model(export_model, out / "best.keras", meta, force=True)
+
+            state.sessions += 1
+            recorder = RunRecorder(out, state, config.epochs, steps * config.batch_size, save_best, log, student)
+            verbose = 1 if config.verbose and sys.stdout.isatty() else 0
+            model.fit(train_b, epochs=config.epochs, initial_epoch=state.epoch, validation_data=test_b,
+                      callbacks=[EpochSeeder(train_b), recorder], verbose=verbose)
+            transfer_weights(student, export_model)
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
+    return _finish(config, out, state, dev, precision, engine, replicas, export_model, train, test, source,
+                   time.perf_counter() - session_t0, log)
+
+
+def _lr(model) -> float:
+    from resnet_deploy.training.checkpoint import current_lr
+
+    return current_lr(model)
+
+
+def _log_header(log, config, dev, precision, engine, replicas, train, test, source, steps, student, out) -> None:
+    aug = [f"reflect-pad {config.pad} + random crop"] if config.pad else []
+    aug += ["horizontal flip"] if config.flip else []
+    aug += [f"cutout {config.cutout}"] if config.cutout else []
+    warm = f"warm-up {config.warmup_epochs:g} epochs then " if config.warmup_epochs else ""
+    log(f"resnet-deploy train: {config.arch} (width {config.width:g}, {student.count_params() / 1e6:.3f} M params) "
+        f"on CIFAR-10 from {source}")
+    log(f"  device: {dev.describe()}")
+    log(f"  precision: {precision} (logits and loss in float32); engine: "
+        + (f"{engine} over {replicas} devices" if engine else "single device"))
+    log(f"  data: {len(train):,} train / {len(test):,} test images; batch {config.batch_size}, "
+        f"{steps} steps/epoch, {config.epochs} epochs")
+    log(f"  recipe: SGD{' nesterov' if config.nesterov else ''} momentum {config.momentum:g}, peak lr {config.peak_lr:.4g}, "
+        f"{warm}{config.schedule} decay, weight decay {config.weight_decay:g} (L2), label smoothing "
+        f"{config.label_smoothing:g}; augmentation: {', '.join(aug) or 'none'}"
+        + (f"; distilling from {config.teacher} (T={config.kd_temperature:g}, weight {config.kd_weight:g})"
+           if config.teacher else ""))
+    log(f"  output: {out}")
+
+
+def _evaluate(model, test, batch_size: int) -> float:
+    import numpy as np
+
+    from resnet_deploy.data.preprocess import Preprocessing, preprocess
+
+    logits = model.predict(preprocess(test.x, Preprocessing.pixels()), batch_size=batch_size, verbose=0)
+    return float(np.mean(np.argmax(logits, axis=1) == test.y))
+
+
+def _finish(config, out, state, dev, precision, engine, replicas, export_model, train, test, source, session_s,
+            log) -> TrainResult:
+    from resnet_deploy.envinfo import library_versions, machine_info
+    from resnet_deploy.fileio import sha256_file
+    from resnet_deploy.models.io import base_metadata, save_model
+
+    acc = _evaluate(export_model, test, config.batch_size)
+    meta = base_metadata(config.arch, config.width, config.stem) | {
+        "test_accuracy": acc,
+        "test_images": len(test),
+        "train_images": len(train),
+        "data_source": source,
+        "epochs": state.epoch,
+        "best_epoch": state.best_epoch,
+        "best_val_accuracy": state.best_accuracy,
+        "selection": SELECTION_NOTE,
+        "recipe": config.recipe(),
+        "precision": precision,
+        "distribution": {"mode": config.distribute, "engine": engine, "replicas": replicas},
+        "optimizer_steps": state.iterations,
+        "train_time_s": round(state.elapsed_s, 1),
+        "sessions": state.sessions,
+        "device": dev.to_dict(),
+        "machine": machine_info(),
+        "versions": library_versions(),
+        "params": int(export_model.count_params()),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "files": {"log": "log.csv", "curves": "curves.png", "best": "best.keras", "checkpoint": "checkpoints/last"},
+    }
+    if config.teacher is not None:
+        meta["teacher"] = {"path": str(config.teacher), "sha256": sha256_file(config.teacher),
+                           "temperature": config.kd_temperature, "weight": config.kd_weight}
+    path = save_model(export_model, out / "model.keras", meta, force=True)
+    log(f"test accuracy {100 * acc:.2f}% on {len(test):,} images (float32 model of epoch {state.epoch}); "
+        f"best epoch {state.best_epoch} at {100 * (state.best_accuracy or 0):.2f}%; "
+        f"training {state.elapsed_s:.0f} s this run, session {session_s:.0f} s")
+    log(f"wrote {path} (+ {path.name}.json), best.keras, log.csv, curves.png, checkpoints/last/")
+    return TrainResult(path, meta, acc, out, list(state.history))
