@@ -83,12 +83,14 @@ class TrainBatches(keras.utils.PyDataset):
 
 
 class EvalBatches(keras.utils.PyDataset):
-    """Test batches in order. With ``pad_to_full`` the last batch is filled up with zero-weight
-    copies, so every batch divides across data-parallel replicas and accuracy stays exact."""
+    """Test batches in order, as ``(x, y, weight)``. With ``multiple`` > 1 (data-parallel replicas)
+    the last batch gets up to ``multiple - 1`` zero-weight copies so that it splits evenly:
+    accuracy (a weighted metric) stays exact, the mean loss counts the copies as 0 (a bias of at
+    most (multiple - 1) / images)."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, pad_to_full: bool = False):
+    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, multiple: int = 1):
         super().__init__(workers=1, use_multiprocessing=False)
-        self.x, self.y, self.batch_size, self.pad_to_full = x, y, batch_size, pad_to_full
+        self.x, self.y, self.batch_size, self.multiple = x, y, batch_size, multiple
 
     @property
     def num_batches(self) -> int:
@@ -97,10 +99,8 @@ class EvalBatches(keras.utils.PyDataset):
     def __getitem__(self, idx: int):
         sl = slice(idx * self.batch_size, (idx + 1) * self.batch_size)
         x, y = preprocess(self.x[sl], Preprocessing.pixels()), one_hot(self.y[sl])
-        if not self.pad_to_full:
-            return x, y
         w = np.ones(len(y), np.float32)
-        short = self.batch_size - len(y)
+        short = -len(y) % self.multiple
         if short:
             x = np.concatenate([x, np.repeat(x[:1], short, 0)])
             y = np.concatenate([y, np.repeat(y[:1], short, 0)])

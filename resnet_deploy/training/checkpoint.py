@@ -92,10 +92,10 @@ def read_state(out_dir: Path) -> RunState:
 def restore_last(out_dir: Path, model, state: RunState, student=None) -> None:
     """Load weights and optimizer variables written by ``save_last`` into a freshly compiled model."""
     folder = out_dir / LAST
-    (student or model).load_weights(folder / "weights.weights.h5")
     opt = model.optimizer
-    if not opt.built:
+    if not opt.built:  # before load_weights, which also fills a compiled model's built optimizer
         opt.build(model.trainable_variables)
+    (student or model).load_weights(folder / "weights.weights.h5")
     paths = [v.path for v in opt.variables]
     if paths != state.optimizer_variables:
         raise TrainError(f"The optimizer in {folder} does not match this run's "

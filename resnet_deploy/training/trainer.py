@@ -126,7 +126,7 @@ def _compile(config: TrainConfig, precision: str, steps_per_epoch: int):
     model.compile(
         optimizer=keras.optimizers.SGD(learning_rate=schedule, momentum=config.momentum, nesterov=config.nesterov),
         loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=config.label_smoothing),
-        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+        weighted_metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],  # honours the zero weights of padding
     )
     if config.teacher is not None:
         model.build((None, 32, 32, 3))
@@ -158,7 +158,7 @@ def _run(config, out, state, dev, precision, replicas, train, test, source, log)
                     f"(optimizer step {state.iterations}, lr {_lr(model):.4g})")
             train_b = TrainBatches(train.x, train.y, config.batch_size, config.seed, config.pad, config.flip,
                                    config.cutout, epoch=state.epoch, workers=config.workers)
-            test_b = EvalBatches(test.x, test.y, config.batch_size, pad_to_full=replicas > 1)
+            test_b = EvalBatches(test.x, test.y, config.batch_size, multiple=replicas)
 
             def save_best(epoch: int, acc: float) -> None:
                 from resnet_deploy.models.io import base_metadata, save_model
@@ -190,7 +190,7 @@ def _log_header(log, config, dev, precision, engine, replicas, train, test, sour
     aug = [f"reflect-pad {config.pad} + random crop"] if config.pad else []
     aug += ["horizontal flip"] if config.flip else []
     aug += [f"cutout {config.cutout}"] if config.cutout else []
-    warm = f"warm-up {config.warmup_epochs:g} epochs then " if config.warmup_epochs else ""
+    warm = f"warm-up {config.warmup_epochs:g} epoch(s), then " if config.warmup_epochs else ""
     log(f"resnet-deploy train: {config.arch} (width {config.width:g}, {student.count_params() / 1e6:.3f} M params) "
         f"on CIFAR-10 from {source}")
     log(f"  device: {dev.describe()}")

@@ -1,0 +1,293 @@
+"""`resnet-deploy train`: recipe validation, schedule, augmentation, distillation loss, a short real run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from resnet_deploy.cli import app
+from resnet_deploy.errors import OutputExistsError, TrainError
+from resnet_deploy.training.recipe import TrainConfig, lr_at
+
+runner = CliRunner()
+TINY = dict(arch="resnet8", width=0.25, epochs=2, batch_size=32, limit_train=256, limit_test=96, warmup_epochs=1,
+            precision="float32", verbose=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Recipe and options: every bad option fails before any work
+# ----------------------------------------------------------------------------------------------
+def test_defaults_are_a_gpu_resnet34_recipe():
+    c = TrainConfig()
+    assert (c.arch, c.batch_size, c.momentum, c.nesterov, c.weight_decay, c.label_smoothing) == \
+        ("resnet34", 512, 0.9, True, 5e-4, 0.1)
+    assert c.peak_lr == pytest.approx(0.4)  # 0.1 x 512/128
+    assert str(c.output_dir) == "runs/resnet34"
+    assert TrainConfig.from_dict(c.to_dict()) == c
+    assert "out_dir" not in c.recipe() and c.recipe()["peak_lr"] == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(epochs=-1), "--epochs -1"),
+    (dict(epochs=0), "--epochs 0"),
+    (dict(batch_size=0), "--batch-size"),
+    (dict(precision="fp8"), "Unknown --precision"),
+    (dict(schedule="step"), "Unknown --schedule"),
+    (dict(distribute="horovod"), "Unknown --distribute"),
+    (dict(lr=-0.1), "--lr"),
+    (dict(momentum=1.0), "--momentum"),
+    (dict(label_smoothing=1.0), "--label-smoothing"),
+    (dict(warmup_epochs=50, epochs=10), "--warmup-epochs"),
+    (dict(limit_train=100, batch_size=128), "smaller than one batch"),
+    (dict(limit_test=0), "--limit-test"),
+    (dict(cutout=40), "--cutout"),
+    (dict(kd_weight=0), "--kd-weight"),
+    (dict(arch="resnet9000"), "Unknown architecture"),
+    (dict(width=0), "Width multiplier"),
+    (dict(teacher="/nonexistent/teacher.keras"), "does not exist"),
+])
+def test_bad_options_are_clear_errors(kwargs, words):
+    with pytest.raises(TrainError) as info:
+        TrainConfig(**kwargs)
+    assert words in str(info.value)
+
+
+def test_cli_rejects_bad_options_with_exit_code_2(tmp_path):
+    for args, words in ((["--epochs", "-3"], "--epochs -3"),
+                        (["--precision", "mixed_float16", "--arch", "resnet8"], "needs a GPU")):
+        result = runner.invoke(app, ["train", *args, "--out", str(tmp_path / "run"),
+                                     "--data", str(tmp_path / "no-data-here")])
+        assert result.exit_code == 2, result.output
+        assert words in result.output and ("Fix:" in result.output or "Expected:" in result.output)
+        assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_teacher_with_wrong_outputs_is_refused_before_data(tmp_path):
+    import keras
+
+    from resnet_deploy.models.builder import build_model
+    from resnet_deploy.training.trainer import train_model
+
+    wrong = build_model("resnet8", width=0.25, num_classes=5)
+    wrong.save(tmp_path / "teacher5.keras")
+    cfg = TrainConfig(**TINY, teacher=tmp_path / "teacher5.keras", out_dir=tmp_path / "run")
+    with pytest.raises(TrainError) as info:
+        train_model(cfg, data=tmp_path / "no-data-here")  # a data error would mean the teacher was checked late
+    assert "teacher" in str(info.value) and "(10,)" in str(info.value)
+    assert keras.config.dtype_policy().name == "float32"
+
+
+def test_resume_without_checkpoint_and_contradictions(tmp_path):
+    from resnet_deploy.training.trainer import train_model
+
+    with pytest.raises(TrainError, match="Nothing to resume"):
+        train_model(TrainConfig(**TINY, out_dir=tmp_path / "none", resume=True))
+    with pytest.raises(TrainError, match="contradict"):
+        train_model(TrainConfig(**TINY, out_dir=tmp_path / "none", resume=True, force=True))
+
+
+# ----------------------------------------------------------------------------------------------
+# Learning-rate schedule
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
+def test_keras_schedule_matches_the_formula(schedule):
+    import keras
+
+    from resnet_deploy.training.schedule import WarmupDecay
+
+    total, warm, peak = 200, 20, 0.4
+    sched = WarmupDecay(peak, total, warm, schedule, final_fraction=0.01)
+    for step in (0, 1, 10, 19, 20, 21, 100, 150, 199, 200, 250):
+        want = lr_at(step, peak, total, warm, schedule, 0.01)
+        assert float(keras.ops.convert_to_numpy(sched(step))) == pytest.approx(want, rel=1e-5, abs=1e-7)
+    assert lr_at(0, peak, total, warm) == pytest.approx(0.04)  # warm-up starts at a tenth of the peak
+    assert lr_at(warm, peak, total, warm) == pytest.approx(peak)
+    assert lr_at(total, peak, total, warm, schedule, 0.01) == pytest.approx(0.004)
+    assert lr_at(110, peak, total, warm, "onecycle") == pytest.approx(0.2)  # linear: half-way, half the peak
+    assert WarmupDecay.from_config(sched.get_config()).get_config() == sched.get_config()
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentation and batches
+# ----------------------------------------------------------------------------------------------
+def _images(n=16, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+
+
+def test_crop_is_a_window_of_the_reflect_padded_image():
+    from resnet_deploy.training.batches import augment_batch
+
+    x = _images()
+    out = augment_batch(x, np.random.default_rng(1), pad=4, flip=False, cutout=0)
+    assert out.shape == x.shape and out.dtype == np.uint8
+    padded = np.pad(x, ((0, 0), (4, 4), (4, 4), (0, 0)), mode="reflect")
+    offsets = set()
+    for i in range(len(x)):
+        hits = [(dy, dx) for dy in range(9) for dx in range(9)
+                if np.array_equal(padded[i, dy:dy + 32, dx:dx + 32], out[i])]
+        assert hits, f"image {i} is not a crop of its padded original"
+        offsets.add(hits[0])
+    assert len(offsets) > 4  # crops really vary
+
+
+def test_flip_and_cutout():
+    from resnet_deploy.training.batches import CUTOUT_FILL, augment_batch
+
+    x = _images(64)
+    out = augment_batch(x, np.random.default_rng(2), pad=0, flip=True)
+    flipped = [np.array_equal(o, i[:, ::-1]) for o, i in zip(out, x)]
+    same = [np.array_equal(o, i) for o, i in zip(out, x)]
+    assert all(f or s for f, s in zip(flipped, same)) and 10 < sum(flipped) < 54
+    cut = augment_batch(x, np.random.default_rng(3), pad=0, flip=False, cutout=8)
+    changed = (cut != x).any(axis=-1)  # pixels touched
+    per_image = changed.sum(axis=(1, 2))
+    assert per_image.max() <= 64 and per_image.mean() > 20  # at most an 8x8 square, clipped at borders
+    assert (cut[changed] == CUTOUT_FILL).all()
+
+
+def test_train_batches_are_seeded_per_epoch_and_cover_the_data():
+    from resnet_deploy.training.batches import TrainBatches
+
+    x, y = _images(100), np.arange(100) % 10
+    b = TrainBatches(x, y, batch_size=32, seed=7)
+    assert b.num_batches == 3  # the partial batch is dropped
+    a0, a1 = b.batch(0, 1), b.batch(1, 1)
+    np.testing.assert_array_equal(a0[0], TrainBatches(x, y, 32, seed=7).batch(0, 1)[0])  # same seed, same batch
+    assert not np.array_equal(a0[0], a1[0])  # another epoch, another batch
+    assert a0[0].dtype == np.float32 and a0[1].shape == (32, 10) and (a0[1].sum(axis=1) == 1).all()
+    seen = np.concatenate([b.order(3)[i * 32:(i + 1) * 32] for i in range(3)])
+    assert len(set(seen.tolist())) == 96  # no image twice in an epoch
+    b.epoch = 1
+    np.testing.assert_array_equal(b[1][0], a1[0])  # __getitem__ follows the epoch the callback sets
+
+
+def test_eval_batches_pad_only_to_a_replica_multiple():
+    from resnet_deploy.training.batches import EvalBatches
+
+    x, y = _images(45), np.arange(45) % 10
+    assert len(EvalBatches(x, y, 20)[2][0]) == 5
+    xb, yb, w = EvalBatches(x, y, 20, multiple=4)[2]
+    assert len(xb) == 8 and w.tolist() == [1] * 5 + [0] * 3
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices and precision
+# ----------------------------------------------------------------------------------------------
+def test_precision_and_parallelism_rules():
+    from resnet_deploy.training.devices import DeviceInfo, replica_count, resolve_precision
+
+    cpu = DeviceInfo("tensorflow", "cpu", ("/device:CPU:0",))
+    h100 = DeviceInfo("jax", "gpu", ("NVIDIA H100",) * 2, (9, 0))
+    t4 = DeviceInfo("tensorflow", "gpu", ("Tesla T4",), (7, 5))
+    assert resolve_precision("auto", cpu) == "float32"
+    assert resolve_precision("mixed_bfloat16", cpu) == "mixed_bfloat16"  # allowed on CPU (AVX512-BF16/AMX)
+    with pytest.raises(TrainError, match="needs a GPU"):
+        resolve_precision("mixed_float16", cpu)
+    assert resolve_precision("auto", h100) == "mixed_bfloat16"
+    assert resolve_precision("auto", t4) == "mixed_float16"
+    with pytest.raises(TrainError, match="compute capability 8.0"):
+        resolve_precision("mixed_bfloat16", t4)
+    assert replica_count("none", h100) == 1 and replica_count("data-parallel", h100) == 2
+    with pytest.raises(TrainError, match="2 or more devices"):
+        replica_count("data-parallel", cpu)
+    with pytest.raises(TrainError, match="torch"):
+        replica_count("data-parallel", DeviceInfo("torch", "gpu", ("A100",) * 4, (8, 0)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Distillation loss
+# ----------------------------------------------------------------------------------------------
+def test_distillation_loss_is_hinton_kl_times_t_squared():
+    import keras
+
+    from resnet_deploy.models.builder import build_model
+    from resnet_deploy.training.distill import Distiller
+
+    keras.utils.set_random_seed(0)
+    student, teacher = build_model("resnet8", width=0.25), build_model("resnet8", width=0.5)
+    d = Distiller(student, teacher, temperature=3.0, weight=1.0)
+    d.compile(loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+    x = _images(8).astype(np.float32)
+    y = np.eye(10, dtype=np.float32)[np.arange(8)]
+    s_logits = keras.ops.convert_to_numpy(student(x, training=False))
+    t_logits = keras.ops.convert_to_numpy(teacher(x, training=False))
+
+    def log_softmax(z):
+        z = z - z.max(axis=1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+    pt = np.exp(log_softmax(t_logits / 3))
+    want = 9 * np.mean(np.sum(pt * (log_softmax(t_logits / 3) - log_softmax(s_logits / 3)), axis=1))
+    got = float(keras.ops.convert_to_numpy(d.compute_loss(x, y, keras.ops.convert_to_tensor(s_logits), training=True)))
+    assert got == pytest.approx(want, rel=1e-4)
+    ce = float(keras.ops.convert_to_numpy(d.compute_loss(x, y, keras.ops.convert_to_tensor(s_logits), training=False)))
+    assert ce == pytest.approx(float(np.mean(-log_softmax(s_logits)[np.arange(8), np.arange(8)])), rel=1e-4)
+    assert teacher.trainable is False and len(d.trainable_variables) == len(student.trainable_variables)
+
+
+# ----------------------------------------------------------------------------------------------
+# A short real run (TensorFlow backend, real CIFAR-10 images)
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, small_npz_dir, tiny_model_path):
+    from resnet_deploy.training.trainer import train_model
+
+    out = tmp_path_factory.mktemp("train") / "run"
+    lines: list[str] = []
+    cfg = TrainConfig(**TINY, out_dir=out, cutout=8, teacher=tiny_model_path)
+    return train_model(cfg, data=small_npz_dir, log=lines.append), lines
+
+
+def test_run_writes_a_loadable_model_with_metadata(short_run, small_npz_dir):
+    from resnet_deploy.data import load_cifar10
+    from resnet_deploy.models.io import base_metadata, load_model, read_metadata
+
+    result, lines = short_run
+    out = result.out_dir
+    assert result.model_path == out / "model.keras"
+    meta = read_metadata(result.model_path)
+    assert meta == json.loads(json.dumps(result.metadata, default=str))
+    for key in base_metadata("resnet8", 0.25):
+        assert key in meta, key
+    for key in ("test_accuracy", "recipe", "epochs", "train_time_s", "versions", "device", "precision", "teacher"):
+        assert key in meta, key
+    assert meta["epochs"] == 2 and meta["optimizer_steps"] == 2 * (256 // 32)
+    assert meta["device"]["backend"] == "tensorflow" and meta["recipe"]["cutout"] == 8
+    assert meta["teacher"]["sha256"] and meta["recipe"]["kd_weight"] == 0.5
+    model = load_model(result.model_path)  # the plain student, float32, no teacher inside
+    assert model.count_params() == meta["params"] == 5382
+    assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
+    test = load_cifar10(small_npz_dir).test.take(96)
+    acc = float(np.mean(np.argmax(model.predict(test.x.astype(np.float32), verbose=0), 1) == test.y))
+    assert acc == pytest.approx(result.test_accuracy) == pytest.approx(meta["test_accuracy"])
+    assert any("device: CPU" in line for line in lines) and any("ETA" in line for line in lines)
+
+
+def test_run_writes_log_curves_checkpoints_atomically(short_run):
+    from resnet_deploy.models.io import load_model
+
+    result, _ = short_run
+    out = result.out_dir
+    rows = list(csv.DictReader((out / "log.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert all(math.isfinite(float(r["loss"])) and 0 <= float(r["val_accuracy"]) <= 1 for r in rows)
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert load_model(out / "best.keras").count_params() == 5382
+    assert sorted(p.name for p in (out / "checkpoints" / "last").iterdir()) == \
+        ["optimizer.npz", "state.json", "weights.weights.h5"]
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]  # nothing half-written left
+
+
+def test_existing_output_is_refused_unless_force(short_run, small_npz_dir):
+    from resnet_deploy.training.trainer import train_model
+
+    out = short_run[0].out_dir
+    before = (out / "model.keras").stat().st_mtime_ns
+    with pytest.raises(OutputExistsError, match="--resume"):
+        train_model(TrainConfig(**TINY, out_dir=out), data=small_npz_dir)
+    assert (out / "model.keras").stat().st_mtime_ns == before
