@@ -236,3 +236,11 @@ def test_split_take():
     assert len(s.take(3)) == 3 and s.take(None) is s and s.take(10) is s
     with pytest.raises(DataError):
         s.take(0)
+
+
+def test_a_loaded_dataset_passes_through(batches_dir):
+    d, *_ = batches_dir
+    test_only = load_cifar10(d, splits=("test",))
+    assert load_cifar10(test_only, splits=("test",)) is test_only
+    with pytest.raises(DataError, match="train split was not loaded"):
+        load_cifar10(test_only)

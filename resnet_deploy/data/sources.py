@@ -95,11 +95,19 @@ def _cache_candidates() -> list[Path]:
     ]
 
 
-def load_cifar10(data: str | os.PathLike | None = None, splits: tuple[str, ...] = SPLITS) -> Cifar10:
-    """Find CIFAR-10 (see module docstring for the order), read the requested splits and validate them."""
+def load_cifar10(data: "str | os.PathLike | Cifar10 | None" = None, splits: tuple[str, ...] = SPLITS) -> Cifar10:
+    """Find CIFAR-10 (see module docstring for the order), read the requested splits and validate them.
+
+    ``data`` may also be an already loaded ``Cifar10`` (the pipeline loads once for all stages);
+    it is returned as it is when it holds the requested splits.
+    """
     for s in splits:
         if s not in SPLITS:
             raise DataError(f"Unknown split {s!r}.", expected=f"one of {SPLITS}")
+    if isinstance(data, Cifar10):
+        for s in splits:
+            data.split(s)  # raises when a requested split was not loaded
+        return data
     looked: list[str] = []
     if data is not None:
         return _load_path(Path(data), splits, origin="--data")
