@@ -82,6 +82,16 @@ def test_teacher_with_wrong_outputs_is_refused_before_data(tmp_path):
     assert keras.config.dtype_policy().name == "float32"
 
 
+def test_data_may_be_a_path_or_loaded_data(small_npz_dir):
+    from resnet_deploy.data import load_cifar10
+    from resnet_deploy.training.trainer import _load_data
+
+    cfg = TrainConfig(**TINY)
+    by_path, loaded = _load_data(cfg, small_npz_dir), _load_data(cfg, load_cifar10(small_npz_dir))
+    assert len(by_path[0]) == len(loaded[0]) == 256 and len(loaded[1]) == 96
+    np.testing.assert_array_equal(by_path[0].x, loaded[0].x)
+
+
 def test_resume_without_checkpoint_and_contradictions(tmp_path):
     from resnet_deploy.training.trainer import train_model
 
@@ -291,3 +301,24 @@ def test_existing_output_is_refused_unless_force(short_run, small_npz_dir):
     with pytest.raises(OutputExistsError, match="--resume"):
         train_model(TrainConfig(**TINY, out_dir=out), data=small_npz_dir)
     assert (out / "model.keras").stat().st_mtime_ns == before
+
+
+def test_distilled_run_checkpoint_restores_student_and_optimizer(short_run):
+    import keras
+
+    from resnet_deploy.models.io import load_model
+    from resnet_deploy.training.checkpoint import current_lr, optimizer_iterations, read_state, restore_last
+    from resnet_deploy.training.trainer import _compile
+
+    result, _ = short_run
+    state = read_state(result.out_dir)
+    cfg = TrainConfig.from_dict(state.config)
+    model, student = _compile(cfg, "float32", steps_per_epoch=256 // 32)
+    assert optimizer_iterations(model) == 0
+    restore_last(result.out_dir, model, state, student)  # the student's weights + the optimizer's npz
+    assert optimizer_iterations(model) == state.iterations == 16
+    assert current_lr(model) == pytest.approx(lr_at(16, cfg.peak_lr, 16, 8))
+    final = load_model(result.model_path)  # the last epoch: same weights as the checkpoint
+    for a, b in zip(student.get_weights(), final.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert keras.config.dtype_policy().name == "float32"

@@ -96,8 +96,8 @@ def restore_last(out_dir: Path, model, state: RunState, student=None) -> None:
     if not opt.built:  # before load_weights, which also fills a compiled model's built optimizer
         opt.build(model.trainable_variables)
     (student or model).load_weights(folder / "weights.weights.h5")
-    paths = [v.path for v in opt.variables]
-    if paths != state.optimizer_variables:
+    paths = [_unprefixed(v.path) for v in opt.variables]
+    if paths != [_unprefixed(p) for p in state.optimizer_variables]:
         raise TrainError(f"The optimizer in {folder} does not match this run's "
                          f"({len(state.optimizer_variables)} saved variables, {len(paths)} now).",
                          expected="the same architecture, precision and optimizer as the interrupted run",
@@ -109,6 +109,12 @@ def restore_last(out_dir: Path, model, state: RunState, student=None) -> None:
                 raise TrainError(f"Optimizer variable {v.path} has shape {value.shape} in the checkpoint, "
                                  f"{tuple(v.shape)} now.", fix="start afresh with --force")
             v.assign(value)
+
+
+def _unprefixed(path: str) -> str:
+    """``sgd_3/stem_conv_kernel_momentum`` -> ``stem_conv_kernel_momentum``: Keras numbers optimizer
+    names per process, so the prefix differs between the interrupted run and the resumed one."""
+    return path.split("/", 1)[-1]
 
 
 def recipe_differences(saved: dict, now: dict) -> list[str]:

@@ -37,7 +37,11 @@ class TrainResult:
 
 
 def train_model(config: TrainConfig, data=None, log: Callable[[str], None] | None = None) -> TrainResult:
-    """Train per ``config`` on CIFAR-10 found at ``data`` (see ``data.load_cifar10``); write ``<out>/``."""
+    """Train per ``config`` on CIFAR-10 and write ``<out>/``.
+
+    ``data``: a path for ``data.load_cifar10`` (None: its default search), or a loaded ``Cifar10``.
+    ``log``: where progress lines go (default: stdout).
+    """
     from resnet_deploy.training.devices import probe_devices, replica_count, resolve_precision
 
     log = log or _print
@@ -98,9 +102,9 @@ def _clean(out: Path) -> None:
 
 
 def _load_data(config: TrainConfig, data):
-    from resnet_deploy.data.sources import load_cifar10
+    from resnet_deploy.data.sources import Cifar10, load_cifar10
 
-    ds = load_cifar10(data)
+    ds = data if isinstance(data, Cifar10) else load_cifar10(data)  # a path, None, or data already loaded
     train, test = ds.train.take(config.limit_train), ds.test.take(config.limit_test)
     if len(train) < config.batch_size:
         raise TrainError(f"{len(train)} training images make no full batch of {config.batch_size}.",
