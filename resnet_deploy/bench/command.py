@@ -1,10 +1,120 @@
-"""`resnet-deploy bench`: not built yet (issue #5)."""
+"""`resnet-deploy bench ARTIFACT...`: which artifact to ship, and what it costs.
+
+Thin: parses options into a ``BenchOptions``, calls ``run_bench``, prints and writes the report,
+then exits non-zero for an artifact that could not be measured (exit 2) or a failed gate (exit 1).
+No framework is imported at module level.
+"""
 
 from __future__ import annotations
 
-from resnet_deploy.errors import ResnetDeployError
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+
+from resnet_deploy.cli_common import DataOption, quiet_frameworks
+
+_PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 
 
-def bench() -> None:
-    """Not built yet (issue #5)."""
-    raise ResnetDeployError("`resnet-deploy bench` is not built yet (issue #5).")
+def bench(
+    artifacts: Annotated[List[Path], typer.Argument(help="Artifacts to bench: .tflite, .onnx (and .keras) files.",
+                                                     show_default=False)],
+    reference: Annotated[Optional[Path], typer.Option(
+        "--reference", help="The float Keras model to compare with. Default: the one named in the artifacts' "
+                            "manifests.", show_default=False)] = None,
+    data: DataOption = None,
+    limit: Annotated[Optional[int], typer.Option(help="Use only the first N test images (quick runs).",
+                                                 show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option(help="Batch size of the accuracy pass.")] = 256,
+    threads: Annotated[Optional[int], typer.Option(help="Threads for every runtime. Default: all usable cores.",
+                                                   show_default=False)] = None,
+    large_batch: Annotated[int, typer.Option(help="The larger batch latency is measured at, besides batch 1.")] = 32,
+    warmup: Annotated[int, typer.Option(help="Untimed runs before timing.")] = 10,
+    runs: Annotated[int, typer.Option(help="Timed runs (at least), per batch size.")] = 50,
+    min_time: Annotated[float, typer.Option(help="Keep timing for at least this many seconds.")] = 0.0,
+    max_time: Annotated[float, typer.Option(help="Stop timing after this many seconds (>= 5 runs).")] = 10.0,
+    accuracy: Annotated[bool, typer.Option("--accuracy/--no-accuracy", help="Run the test-set accuracy pass.")] = True,
+    latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Measure latency and memory.")] = True,
+    isolate: Annotated[bool, typer.Option(
+        "--isolate/--in-process", help="Measure each file in its own child process (per-file peak RSS, crash "
+                                       "isolation) or all in this process.")] = True,
+    baselines: Annotated[bool, typer.Option(
+        "--baselines/--no-baselines", help="Add the FP32 sibling (same folder, same source model) of a quantized "
+                                           "artifact as its speed-up baseline.")] = True,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON "
+                                                                     "(docs/bench-report-schema.md).",
+                                                      show_default=False)] = None,
+    markdown_path: Annotated[Optional[Path], typer.Option("--markdown", help="Write the report as Markdown.",
+                                                          show_default=False)] = None,
+    plot_path: Annotated[Optional[Path], typer.Option("--plot", help="Write accuracy against latency as a PNG.",
+                                                      show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing report files.")] = False,
+    max_drop: Annotated[Optional[float], typer.Option(
+        "--max-drop", help="Gate: fail when an artifact's top-1 falls more than PP percentage points below the "
+                           "float model.", show_default=False)] = None,
+    min_speedup: Annotated[Optional[float], typer.Option(
+        "--min-speedup", help="Gate: fail when a quantized artifact is less than X times as fast (batch 1, p50) "
+                              "as the FP32 artifact of its runtime.", show_default=False)] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap interval.")] = 0,
+) -> None:
+    """Accuracy, latency, memory and size of each artifact beside the float model; CI gates."""
+    from resnet_deploy.bench.options import BenchOptions
+
+    options = BenchOptions(reference=reference, data=data, limit=limit, batch_size=batch_size, threads=threads,
+                           accuracy=accuracy, latency=latency, large_batch=large_batch, warmup=warmup, runs=runs,
+                           min_time_s=min_time, max_time_s=max_time, isolate=isolate, baselines=baselines,
+                           seed=seed, max_drop_pp=max_drop, min_speedup=min_speedup)
+    check_outputs(json_path, markdown_path, plot_path, force, options)
+    quiet_frameworks()
+    from rich.console import Console
+
+    from resnet_deploy.bench.runner import run_bench
+
+    console = Console()
+    with console.status("benchmarking") as status:
+        report = run_bench(artifacts, options, progress=lambda msg: status.update(msg))
+    finish(report, console, json_path, markdown_path, plot_path)
+
+
+def check_outputs(json_path, markdown_path, plot_path, force: bool, options) -> None:
+    """Refuse bad output paths before the (long) run, not after it."""
+    from resnet_deploy.errors import BenchError
+    from resnet_deploy.fileio import check_can_write
+
+    paths = [p for p in (json_path, markdown_path, plot_path) if p is not None]
+    if len({str(Path(p).resolve()) for p in paths}) != len(paths):
+        raise BenchError("Two report options name the same file.", fix="give --json, --markdown and --plot "
+                                                                       "different paths")
+    for p in paths:
+        check_can_write(p, force, "report")
+    if plot_path is not None:
+        if plot_path.suffix.lower() not in _PLOT_SUFFIXES:
+            raise BenchError(f"--plot {plot_path} has no image suffix.", expected=", ".join(_PLOT_SUFFIXES),
+                             fix="e.g. --plot bench.png")
+        if not (options.accuracy and options.latency):
+            raise BenchError("--plot draws accuracy against latency, but one of them is switched off.",
+                             fix="drop --no-accuracy / --no-latency or the --plot option")
+
+
+def finish(report, console, json_path=None, markdown_path=None, plot_path=None) -> None:
+    """Print and write the report, then raise for errors (exit 2) or failed gates (exit 1)."""
+    from resnet_deploy.bench import report as rep
+    from resnet_deploy.bench.gates import gate_error
+    from resnet_deploy.errors import BenchError
+
+    rep.print_report(report, console)
+    for path, write in ((json_path, rep.write_json), (markdown_path, rep.write_markdown), (plot_path, rep.write_plot)):
+        if path is not None:
+            write(report, path)
+            console.print(f"wrote {path}", highlight=False)
+    if report.errors:
+        names = ", ".join(r.label for r in report.errors)
+        gates = f"; gates failed: {', '.join(g['artifact'] + ' ' + g['gate'] for g in report.failed_gates)}" \
+            if report.failed_gates else ""
+        raise BenchError(f"{len(report.errors)} file(s) could not be benchmarked: {names}{gates}.",
+                         expected="every artifact loads and runs",
+                         fix="see the ERROR lines above; the other artifacts' results are in the report")
+    err = gate_error(report)
+    if err is not None:
+        raise err

@@ -1,0 +1,82 @@
+"""Timing and memory: warm-up, then timed runs until a run count and a minimum duration are met
+(bounded by a time budget), summarised as mean/std/min/p50/p90/p99, throughput and a noise flag.
+
+Pure Python + numpy; the engines are reached through a zero-argument callable.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from typing import Callable
+
+import numpy as np
+
+
+def timed_runs(fn: Callable[[], object], warmup: int, runs: int, min_time_s: float = 0.0,
+               max_time_s: float = 10.0, min_runs: int = 5) -> tuple[np.ndarray, int]:
+    """Call ``fn`` ``warmup`` times untimed, then time it until at least ``runs`` calls *and*
+    ``min_time_s`` seconds are done; stop early once ``max_time_s`` is spent and ``min_runs``
+    calls are timed. Warm-up stops after half of ``max_time_s`` (at least one call).
+
+    Returns (seconds per call, warm-up calls made).
+    """
+    clock = time.perf_counter
+    start = clock()
+    done_warmup = 0
+    for _ in range(warmup):
+        fn()
+        done_warmup += 1
+        if clock() - start > max_time_s / 2:
+            break
+    times: list[float] = []
+    start = clock()
+    while True:
+        t0 = time.perf_counter_ns()
+        fn()
+        times.append((time.perf_counter_ns() - t0) / 1e9)
+        elapsed = clock() - start
+        n = len(times)
+        if n >= runs and elapsed >= min_time_s:
+            break
+        if elapsed >= max_time_s and n >= min_runs:
+            break
+    return np.asarray(times, np.float64), done_warmup
+
+
+def summarize(times_s: np.ndarray, batch: int, noisy_cv: float = 0.10) -> dict:
+    """Latency statistics in milliseconds per call, throughput in images per second.
+
+    ``cv`` is the coefficient of variation (std / mean); a run above ``noisy_cv`` is flagged noisy:
+    its figures moved more than the threshold between calls (other load, frequency scaling).
+    """
+    t = np.asarray(times_s, np.float64) * 1e3
+    if t.size == 0:
+        raise ValueError("no timed runs")
+    mean = float(t.mean())
+    std = float(t.std(ddof=1)) if t.size > 1 else 0.0
+    cv = std / mean if mean > 0 else 0.0
+    p50, p90, p99 = (float(v) for v in np.percentile(t, [50, 90, 99]))
+    return {
+        "batch": int(batch), "runs": int(t.size), "mean_ms": mean, "std_ms": std, "min_ms": float(t.min()),
+        "p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "max_ms": float(t.max()),
+        "total_s": float(t.sum() / 1e3),
+        "throughput_ips": batch / (mean / 1e3) if mean > 0 else float("inf"),
+        "cv": cv, "noisy": bool(cv > noisy_cv),
+    }
+
+
+def peak_rss_bytes() -> int:
+    """The peak resident set size of this process so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def current_rss_bytes() -> int:
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except ImportError:  # pragma: no cover - psutil is a dependency
+        return peak_rss_bytes()

@@ -1,0 +1,98 @@
+"""What a bench run measures and how: one frozen, validated configuration (cheap to import)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from resnet_deploy.errors import BenchError
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """Options of ``resnet-deploy bench`` (and of the library entry point ``run_bench``).
+
+    Accuracy: the CIFAR-10 test split (``limit`` first images), predicted in batches of
+    ``batch_size``. Latency: ``warmup`` untimed runs, then timed runs until at least ``runs`` runs
+    *and* ``min_time_s`` seconds are done, stopping early once ``max_time_s`` is spent (but never
+    under ``MIN_TIMED_RUNS`` runs), at batch 1 and at ``large_batch``; ``threads`` for every runtime.
+    """
+
+    reference: Path | None = None  # the float Keras model; default: the artifacts' manifests
+    data: Path | None = None  # CIFAR-10 location (see `resnet-deploy data`)
+    limit: int | None = None  # first N test images; None = the whole test split
+    batch_size: int = 256  # accuracy pass
+    threads: int | None = None  # None = every core this process may use
+    accuracy: bool = True
+    latency: bool = True
+    large_batch: int = 32  # the "larger batch" latency is measured at (besides batch 1)
+    warmup: int = 10
+    runs: int = 50
+    min_time_s: float = 0.0
+    max_time_s: float = 10.0  # per artifact and batch size
+    noisy_cv: float = 0.10  # coefficient of variation above which a timing is flagged noisy
+    isolate: bool = True  # each artifact in its own child process (per-artifact RSS, crash isolation)
+    baselines: bool = True  # add the FP32 sibling of a quantized artifact found next to it
+    bootstrap: int = 2000  # paired bootstrap resamples for the accuracy-change interval
+    confidence: float = 0.95
+    seed: int = 0
+    max_drop_pp: float | None = None  # gate: accuracy change against the float model >= -max_drop_pp
+    min_speedup: float | None = None  # gate: batch-1 speed-up against the same-runtime FP32 artifact
+
+    MIN_TIMED_RUNS = 5
+
+    def __post_init__(self):
+        if self.threads is None:
+            object.__setattr__(self, "threads", _usable_cores())
+        for name in ("reference", "data"):
+            v = getattr(self, name)
+            if v is not None:
+                object.__setattr__(self, name, Path(v))
+        _positive(self, "batch_size", "threads", "large_batch", "runs", "bootstrap")
+        if self.limit is not None and self.limit < 1:
+            raise BenchError(f"--limit must be a positive number of images, got {self.limit}.",
+                             fix="leave it out to use the whole test split")
+        if self.warmup < 0 or self.min_time_s < 0 or self.max_time_s <= 0:
+            raise BenchError(f"Bad timing options: warmup={self.warmup}, min_time={self.min_time_s}, "
+                             f"max_time={self.max_time_s}.",
+                             expected="warmup >= 0, min-time >= 0 and max-time > 0 (seconds)")
+        if not 0 < self.confidence < 1:
+            raise BenchError(f"Confidence {self.confidence} is not a probability.", expected="e.g. 0.95")
+        if not 0 < self.noisy_cv:
+            raise BenchError(f"noisy_cv must be positive, got {self.noisy_cv}.")
+        if self.max_drop_pp is not None and self.max_drop_pp < 0:
+            raise BenchError(f"--max-drop {self.max_drop_pp} is negative.",
+                             expected="the largest accepted accuracy drop in percentage points, e.g. 1.0")
+        if self.min_speedup is not None and self.min_speedup <= 0:
+            raise BenchError(f"--min-speedup {self.min_speedup} is not positive.", expected="a ratio such as 2.0")
+        if self.min_speedup is not None and not self.latency:
+            raise BenchError("--min-speedup needs latency figures, but latency is switched off.",
+                             fix="drop --no-latency or the --min-speedup gate")
+        if self.max_drop_pp is not None and not self.accuracy:
+            raise BenchError("--max-drop needs accuracy figures, but accuracy is switched off.",
+                             fix="drop --no-accuracy or the --max-drop gate")
+
+    @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        return (1,) if self.large_batch == 1 else (1, self.large_batch)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k in ("reference", "data"):
+            d[k] = str(d[k]) if d[k] is not None else None
+        return d
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _positive(opts, *names: str) -> None:
+    for name in names:
+        v = getattr(opts, name)
+        if not isinstance(v, int) or v < 1:
+            raise BenchError(f"{name.replace('_', '-')} must be a positive integer, got {v!r}.")

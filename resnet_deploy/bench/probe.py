@@ -1,0 +1,201 @@
+"""Measure one artifact: load, check its I/O, first inference, latency, peak memory, test-set logits.
+
+``probe`` runs in a fresh child process by default (``multiprocessing`` spawn), so the peak RSS
+is that artifact's alone (runtime import + model + buffers) and a runtime that crashes (a
+segfaulting interpreter on a corrupt file) takes only its own child down. ``probe_in_process``
+does the same work in this process (peak RSS is then the whole process's, flagged as such).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from resnet_deploy.data.constants import IMAGE_SHAPE, NUM_CLASSES
+from resnet_deploy.errors import BenchError, ResnetDeployError
+
+
+@dataclass(frozen=True)
+class ProbeJob:
+    path: Path
+    threads: int
+    batch_sizes: tuple[int, ...]
+    warmup: int
+    runs: int
+    min_time_s: float
+    max_time_s: float
+    min_runs: int
+    noisy_cv: float
+    latency_images: np.ndarray | None  # uint8 NHWC images timed batches are cut from; None: no latency
+    eval_images: np.ndarray | None  # uint8 NHWC test images; None: no accuracy pass
+    eval_batch_size: int = 256
+
+
+def probe(job: ProbeJob, isolate: bool = True) -> dict:
+    """The measurements of one artifact as a dict; failures become ``{"error": {...}}``, never raise."""
+    if not isolate:
+        result = probe_in_process(job)
+        result.setdefault("memory", {})["rss_scope"] = "process shared with the other artifacts of the run"
+        return result
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child_main, args=(job, child), daemon=True)
+    proc.start()
+    child.close()
+    try:
+        result = _receive(parent, proc)
+    finally:
+        parent.close()
+        proc.join(timeout=30)
+        if proc.is_alive():  # sent its result but hangs in interpreter teardown
+            proc.kill()
+            proc.join()
+    return result if result is not None else {"error": _crash_error(job.path, proc.exitcode)}
+
+
+def _receive(conn, proc) -> dict | None:
+    """The child's result, or None when it died without sending one. Polls rather than trusting EOF:
+    a descriptor inherited elsewhere can keep the pipe open after the child is gone."""
+    while True:
+        if conn.poll(0.2):
+            try:
+                return conn.recv()
+            except EOFError:
+                return None
+        if not proc.is_alive():
+            return conn.recv() if conn.poll(0) else None
+
+
+def probe_in_process(job: ProbeJob) -> dict:
+    try:
+        return _measure(job)
+    except ResnetDeployError as exc:
+        return {"error": {"kind": type(exc).__name__, "message": exc.render(), "what": exc.what,
+                          "expected": exc.expected, "fix": exc.fix}}
+    except Exception as exc:  # a runtime failing in a way nobody anticipated: keep the traceback
+        return {"error": {"kind": "unexpected " + type(exc).__name__,
+                          "message": f"{type(exc).__name__} while benchmarking {job.path}: {str(exc)[:500]}",
+                          "traceback": traceback.format_exc(limit=8)}}
+
+
+def _child_main(job: ProbeJob, conn) -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    result = probe_in_process(job)
+    result.setdefault("memory", {})["rss_scope"] = "child process of this artifact alone"
+    conn.send(result)
+    conn.close()
+
+
+def _crash_error(path: Path, exitcode: int | None) -> dict:
+    how = f"exit code {exitcode}"
+    if exitcode is not None and exitcode < 0:
+        try:
+            how = f"signal {signal.Signals(-exitcode).name}"
+        except ValueError:
+            pass
+    return {"kind": "crash", "message": f"The runtime crashed while benchmarking {path} ({how}).",
+            "expected": "a runtime that loads and runs the artifact",
+            "fix": "the file may be corrupt or built for another runtime version; re-export it"}
+
+
+def _measure(job: ProbeJob) -> dict:
+    from resnet_deploy.config import Format
+    from resnet_deploy.runtimes import open_runner, runner_class
+    from resnet_deploy.bench.latency import current_rss_bytes, peak_rss_bytes, summarize, timed_runs
+    from resnet_deploy.data.preprocess import preprocess
+
+    t0 = time.perf_counter()
+    fmt = Format.from_path(job.path)
+    runner_class(fmt)
+    _import_engine(fmt)  # the engine's import is part of what a user pays before the first inference
+    import_s = time.perf_counter() - t0
+    rss_before = current_rss_bytes()
+    out: dict = {"timing": {"import_s": import_s}}
+    t0 = time.perf_counter()
+    with open_runner(job.path, threads=job.threads, batch_size=job.eval_batch_size) as runner:
+        load_s = time.perf_counter() - t0
+        check_io(runner)
+        out["runtime"] = runner.describe()
+        out["preprocessing"] = runner.preprocessing.to_dict()
+        images = job.latency_images if job.latency_images is not None else _random_images(1)
+        x1 = preprocess(images[:1], runner.preprocessing)
+        t1 = time.perf_counter()
+        first = runner.predict_preprocessed(x1)
+        first_s = time.perf_counter() - t1
+        _check_logits(first, 1, job.path)
+        out["timing"].update(load_s=load_s, first_run_s=first_s, first_inference_s=load_s + first_s)
+        if job.latency_images is not None:
+            out["latency"] = {}
+            for bs in job.batch_sizes:
+                if bs > 1 and not runner.supports_batch:
+                    out["latency"][str(bs)] = {"skipped": "the model has a fixed batch size of 1"}
+                    continue
+                x = preprocess(_cycle(job.latency_images, bs), runner.preprocessing)
+                times, warm = timed_runs(lambda: runner.predict_preprocessed(x), job.warmup, job.runs,
+                                         job.min_time_s, job.max_time_s, job.min_runs)
+                out["latency"][str(bs)] = {**summarize(times, bs, job.noisy_cv), "warmup": warm}
+        out["memory"] = {"rss_before_load_bytes": rss_before, "peak_rss_bytes": peak_rss_bytes()}
+        if job.eval_images is not None:
+            t2 = time.perf_counter()
+            logits = runner.predict(job.eval_images, batch_size=job.eval_batch_size)
+            out["timing"]["accuracy_pass_s"] = time.perf_counter() - t2
+            _check_logits(logits, len(job.eval_images), job.path)
+            out["logits"] = logits
+    return out
+
+
+def _import_engine(fmt) -> None:
+    import importlib
+
+    importlib.import_module({"keras": "keras", "tflite": "ai_edge_litert.interpreter", "onnx": "onnxruntime"}[fmt.value])
+
+
+def check_io(runner) -> None:
+    """A clear error for a model that does not take 32x32x3 images and return 10 scores."""
+    in_shape, out_shape = _io_shapes(runner)
+    if in_shape is None:
+        return
+    dims_ok = len(in_shape) == 4 and all(d is None or d == e for d, e in zip(in_shape[1:], IMAGE_SHAPE))
+    out_ok = out_shape is None or (len(out_shape) == 2 and out_shape[-1] in (None, NUM_CLASSES))
+    if not dims_ok or not out_ok:
+        raise BenchError(f"{runner.path} takes input {_fmt(in_shape)} and returns {_fmt(out_shape)}.",
+                         expected=f"a CIFAR-10 classifier: input (N, {', '.join(map(str, IMAGE_SHAPE))}) NHWC, "
+                                  f"output (N, {NUM_CLASSES}) scores",
+                         fix="bench an artifact exported from a CIFAR-10 model (`resnet-deploy export`)")
+
+
+def _io_shapes(runner) -> tuple[tuple | None, tuple | None]:
+    if hasattr(runner, "input_detail"):  # LiteRT
+        return (tuple(int(d) for d in runner.input_detail["shape"]),
+                tuple(int(d) for d in runner.output_detail["shape"]))
+    if hasattr(runner, "session"):  # ONNX Runtime: dynamic dimensions are strings or None
+        dims = lambda shape: tuple(d if isinstance(d, int) else None for d in shape)  # noqa: E731
+        return dims(runner.session.get_inputs()[0].shape), dims(runner.session.get_outputs()[0].shape)
+    return None, None  # Keras: load_model has checked the I/O already
+
+
+def _check_logits(logits: np.ndarray, n: int, path: Path) -> None:
+    if logits.shape != (n, NUM_CLASSES) or not np.all(np.isfinite(logits)):
+        bad = "non-finite values" if logits.shape == (n, NUM_CLASSES) else f"shape {logits.shape}"
+        raise BenchError(f"{path} returned {bad} for {n} images.",
+                         expected=f"({n}, {NUM_CLASSES}) finite logits", fix="re-export the artifact")
+
+
+def _cycle(images: np.ndarray, n: int) -> np.ndarray:
+    reps = -(-n // len(images))
+    return np.concatenate([images] * reps)[:n] if reps > 1 else images[:n]
+
+
+def _random_images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, *IMAGE_SHAPE), dtype=np.uint8)
+
+
+def _fmt(shape) -> str:
+    return "(" + ", ".join("N" if d is None else str(d) for d in shape) + ")" if shape is not None else "?"

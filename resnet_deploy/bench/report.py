@@ -1,0 +1,234 @@
+"""Writers of a ``BenchReport``: the terminal tables (rich), JSON, Markdown and the accuracy-against-
+latency plot (matplotlib, Agg backend). Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from resnet_deploy.bench.results import ArtifactResult, BenchReport
+from resnet_deploy.data.constants import CLASS_NAMES
+from resnet_deploy.fileio import atomic_path, write_json_atomic
+
+# Headers kept short so that both tables fit an 80-column CI log; the Markdown legend spells them out.
+ACCURACY_COLUMNS = ("artifact", "runtime", "prec", "top-1 %", "Δ top-1 pp [95% CI]", "McNemar p", "agree %",
+                    "max |Δlogit|")
+COST_COLUMNS = ("artifact", "p50 ms", "p99 ms", "img/s b{B}", "× FP32", "× Keras", "size", "size ÷", "peak RSS",
+                "1st inf ms")
+LEGEND = ("p50/p99 ms: batch-1 latency percentiles; img/s b{B}: throughput at batch {B}; × FP32: batch-1 p50 "
+          "speed-up against the FP32 artifact of the same runtime measured in the same run; × Keras: the same "
+          "against the Keras float model; size ÷: the Keras file's size divided by the artifact's; peak RSS: "
+          "peak resident memory of the process that measured the file; 1st inf ms: load + first batch-1 run; "
+          "⚠: noisy timing (coefficient of variation above the threshold).")
+
+
+# Cells ------------------------------------------------------------------------------------------
+def accuracy_row(r: ArtifactResult) -> list[str]:
+    if not r.ok:
+        return [_label(r), _runtime(r), r.precision, "error", "", "", "", ""]
+    a, v = r.accuracy or {}, r.vs_float or {}
+    top1 = f"{100 * a['top1']:.2f}" if a else "–"
+    if "change_pp" in v:
+        lo, hi = v["change_interval_pp"]
+        change = f"{v['change_pp']:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+        mc, agree = f"{v['mcnemar_p']:.2g} ({v['losses']}↓{v['gains']}↑)", f"{100 * v['agreement']:.2f}"
+        err = f"{v['logit_error']['max_abs']:.3g}"
+    else:
+        change = mc = agree = err = "–" if r.role != "reference" else "ref"
+    return [_label(r), _runtime(r), r.precision, top1, change, mc, agree, err]
+
+
+def cost_row(r: ArtifactResult, large: int) -> list[str]:
+    if not r.ok:
+        return [_label(r), "error"] + [""] * (len(COST_COLUMNS) - 2)
+    b1 = r.latency.get("1") or {}
+    bn = r.latency.get(str(large)) or {}
+    base = r.vs_baseline
+    vs_base = "base" if r.format != "keras" and r.precision == "fp32" else \
+        (_x((base.get('speedup') or {}).get('1')) if base else "–")
+    if r.role == "reference":
+        vs_base = "ref"
+    vf = r.vs_float or {}
+    return [
+        _label(r),
+        _ms(b1.get("p50_ms")) + (" ⚠" if b1.get("noisy") else ""),
+        _ms(b1.get("p99_ms")),
+        f"{bn['throughput_ips']:.0f}" + (" ⚠" if bn.get("noisy") else "") if "throughput_ips" in bn else "–",
+        vs_base,
+        _x((vf.get("speedup") or {}).get("1")) if r.role != "reference" else "1.00x",
+        _bytes(r.size_bytes),
+        _x(vf.get("size_reduction")) if r.role != "reference" else "1.00x",
+        _bytes(r.memory.get("peak_rss_bytes")),
+        _ms(1e3 * r.timing["first_inference_s"]) if "first_inference_s" in r.timing else "–",  # load + 1st run
+    ]
+
+
+# Terminal ---------------------------------------------------------------------------------------
+def print_report(report: BenchReport, console=None) -> None:
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    large = report.options.get("large_batch", 32)
+    tables = []
+    if report.options.get("accuracy"):
+        tables.append((f"Accuracy on {report.data.get('images', 0):,} CIFAR-10 test images, against the Keras "
+                       "float model", ACCURACY_COLUMNS, [accuracy_row(r) for r in report.results]))
+    if report.options.get("latency"):
+        tables.append((f"Latency and cost, {report.options.get('threads')} threads", COST_COLUMNS,
+                       [cost_row(r, large) for r in report.results]))
+    for title, cols, rows in tables:
+        # A narrow console (an 80-column CI log) gets each table in two halves, the artifact repeated.
+        n = len(cols)
+        groups = [list(range(n))] if console.width >= 120 else [list(range(n // 2 + 1)), [0, *range(n // 2 + 1, n)]]
+        width = min(30, max(len(row[0]) for row in rows))
+        for k, group in enumerate(groups):
+            t = Table(title=title if k == 0 else None, box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+            for i in group:
+                left = i == 0 or (cols is ACCURACY_COLUMNS and i < 3)
+                t.add_column(cols[i].format(B=large), justify="left" if left else "right",
+                             min_width=width if i == 0 else None, overflow="fold")
+            for row in rows:
+                t.add_row(*(row[i] for i in group))
+            console.print(t)
+    if report.options.get("latency"):
+        console.print(LEGEND.format(B=large), style="dim", highlight=False, markup=False)
+    for line in notes(report):
+        console.print(line, highlight=False, markup=False)
+
+
+def notes(report: BenchReport) -> list[str]:
+    m = report.machine
+    lines = [f"machine: {m.get('cpu')}, {m.get('cpu_count')} cores, flags: {' '.join(m.get('cpu_flags') or []) or '-'}",
+             "versions: " + ", ".join(f"{k} {v}" for k, v in report.libraries.items())]
+    lines += [f"reference: {n}" for n in report.reference.get("notes", [])]
+    for r in report.results:
+        lines += [f"{r.label}: {n}" for n in r.notes]
+        if r.role == "baseline":
+            lines.append(f"{r.label}: not named on the command line; measured as the FP32 baseline")
+    lines += [f"ERROR {r.label}: {r.error['message']}" for r in report.errors]
+    lines += [f"gate {'passed' if g['passed'] else 'FAILED'}: {g['message']}" for g in report.gates]
+    return lines
+
+
+# Files ------------------------------------------------------------------------------------------
+def write_json(report: BenchReport, path: str | os.PathLike) -> Path:
+    write_json_atomic(path, report.to_dict())
+    return Path(path)
+
+
+def write_markdown(report: BenchReport, path: str | os.PathLike) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(markdown(report))
+    return Path(path)
+
+
+def markdown(report: BenchReport) -> str:
+    large = report.options.get("large_batch", 32)
+    out = [f"# resnet-deploy bench report", "",
+           f"{report.created}; {report.data.get('images', 0):,} images of the CIFAR-10 {report.data.get('split') or '-'} "
+           f"split ({report.data.get('source', '-')}); float reference: {report.reference.get('label') or 'none'}.", ""]
+    if report.options.get("accuracy"):
+        out += ["## Accuracy", "", _md_table(ACCURACY_COLUMNS, [accuracy_row(r) for r in report.results]), ""]
+        out += ["Intervals: top-1 Wilson 95%; change: paired bootstrap percentile interval; McNemar: exact "
+                "two-sided p on the images where exactly one model is right (↓ lost, ↑ gained).", ""]
+        out += ["### Per-class accuracy (%)", "", _md_table(("class",) + tuple(r.label for r in report.results if r.accuracy),
+                                                             _per_class_rows(report)), ""]
+    if report.options.get("latency"):
+        out += ["## Latency and cost", "",
+                _md_table(tuple(c.format(B=large) for c in COST_COLUMNS), [cost_row(r, large) for r in report.results]),
+                "", LEGEND.format(B=large), "", _latency_detail(report), ""]
+    out += ["## Notes", ""] + [f"- {n}" for n in notes(report)] + [""]
+    return "\n".join(out)
+
+
+def _latency_detail(report: BenchReport) -> str:
+    rows = []
+    for r in report.results:
+        for bs, s in r.latency.items():
+            if "mean_ms" in s:
+                rows.append([r.label, bs, str(s["runs"]), *(f"{s[k]:.3f}" for k in
+                             ("mean_ms", "std_ms", "min_ms", "p50_ms", "p90_ms", "p99_ms")),
+                             f"{s['throughput_ips']:,.1f}", f"{s['cv']:.3f}" + (" noisy" if s["noisy"] else "")])
+    cols = ("artifact", "batch", "runs", "mean ms", "std ms", "min ms", "p50 ms", "p90 ms", "p99 ms", "img/s", "cv")
+    return _md_table(cols, rows)
+
+
+def _per_class_rows(report: BenchReport) -> list[list[str]]:
+    rs = [r for r in report.results if r.accuracy]
+    return [[name] + [_pct(r.accuracy["per_class"][i]) for r in rs] for i, name in enumerate(CLASS_NAMES)]
+
+
+def write_plot(report: BenchReport, path: str | os.PathLike) -> Path:
+    """Top-1 accuracy against batch-1 p50 latency, one labelled point per measured file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [(r.p50_ms(1), 100 * r.accuracy["top1"], r) for r in report.results
+           if r.ok and r.accuracy and r.p50_ms(1) is not None]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    markers = {"keras": "s", "tflite": "o", "onnx": "^"}
+    for i, (x, y, r) in enumerate(sorted(pts, key=lambda p: (p[1], p[0]))):
+        ax.scatter([x], [y], marker=markers.get(r.format, "o"), s=60, zorder=3)
+        # Staggered offsets keep the labels of points with equal accuracy apart.
+        ax.annotate(_label(r), (x, y), textcoords="offset points", xytext=(6, 6 + 11 * (i % 4)), fontsize=8,
+                    arrowprops={"arrowstyle": "-", "alpha": 0.4, "lw": 0.6})
+    ax.margins(x=0.15, y=0.25)
+    if not pts:
+        ax.text(0.5, 0.5, "no file has both accuracy and latency", ha="center", va="center", transform=ax.transAxes)
+    elif max(p[0] for p in pts) / max(min(p[0] for p in pts), 1e-9) > 20:
+        ax.set_xscale("log")
+    ax.set_xlabel(f"latency, batch 1, p50 (ms, {report.options.get('threads')} threads)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(f"Accuracy vs latency — {report.machine.get('cpu', '')}", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    suffix = Path(path).suffix or ".png"
+    with atomic_path(path, suffix=".tmp" + suffix) as tmp:
+        fig.savefig(tmp, format=suffix.lstrip("."))
+    plt.close(fig)
+    return Path(path)
+
+
+# Formatting ---------------------------------------------------------------------------------------
+def _md_table(cols, rows) -> str:
+    esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(map(esc, cols)) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
+    return "\n".join(lines + ["| " + " | ".join(map(esc, r)) + " |" for r in rows])
+
+
+def _label(r: ArtifactResult) -> str:
+    return r.label + {"reference": " (float)", "baseline": " (base)"}.get(r.role, "")
+
+
+def _runtime(r: ArtifactResult) -> str:
+    return (r.runtime or {}).get("runtime") or {"keras": "keras", "tflite": "litert", "onnx": "onnxruntime"}.get(
+        r.format or "", "?")
+
+
+def _ms(v) -> str:
+    if v is None:
+        return "–"
+    return f"{v:.3f}" if v < 1 else f"{v:.2f}" if v < 100 else f"{v:,.0f}"
+
+
+def _x(v) -> str:
+    return "–" if v is None else f"{v:.2f}x"
+
+
+def _pct(v) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
+
+
+def _bytes(n) -> str:
+    if n is None:
+        return "–"
+    for unit, k in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
+        if n >= k:
+            return f"{n / k:.1f} {unit}"
+    return f"{n} B"

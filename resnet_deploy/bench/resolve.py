@@ -1,0 +1,157 @@
+"""Which files a bench run measures: the artifacts given, their float reference (from the
+manifests or ``--reference``), and the FP32 sibling each quantized artifact is compared with.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from resnet_deploy.artifact import Manifest, read_manifest
+from resnet_deploy.config import Format, Precision
+from resnet_deploy.errors import BenchError, ResnetDeployError
+
+NO_MANIFEST_DEFAULTS = ("no manifest: benched with the defaults — preprocessing = raw RGB pixels 0..255 "
+                        "(the resnet-deploy model convention), CIFAR-10 class order, precision unknown, "
+                        "integer I/O quantization read from the model itself")
+
+
+@dataclass
+class Entry:
+    """One file to measure and what is known about it before measuring."""
+
+    path: Path
+    role: str  # "reference" | "artifact" | "baseline" (an FP32 sibling added for fair ratios)
+    format: str | None = None
+    precision: str = "unknown"
+    manifest: Manifest | None = None
+    notes: list[str] = field(default_factory=list)
+    error: dict | None = None  # set when the file cannot even be identified
+    label: str = ""
+
+    @property
+    def source_sha256(self) -> str | None:
+        src = self.manifest.source_model if self.manifest else None
+        return (src or {}).get("sha256")
+
+
+def identify(path: str | os.PathLike, role: str) -> Entry:
+    """An Entry for ``path``: its format and, from its manifest, precision; errors are recorded, not raised."""
+    p = Path(path)
+    e = Entry(path=p, role=role)
+    try:
+        if not p.exists():
+            raise BenchError(f"{p} does not exist.", fix="check the path (export writes artifacts/<name>.tflite)")
+        e.format = Format.from_path(p).value
+        if e.format == Format.KERAS.value:
+            e.precision = Precision.FP32.value
+            return e
+        e.manifest = read_manifest(p)
+    except ResnetDeployError as exc:
+        e.error = error_dict(exc)
+        return e
+    if e.manifest is None:
+        e.notes.append(NO_MANIFEST_DEFAULTS)
+    else:
+        e.precision = e.manifest.precision
+    return e
+
+
+def error_dict(exc: ResnetDeployError) -> dict:
+    return {"kind": type(exc).__name__, "message": exc.render(), "what": exc.what, "expected": exc.expected,
+            "fix": exc.fix}
+
+
+def reference_from_manifest(entry: Entry) -> Path | None:
+    """The float model an artifact was exported from: ``source_model.path`` relative to the manifest's
+    folder, or absolute."""
+    src = entry.manifest.source_model if entry.manifest else None
+    if not src or not src.get("path"):
+        return None
+    p = Path(src["path"]).expanduser()
+    return p if p.is_absolute() else (entry.path.parent / p)
+
+
+def resolve_reference(entries: list[Entry], given: Path | None) -> tuple[Path | None, list[str]]:
+    """The float Keras model of the run and notes on how it was found (or why there is none)."""
+    if given is not None:
+        if Format.from_path(given) is not Format.KERAS:
+            raise BenchError(f"--reference {given} is not a Keras model.",
+                             expected="the float model as .keras/.h5 or a SavedModel folder",
+                             fix="pass the model.keras the artifacts were exported from")
+        if not given.exists():
+            raise BenchError(f"--reference {given} does not exist.", fix="check the path")
+        return given, ["float reference given with --reference"]
+    keras_inputs = [e.path for e in entries if e.format == Format.KERAS.value and e.error is None]
+    found = {}
+    for e in entries:
+        ref = reference_from_manifest(e)
+        if ref is not None:
+            found.setdefault(_key(ref), (ref, e.path))
+    if len(found) > 1:
+        listed = "; ".join(f"{a} (from {b.name})" for a, b in found.values())
+        raise BenchError(f"The artifacts come from different float models: {listed}.",
+                         expected="artifacts exported from one float model per bench run",
+                         fix="bench each model's artifacts separately, or pick one with --reference")
+    if found:
+        ref, via = next(iter(found.values()))
+        if not ref.exists():
+            return None, [f"the float model recorded in {via.name}'s manifest ({ref}) was not found: no accuracy "
+                          "change, agreement or float figures; pass --reference MODEL"]
+        return ref, [f"float reference found through the manifest of {via.name}"]
+    if len(keras_inputs) == 1:
+        return keras_inputs[0], ["the Keras model among the inputs is the float reference"]
+    return None, ["no float reference: no manifest names one and --reference was not given, so the report "
+                  "has no accuracy change, agreement or float figures"]
+
+
+def add_baselines(entries: list[Entry], search_folders: bool) -> list[Entry]:
+    """For each quantized artifact, the FP32 artifact of the same format it is compared with: one among
+    the inputs, else (``search_folders``) an FP32 sibling in its folder whose manifest names the
+    same source model. Returns the entries added."""
+    added: list[Entry] = []
+    for e in list(entries):
+        if e.role != "artifact" or e.error or e.format in (None, Format.KERAS.value) or e.precision == "fp32":
+            continue
+        if find_baseline(e, entries + added) is not None or not search_folders or e.source_sha256 is None:
+            continue
+        for cand in sorted(e.path.parent.glob(f"*.{e.format}")):
+            m = _quiet_manifest(cand)
+            if m and m.precision == "fp32" and m.format == e.format and (m.source_model or {}).get("sha256") == \
+                    e.source_sha256:
+                b = identify(cand, "baseline")
+                b.notes.append(f"added as the FP32 baseline of {e.path.name} (same source model, same runtime)")
+                added.append(b)
+                break
+    return added
+
+
+def find_baseline(e: Entry, entries: list[Entry]) -> Entry | None:
+    """The FP32 entry of the same format (preferring one from the same source model)."""
+    if e.format in (None, Format.KERAS.value) or e.precision == "fp32":
+        return None
+    same = [b for b in entries if b is not e and b.error is None and b.format == e.format and b.precision == "fp32"
+            and b.role != "reference"]
+    matching = [b for b in same if e.source_sha256 and b.source_sha256 == e.source_sha256]
+    return (matching or same or [None])[0]
+
+
+def assign_labels(entries: list[Entry]) -> None:
+    names = [e.path.name for e in entries]
+    for e in entries:
+        e.label = e.path.name if names.count(e.path.name) == 1 else str(e.path)
+
+
+def _quiet_manifest(path: Path) -> Manifest | None:
+    try:
+        return read_manifest(path)
+    except ResnetDeployError:
+        return None
+
+
+def _key(p: Path) -> str:
+    try:
+        return str(p.resolve())
+    except OSError:
+        return str(p)
