@@ -1,0 +1,148 @@
+"""`resnet-deploy bench` end to end on a tiny exported ResNet: real converters, real runtimes, real
+CIFAR-10 images (300 test images from the shared copy; skipped where it is absent)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from resnet_deploy.bench.options import BenchOptions
+from resnet_deploy.bench.resolve import NO_MANIFEST_DEFAULTS
+from resnet_deploy.bench.runner import run_bench
+from resnet_deploy.cli import app
+
+# Quick timing settings: these tests check what is measured and reported, not how fast anything is.
+QUICK = dict(warmup=1, runs=5, max_time_s=0.5, large_batch=8, bootstrap=200)
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, tiny_model_path, small_npz_dir) -> dict[str, Path]:
+    """One tiny export through the real pipeline: TFLite FP32 and INT8 (int8 I/O), ONNX FP32 and INT8."""
+    from resnet_deploy.converters.options import ExportOptions
+    from resnet_deploy.converters.pipeline import export_model
+
+    d = tmp_path_factory.mktemp("bench_export")
+    model = d / "model.keras"
+    shutil.copy(tiny_model_path, model)
+    shutil.copy(str(tiny_model_path) + ".json", str(model) + ".json")
+    arts = export_model(model, ExportOptions(int8=True, int8_io=True, calib_samples=50, validate_samples=64),
+                        data=small_npz_dir)
+    out = {f"{a.format}_{a.precision}": a.path for a in arts}
+    out["model"] = model
+    return out
+
+
+@pytest.fixture(scope="session")
+def test_split(cifar):
+    return cifar.test.take(300)
+
+
+def test_quantized_artifact_alone_finds_its_reference_and_fp32_baseline(exported, test_split):
+    report = run_bench([exported["tflite_int8"]], BenchOptions(isolate=False, threads=1, **QUICK), data=test_split)
+    assert report.ok, report.to_dict()["errors"]
+    roles = {r.label: r.role for r in report.results}
+    assert roles == {"model.keras": "reference", "model_int8.tflite": "artifact", "model_fp32.tflite": "baseline"}
+    assert "manifest of model_int8.tflite" in report.reference["notes"][0]
+    ref, q = report.result("model.keras"), report.result("model_int8.tflite")
+    # Int8 I/O handled by the runtime: the artifact is fed the same images and tracks the float model.
+    assert q.runtime["input_dtype"] == "int8" and q.precision == "int8"
+    assert q.vs_float["agreement"] > 0.8
+    assert q.vs_float["logit_error"]["relative_mean_abs"] < 0.2
+    np.testing.assert_allclose(q.accuracy["top1"], acc_of(q.logits, test_split.y))
+    assert q.vs_float["change_pp"] == pytest.approx(100 * (q.accuracy["top1"] - ref.accuracy["top1"]))
+    assert sum(map(sum, q.accuracy["confusion_matrix"])) == 300
+    # Fair ratios: against the TFLite FP32 artifact of the same run, and the Keras figure beside it.
+    assert q.vs_baseline["label"] == "model_fp32.tflite"
+    for key in ("1", "8"):
+        assert q.vs_baseline["speedup"][key] > 0 and q.vs_float["speedup"][key] > 0
+        stats = q.latency[key]
+        assert stats["min_ms"] <= stats["p50_ms"] <= stats["p90_ms"] <= stats["p99_ms"] <= stats["max_ms"]
+    assert q.vs_baseline["size_reduction"] > 1.3  # int8 weights
+    assert q.timing["first_inference_s"] > 0 and q.memory["peak_rss_bytes"] > 0
+    assert "shared" in q.memory["rss_scope"]
+
+
+def acc_of(logits, y):
+    return float(np.mean(np.argmax(logits, 1) == y))
+
+
+def test_missing_manifest_benches_with_stated_defaults(exported, test_split, tmp_path):
+    bare = tmp_path / "bare.onnx"
+    shutil.copy(exported["onnx_fp32"], bare)  # no bare.onnx.json
+    report = run_bench([bare], BenchOptions(isolate=False, threads=1, latency=False, **QUICK), data=test_split)
+    r = report.result("bare.onnx")
+    assert r.ok and not r.has_manifest and r.precision == "unknown"
+    assert NO_MANIFEST_DEFAULTS in r.notes
+    assert r.accuracy["images"] == 300 and r.vs_float is None  # nothing to compare with
+    assert report.reference["label"] is None and "no float reference" in report.reference["notes"][0]
+    with_ref = run_bench([bare], BenchOptions(reference=exported["model"], isolate=False, threads=1, latency=False,
+                                              **QUICK), data=test_split)
+    assert with_ref.result("bare.onnx").vs_float["agreement"] > 0.99  # FP32 ONNX = the float model
+
+
+def test_corrupt_and_wrong_shape_artifacts_fail_alone_in_child_processes(exported, test_split, tmp_path):
+    import tensorflow as tf
+
+    corrupt = tmp_path / "corrupt.tflite"
+    corrupt.write_bytes(exported["tflite_fp32"].read_bytes()[:1000])  # truncated flatbuffer
+    mnist = tf.keras.Sequential([tf.keras.Input((28, 28, 1)), tf.keras.layers.Flatten(), tf.keras.layers.Dense(10)])
+    wrong = tmp_path / "mnist.tflite"
+    wrong.write_bytes(tf.lite.TFLiteConverter.from_keras_model(mnist).convert())
+    report = run_bench([corrupt, wrong, exported["onnx_int8"], tmp_path / "missing.onnx"],
+                       BenchOptions(reference=exported["model"], threads=1, **QUICK), data=test_split)
+    errs = {r.label: r.error["message"] for r in report.errors}
+    assert set(errs) == {"corrupt.tflite", "mnist.tflite", "missing.onnx"}
+    assert "cannot load" in errs["corrupt.tflite"]
+    assert "28, 28, 1)" in errs["mnist.tflite"] and "(N, 32, 32, 3)" in errs["mnist.tflite"]
+    assert "does not exist" in errs["missing.onnx"]
+    good = report.result("model_int8.onnx")
+    assert good.ok and good.vs_float["agreement"] > 0.8 and good.latency["1"]["runs"] >= 5
+    assert good.memory["rss_scope"].startswith("child process")
+    # the ONNX FP32 sibling was found next to it and measured as its baseline
+    assert good.vs_baseline["label"] == "model_fp32.onnx"
+    assert not report.ok
+
+
+def test_child_that_dies_without_a_result_is_reported_as_a_crash():
+    import multiprocessing as mp
+    import os
+
+    from resnet_deploy.bench.probe import _crash_error, _receive
+
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=os._exit, args=(3,))
+    proc.start()
+    child.close()
+    assert _receive(parent, proc) is None
+    proc.join()
+    assert "exit code 3" in _crash_error(Path("x.tflite"), proc.exitcode)["message"]
+    assert "SIGSEGV" in _crash_error(Path("x.tflite"), -11)["message"]
+
+
+def test_cli_writes_table_json_markdown_plot_and_fails_gates(exported, small_npz_dir, tmp_path):
+    out = {k: tmp_path / f"bench.{k}" for k in ("json", "md", "png")}
+    args = ["bench", str(exported["tflite_int8"]), str(exported["onnx_int8"]), "--data", str(small_npz_dir),
+            "--limit", "200", "--threads", "1", "--runs", "5", "--warmup", "1", "--max-time", "0.5",
+            "--large-batch", "8", "--in-process", "--json", str(out["json"]), "--markdown", str(out["md"]),
+            "--plot", str(out["png"]), "--max-drop", "50", "--min-speedup", "1000"]
+    res = CliRunner().invoke(app, args, terminal_width=160)
+    assert res.exit_code == 1, res.output
+    assert "min-speedup" in res.output and "model_int8.tflite" in res.output and "1000x" in res.output
+    assert "Latency and cost" in res.output and "model_fp32.onnx (base)" in res.output
+    doc = json.loads(out["json"].read_text())
+    assert doc["schema_version"] == 1 and doc["data"]["images"] == 200 and doc["ok"] is False
+    assert {g["gate"] for g in doc["gates"] if not g["passed"]} == {"min-speedup"}
+    assert {r["role"] for r in doc["results"]} == {"reference", "artifact", "baseline"}
+    assert doc["machine"]["cpu"] and "onnxruntime" in doc["libraries"]
+    assert "| model_int8.tflite |" in out["md"].read_text()
+    assert out["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Existing reports are refused before any measuring, and nothing is overwritten.
+    before = out["json"].read_bytes()
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2 and "already exists" in res.output and out["json"].read_bytes() == before

@@ -1,0 +1,178 @@
+"""Bench statistics, timing summaries, options and gates: known inputs, known answers (no models)."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+
+from resnet_deploy.bench import accuracy as acc
+from resnet_deploy.bench.gates import evaluate_gates, gate_error
+from resnet_deploy.bench.latency import summarize, timed_runs
+from resnet_deploy.bench.options import BenchOptions
+from resnet_deploy.bench.results import ArtifactResult, BenchReport
+from resnet_deploy.errors import BenchError, GateError
+
+
+# Accuracy ---------------------------------------------------------------------------------------
+def test_top1_confusion_per_class_and_agreement():
+    y = np.array([0, 0, 1, 1, 2, 2])
+    pred = np.array([0, 1, 1, 1, 0, 2])
+    assert acc.top1(pred, y) == pytest.approx(4 / 6)
+    cm = acc.confusion_matrix(y, pred, 4)
+    np.testing.assert_array_equal(cm, [[1, 1, 0, 0], [0, 2, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]])
+    pc = acc.per_class_accuracy(cm)
+    np.testing.assert_allclose(pc[:3], [0.5, 1.0, 0.5])
+    assert math.isnan(pc[3])  # a class with no images has no accuracy, not 0
+    assert acc.agreement(pred, np.array([0, 1, 1, 0, 0, 0])) == pytest.approx(4 / 6)
+    logits = np.eye(3)[pred]
+    np.testing.assert_array_equal(acc.predictions(logits), pred)
+    with pytest.raises(ValueError, match="lengths differ"):
+        acc.top1(pred, y[:3])
+
+
+def test_mcnemar_exact_against_hand_computed_values():
+    # 1 loss, 9 gains: P(X <= 1 | n=10) = (1 + 10) / 1024, two-sided doubles it.
+    assert acc.mcnemar_exact(1, 9) == pytest.approx(22 / 1024, abs=0)
+    assert acc.mcnemar_exact(9, 1) == acc.mcnemar_exact(1, 9)  # symmetric
+    # 0 vs 5: 2 * (1/32)
+    assert acc.mcnemar_exact(0, 5) == pytest.approx(2 / 32)
+    # balanced discordance is no evidence: p capped at 1
+    assert acc.mcnemar_exact(3, 3) == 1.0 and acc.mcnemar_exact(0, 0) == 1.0
+    # 2 vs 6: 2 * (1 + 8 + 28) / 256 = 74/256
+    assert acc.mcnemar_exact(2, 6) == pytest.approx(74 / 256)
+    # large counts stay exact and finite (no float overflow of C(n, k))
+    p = acc.mcnemar_exact(4000, 4300)
+    assert 0 < p < 0.05
+
+
+def test_wilson_interval_known_values():
+    lo, hi = acc.wilson_interval(80, 100, 0.95)
+    assert lo == pytest.approx(0.7112, abs=1e-4) and hi == pytest.approx(0.8666, abs=1e-4)
+    lo, hi = acc.wilson_interval(0, 10)
+    assert lo == pytest.approx(0.0, abs=1e-12) and hi == pytest.approx(0.2775, abs=1e-4)
+
+
+def test_paired_bootstrap_change_is_centered_and_zero_without_flips():
+    rng = np.random.default_rng(0)
+    ref = rng.random(2000) < 0.9
+    assert acc.paired_bootstrap_change(ref, ref) == (0.0, 0.0, 0.0)
+    art = ref.copy()
+    flip = np.flatnonzero(ref)[:40]  # 40 losses, no gains: -2.0 pp exactly
+    art[flip] = False
+    delta, lo, hi = acc.paired_bootstrap_change(art, ref, n_boot=4000, seed=1)
+    assert delta == pytest.approx(-2.0)
+    assert lo < delta < hi <= 0 < -lo
+    # The multinomial shortcut is the index bootstrap: compare its spread with a direct resampling.
+    idx = rng.integers(0, len(ref), (1000, len(ref)))
+    direct = 100 * (art[idx].mean(axis=1) - ref[idx].mean(axis=1))
+    assert (hi - lo) == pytest.approx(np.quantile(direct, 0.975) - np.quantile(direct, 0.025), rel=0.15)
+    # Same seed, same interval.
+    assert acc.paired_bootstrap_change(art, ref, 500, seed=3) == acc.paired_bootstrap_change(art, ref, 500, seed=3)
+
+
+def test_logit_error_known_answers():
+    ref = np.array([[1.0, 0.0], [0.0, 2.0]])
+    got = np.array([[1.5, 0.0], [0.0, 1.0]])
+    e = acc.logit_error(got, ref)
+    assert e["max_abs"] == pytest.approx(1.0)
+    assert e["mean_abs"] == pytest.approx(0.375)
+    assert e["rmse"] == pytest.approx(math.sqrt((0.25 + 1.0) / 4))
+    assert e["relative_mean_abs"] == pytest.approx(0.375 / 0.75)
+    assert e["cosine_mean"] == pytest.approx(1.0)  # same directions, different lengths
+    same = acc.logit_error(ref, ref)
+    assert same["max_abs"] == 0 and same["cosine_min"] == pytest.approx(1.0)
+
+
+def test_compare_with_reference_counts_gains_losses_and_flips():
+    y = np.array([0, 1, 2, 0, 1])
+    ref = np.eye(3)[[0, 1, 2, 1, 2]]  # right on 0, 1, 2
+    art = np.eye(3)[[0, 2, 2, 0, 2]]  # loses image 1, gains image 3
+    c = acc.compare_with_reference(art, ref, y, n_boot=200)
+    assert (c["losses"], c["gains"], c["flips"]) == (1, 1, 2)
+    assert c["change_pp"] == 0.0 and c["mcnemar_p"] == 1.0
+    assert c["agreement"] == pytest.approx(3 / 5)
+    s = acc.accuracy_summary(art, y, 3)
+    assert s["correct"] == 3 and s["top1"] == pytest.approx(0.6) and s["per_class"] == [1.0, 0.0, 1.0]
+
+
+# Latency ---------------------------------------------------------------------------------------
+def test_summarize_known_times():
+    s = summarize(np.array([0.001, 0.002, 0.003, 0.004]), batch=8, noisy_cv=0.1)
+    assert s["mean_ms"] == pytest.approx(2.5) and s["min_ms"] == pytest.approx(1.0)
+    assert s["std_ms"] == pytest.approx(np.std([1, 2, 3, 4], ddof=1))
+    assert s["p50_ms"] == pytest.approx(2.5) and s["p90_ms"] == pytest.approx(3.7)
+    assert s["throughput_ips"] == pytest.approx(8 / 0.0025)
+    assert s["cv"] == pytest.approx(s["std_ms"] / 2.5) and s["noisy"] is True
+    steady = summarize(np.full(10, 0.002), batch=1)
+    assert steady["cv"] == 0 and steady["noisy"] is False
+    with pytest.raises(ValueError):
+        summarize(np.array([]), 1)
+
+
+def test_timed_runs_respects_runs_min_time_and_budget():
+    calls = []
+    times, warm = timed_runs(lambda: calls.append(1), warmup=3, runs=7)
+    assert warm == 3 and len(times) == 7 and len(calls) == 10
+    t0 = time.perf_counter()
+    times, _ = timed_runs(lambda: None, warmup=0, runs=1, min_time_s=0.05)
+    assert time.perf_counter() - t0 >= 0.05 and len(times) > 1  # min duration beats the run count
+    times, _ = timed_runs(lambda: time.sleep(0.01), warmup=0, runs=10_000, max_time_s=0.05, min_runs=3)
+    assert 3 <= len(times) < 20  # the budget stops a long count, never under min_runs
+    assert np.all(times >= 0.009)
+
+
+# Options ---------------------------------------------------------------------------------------
+def test_options_validate_and_resolve_threads():
+    o = BenchOptions(reference="m.keras")
+    assert o.threads >= 1 and o.batch_sizes == (1, 32) and str(o.reference) == "m.keras"
+    assert BenchOptions(large_batch=1).batch_sizes == (1,)
+    for bad in ({"limit": 0}, {"runs": 0}, {"threads": 0}, {"max_time_s": 0}, {"confidence": 1.5},
+                {"max_drop_pp": -1}, {"min_speedup": 0}, {"min_speedup": 2, "latency": False},
+                {"max_drop_pp": 1, "accuracy": False}):
+        with pytest.raises(BenchError):
+            BenchOptions(**bad)
+    assert BenchOptions().to_dict()["reference"] is None
+
+
+# Gates -----------------------------------------------------------------------------------------
+def _result(label, precision="int8", change=None, speedup=None, role="artifact", fmt="tflite", error=None):
+    r = ArtifactResult(label=label, path=label, role=role, format=fmt, precision=precision, error=error)
+    if change is not None:
+        r.vs_float = {"change_pp": change, "change_interval_pp": [change - 0.5, change + 0.5]}
+    if speedup is not None:
+        r.vs_baseline = {"label": "m_fp32.tflite", "speedup": {"1": speedup}}
+    return r
+
+
+def _report(results):
+    return BenchReport(machine={}, libraries={}, options={}, data={}, reference={}, results=results)
+
+
+def test_max_drop_gate_names_the_artifact_and_figure():
+    rep = _report([_result("ok.tflite", change=-0.4), _result("bad.tflite", change=-1.6),
+                   _result("ref.keras", "fp32", role="reference", fmt="keras"),
+                   _result("noref.tflite"), _result("broken.tflite", error={"message": "x"})])
+    rep.gates = evaluate_gates(rep, BenchOptions(max_drop_pp=1.0))
+    by = {g["artifact"]: g for g in rep.gates}
+    assert set(by) == {"ok.tflite", "bad.tflite", "noref.tflite"}  # reference and errored files are not gated
+    assert by["ok.tflite"]["passed"] and not by["bad.tflite"]["passed"]
+    assert not by["noref.tflite"]["passed"] and "--reference" in by["noref.tflite"]["message"]
+    err = gate_error(rep)
+    assert isinstance(err, GateError) and err.exit_code == 1
+    assert "bad.tflite" in err.what and "-1.60 pp" in err.what and "ok.tflite" not in err.what
+
+
+def test_min_speedup_gate_uses_the_same_runtime_fp32_baseline():
+    rep = _report([_result("fast.tflite", speedup=3.2), _result("slow.onnx", speedup=1.1, fmt="onnx"),
+                   _result("m_fp32.tflite", "fp32"), _result("alone.tflite"),
+                   _result("added.tflite", speedup=0.5, role="baseline")])
+    rep.gates = evaluate_gates(rep, BenchOptions(min_speedup=2.0))
+    by = {g["artifact"]: g for g in rep.gates}
+    assert set(by) == {"fast.tflite", "slow.onnx", "alone.tflite"}  # FP32 and added baselines exempt
+    assert by["fast.tflite"]["passed"] and not by["slow.onnx"]["passed"]
+    assert "1.10x" in by["slow.onnx"]["message"] and "batch-1" in by["slow.onnx"]["figure"]
+    assert not by["alone.tflite"]["passed"] and "no FP32 artifact" in by["alone.tflite"]["message"]
+    assert gate_error(_report([_result("fast.tflite", speedup=3.2)])) is None
