@@ -6,6 +6,7 @@ Heavy frameworks (TensorFlow, Keras, the runtimes) are imported inside the comma
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -113,6 +114,38 @@ def data(data: DataOption = None) -> None:
         console.print(f"[yellow]warning:[/] {note}")
     if not ds.notes:
         console.print("[green]complete:[/] 50,000 training and 10,000 test images, 10 classes")
+
+
+@app.command("pipeline")
+@handle_errors
+def pipeline(
+    data: DataOption = None,
+    out: Annotated[Path, typer.Option("--out", help="Folder for the run: train/, artifacts/, report.*")] = Path("demo"),
+    arch: Annotated[str, typer.Option(help="Architecture to train (see `resnet-deploy models`).")] = "resnet20",
+    width: Annotated[float, typer.Option(help="Width multiplier.")] = 1.0,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 5,
+    batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 128,
+    limit_train: Annotated[Optional[int], typer.Option(help="First N training images; 0 for all.")] = 20_000,
+    limit_test: Annotated[Optional[int], typer.Option(help="First N test images for evaluation and bench "
+                                                           "(default: the whole test split).",
+                                                      show_default=False)] = None,
+    calib_samples: Annotated[int, typer.Option(help="INT8 calibration images (class-balanced, training split).")] = 300,
+    threads: Annotated[Optional[int], typer.Option(help="Bench threads (default: every usable core).",
+                                                   show_default=False)] = None,
+    seed: Annotated[int, typer.Option(help="Seed of training, calibration sampling and bootstrap.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder's contents.")] = False,
+) -> None:
+    """The main job end to end: train a small ResNet, export all six artifacts, bench them, write the report."""
+    from resnet_deploy.cli_common import quiet_frameworks
+
+    quiet_frameworks()
+    from resnet_deploy.pipeline import PipelineOptions, run_pipeline, write_reports
+
+    opts = PipelineOptions(out=out, arch=arch, width=width, epochs=epochs, batch_size=batch_size,
+                           limit_train=limit_train or None, limit_test=limit_test, calib_samples=calib_samples,
+                           threads=threads, seed=seed, force=force)
+    result = run_pipeline(opts, data=data)
+    write_reports(result, out)
 
 
 if __name__ == "__main__":
