@@ -170,6 +170,16 @@ def test_existing_artifacts_are_refused_before_any_work(tmp_path, trained_path, 
     assert read_manifest(b.path).created >= a.manifest.created and b.manifest.sha256 == sha256_file(b.path)
 
 
+def test_failed_forced_export_keeps_the_old_artifact_and_its_manifest(tmp_path, trained_path, small_npz_dir):
+    opts = dict(formats=("tflite",), validate_samples=20, out_dir=tmp_path)
+    (a,) = export_model(trained_path, ExportOptions(**opts), data=small_npz_dir)
+    side = a.path.with_name(a.path.name + ".json").read_text()
+    with pytest.raises(ExportError, match="disagrees"):
+        export_model(trained_path, ExportOptions(**opts, force=True, fp32_tolerance=1e-12), data=small_npz_dir)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny_fp32.tflite", "tiny_fp32.tflite.json"]
+    assert a.path.with_name(a.path.name + ".json").read_text() == side and sha256_file(a.path) == a.manifest.sha256
+
+
 def _no_artifacts(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 

@@ -153,15 +153,15 @@ def _export_one(model, final: Path, target: Target, options: ExportOptions, cali
                 spec: Preprocessing, common: dict, extra: dict) -> ExportedArtifact:
     from resnet_deploy.converters.validate import validate_artifact
 
-    side = sidecar_path(final)
-    if side.exists():  # --force: a stale manifest must never describe the new file
-        side.unlink()
     with atomic_path(final, suffix=f".tmp.{target.format.value}") as tmp:
         t0 = time.perf_counter()
         result = CONVERTERS[target.format](model, tmp, target, options, calibration)
         t1 = time.perf_counter()
         validation = validate_artifact(tmp, spec, reference, target.precision, options.fp32_tolerance)
         t2 = time.perf_counter()
+        # --force: the old artifact keeps its manifest until the new one is complete and valid, and a
+        # stale manifest never describes the new file
+        sidecar_path(final).unlink(missing_ok=True)
     opts = {"target": target.tag, "export": options.to_dict(), "converter": result.settings,
             "op_report": result.ops, "timing_s": {"convert": round(t1 - t0, 3), "validate": round(t2 - t1, 3)}}
     if result.input.scale is not None:
