@@ -15,7 +15,10 @@ from resnet_deploy import __version__
 from resnet_deploy.bench.command import bench
 from resnet_deploy.cli_common import DataOption, handle_errors
 from resnet_deploy.converters.command import export
+from resnet_deploy.pipeline import PipelineOptions
 from resnet_deploy.training.command import train
+
+_PIPE = PipelineOptions()  # the pipeline command's defaults come from its options class
 
 app = typer.Typer(
     name="resnet-deploy",
@@ -120,16 +123,16 @@ def data(data: DataOption = None) -> None:
 @handle_errors
 def pipeline(
     data: DataOption = None,
-    out: Annotated[Path, typer.Option("--out", help="Folder for the run: train/, artifacts/, report.*")] = Path("demo"),
-    arch: Annotated[str, typer.Option(help="Architecture to train (see `resnet-deploy models`).")] = "resnet20",
-    width: Annotated[float, typer.Option(help="Width multiplier.")] = 1.0,
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 5,
-    batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 128,
-    limit_train: Annotated[Optional[int], typer.Option(help="First N training images; 0 for all.")] = 20_000,
+    out: Annotated[Path, typer.Option("--out", help="Folder for the run: train/, artifacts/, report.*")] = _PIPE.out,
+    arch: Annotated[str, typer.Option(help="Architecture to train (see `resnet-deploy models`).")] = _PIPE.arch,
+    width: Annotated[float, typer.Option(help="Width multiplier.")] = _PIPE.width,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = _PIPE.epochs,
+    batch_size: Annotated[int, typer.Option(help="Training batch size.")] = _PIPE.batch_size,
+    limit_train: Annotated[Optional[int], typer.Option(help="First N training images; 0 for all.")] = _PIPE.limit_train,
     limit_test: Annotated[Optional[int], typer.Option(help="First N test images for evaluation and bench "
                                                            "(default: the whole test split).",
                                                       show_default=False)] = None,
-    calib_samples: Annotated[int, typer.Option(help="INT8 calibration images (class-balanced, training split).")] = 300,
+    calib_samples: Annotated[int, typer.Option(help="INT8 calibration images (class-balanced, training split).")] = _PIPE.calib_samples,
     threads: Annotated[Optional[int], typer.Option(help="Bench threads (default: every usable core).",
                                                    show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Seed of training, calibration sampling and bootstrap.")] = 0,
@@ -139,7 +142,7 @@ def pipeline(
     from resnet_deploy.cli_common import quiet_frameworks
 
     quiet_frameworks()
-    from resnet_deploy.pipeline import PipelineOptions, run_pipeline, write_reports
+    from resnet_deploy.pipeline import run_pipeline, write_reports
 
     opts = PipelineOptions(out=out, arch=arch, width=width, epochs=epochs, batch_size=batch_size,
                            limit_train=limit_train or None, limit_test=limit_test, calib_samples=calib_samples,
