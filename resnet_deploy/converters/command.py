@@ -89,18 +89,26 @@ def export(
 
 
 def _print_table(console, artifacts, seconds: float) -> None:
+    from rich.console import Console
     from rich.table import Table
+
+    console = Console(width=max(console.width, 110))  # the table needs ~100 columns; never truncate figures
 
     table = Table(title=f"exported {len(artifacts)} artifacts in {seconds:.1f} s "
                         f"(validated on {artifacts[0].manifest.validation['samples']} test images)")
-    for col in ("artifact", "size", "input", "max |dlogit|", "mean |dlogit|", "top-1 agree", "top-1 acc", "convert s"):
-        table.add_column(col, justify="left" if col in ("artifact", "input") else "right")
+    table.add_column("artifact", no_wrap=True)
+    table.add_column("MB", justify="right", no_wrap=True)
+    table.add_column("input", no_wrap=True)
+    for col in ("max|d|", "mean|d|", "agree", "top-1", "s"):
+        table.add_column(col, justify="right", no_wrap=True)
     for a in artifacts:
         m, v = a.manifest, a.manifest.validation
-        io = m.input.dtype + (f" s={m.input.scale:.3g} zp={m.input.zero_point}" if m.input.scale is not None else "")
-        table.add_row(a.path.name, f"{m.size_bytes / 1e6:.2f} MB", io, f"{v['max_abs_logit_diff']:.3g}",
-                      f"{v['mean_abs_logit_diff']:.3g}", f"{v['top1_agreement']:.1%}", f"{v['top1_accuracy']:.1%}",
+        io = m.input.dtype + (f" {m.input.scale:.3g},{m.input.zero_point}" if m.input.scale is not None else "")
+        table.add_row(a.path.name, f"{m.size_bytes / 1e6:.2f}", io, f"{v['max_abs_logit_diff']:.2g}",
+                      f"{v['mean_abs_logit_diff']:.2g}", f"{v['top1_agreement']:.1%}", f"{v['top1_accuracy']:.1%}",
                       f"{m.options['timing_s']['convert']:.1f}")
     console.print(table)
+    console.print("max|d|, mean|d|: |logit - float logit|; agree: top-1 agreement with the float model; "
+                  "top-1: accuracy on the same images; s: conversion seconds; input: dtype \\[scale,zero-point]")
     console.print(f"float model top-1 on the same images: {artifacts[0].manifest.validation['float_top1_accuracy']:.1%}; "
                   "manifests: <artifact>.json")
