@@ -128,7 +128,7 @@ def write_markdown(report: BenchReport, path: str | os.PathLike) -> Path:
 
 def markdown(report: BenchReport) -> str:
     large = report.options.get("large_batch", 32)
-    out = [f"# resnet-deploy bench report", "",
+    out = ["# resnet-deploy bench report", "",
            f"{report.created}; {report.data.get('images', 0):,} images of the CIFAR-10 {report.data.get('split') or '-'} "
            f"split ({report.data.get('source', '-')}); float reference: {report.reference.get('label') or 'none'}.", ""]
     if report.options.get("accuracy"):

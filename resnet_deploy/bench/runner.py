@@ -36,6 +36,9 @@ def run_bench(artifact_paths: Iterable[str | os.PathLike], options: BenchOptions
     ``options.data``); ``options.limit`` applies either way. Never raises for one bad artifact: its
     result carries the error. Raises BenchError for a run that cannot start (no artifacts, two
     float models, no data).
+
+    With ``options.isolate`` (the default) each file is measured in a ``multiprocessing`` spawn child,
+    so a script calling this must keep its top-level code under ``if __name__ == "__main__":``.
     """
     options = options or BenchOptions()
     say = progress or (lambda msg: None)
