@@ -176,3 +176,30 @@ def test_min_speedup_gate_uses_the_same_runtime_fp32_baseline():
     assert "1.10x" in by["slow.onnx"]["message"] and "batch-1" in by["slow.onnx"]["figure"]
     assert not by["alone.tflite"]["passed"] and "no FP32 artifact" in by["alone.tflite"]["message"]
     assert gate_error(_report([_result("fast.tflite", speedup=3.2)])) is None
+
+
+def _child_peak(q):
+    from resnet_deploy.bench.latency import peak_rss_bytes
+
+    q.put(peak_rss_bytes())
+
+
+def test_a_spawned_child_reports_its_own_peak_memory_not_its_parents():
+    """ru_maxrss survives fork + exec on Linux; the per-artifact probe must not inherit the parent's peak."""
+    import multiprocessing as mp
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the inherited ru_maxrss is a Linux behaviour")
+    from resnet_deploy.bench.latency import peak_rss_bytes
+
+    ballast = np.ones(600 * 2**20 // 8)  # 600 MiB resident in this process
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_peak, args=(q,))
+    p.start()
+    child_peak = q.get(timeout=60)
+    p.join()
+    assert peak_rss_bytes() > 600 * 2**20
+    assert child_peak < 300 * 2**20, f"child reported {child_peak / 2**20:.0f} MiB"
+    del ballast

@@ -68,7 +68,20 @@ def summarize(times_s: np.ndarray, batch: int, noisy_cv: float = 0.10) -> dict:
 
 
 def peak_rss_bytes() -> int:
-    """The peak resident set size of this process so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    """The peak resident set size of this process so far.
+
+    On Linux this is ``VmHWM`` from /proc/self/status, the high-water mark of this process's own
+    memory. ``ru_maxrss`` is not used there: Linux carries it across fork + exec, so a spawned child
+    that measures one artifact would report its parent's peak (TensorFlow and the test split
+    included) instead of its own. Elsewhere ``ru_maxrss`` (KiB on Linux/BSD, bytes on macOS).
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
