@@ -67,6 +67,73 @@ def test_tarball_is_read_in_memory(batches_dir, tmp_path):
     assert ds_test.train is None and len(ds_test.test) == 20
 
 
+def test_incomplete_official_layouts_are_reported_not_called_complete(batches_dir, tmp_path):
+    """Every layout gets the completeness check, not only npz: these fixture batches hold 100 training
+    and 20 test images, so both splits are reported short, class by class."""
+    d, *_ = batches_dir
+    tar_path = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(tar_path, "w:gz") as tar:
+        tar.add(d, arcname="cifar-10-batches-py")
+    for path in (d, tar_path):
+        notes = load_cifar10(path).notes
+        assert any(n.startswith("train: 100 of 50,000 images (49900 missing: airplane 4990") for n in notes), notes
+        assert any(n.startswith("test: 20 of 10,000 images (9980 missing") for n in notes), notes
+
+
+def test_surplus_images_are_reported(tmp_path):
+    rng = np.random.default_rng(0)
+    y = np.concatenate([np.repeat(np.arange(10), 1000), [3, 3]]).astype(np.uint8)
+    x = rng.integers(0, 256, (len(y), 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "test.npz", x=x, y=y)
+    notes = load_cifar10(tmp_path, splits=("test",)).notes
+    assert notes == ["test: more images per class than the official 1,000 (cat +2): duplicates, or another data set?"]
+
+
+def test_keras3_cache_archive_is_found(batches_dir, tmp_path, monkeypatch):
+    """keras.datasets.cifar10 (Keras 3) keeps the downloaded tarball as cifar-10-batches-py-target_archive."""
+    d, x, *_ = batches_dir
+    home = tmp_path / "kh"
+    (home / "datasets").mkdir(parents=True)
+    with tarfile.open(home / "datasets" / "cifar-10-batches-py-target_archive", "w:gz") as tar:
+        tar.add(d, arcname="cifar-10-batches-py")
+    monkeypatch.delenv("RESNET_DEPLOY_DATA", raising=False)
+    monkeypatch.setenv("KERAS_HOME", str(home))
+    ds = load_cifar10()
+    assert ds.kind == "tarball" and ds.source.endswith("_archive")
+    np.testing.assert_array_equal(ds.train.x, x)
+
+
+def test_npz_folder_with_one_split_names_the_missing_file(tmp_path):
+    np.savez(tmp_path / "test.npz", x=np.zeros((10, 32, 32, 3), np.uint8), y=np.arange(10, dtype=np.uint8))
+    with pytest.raises(DataError, match=r"holds test.npz but not train.npz") as err:
+        load_cifar10(tmp_path)
+    assert "copy train.npz into" in str(err.value)
+    assert len(load_cifar10(tmp_path, splits=("test",)).test) == 10
+
+
+def test_data_option_wins_over_the_environment(batches_dir, tmp_path, monkeypatch):
+    d, *_ = batches_dir
+    monkeypatch.setenv("RESNET_DEPLOY_DATA", str(tmp_path / "elsewhere"))
+    assert load_cifar10(d).source == str(d)
+
+
+def test_hostile_pickle_inside_a_tarball_is_refused(batches_dir, tmp_path):
+    import os
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    d, *_ = batches_dir
+    (d / "test_batch").write_bytes(pickle.dumps({b"data": Evil(), b"labels": [0]}))
+    tar_path = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(tar_path, "w:gz") as tar:
+        tar.add(d, arcname="cifar-10-batches-py")
+    with pytest.raises(UnsafePickleError):
+        load_cifar10(tar_path)
+    assert not (tmp_path / "pwned").exists()
+
+
 def test_protocol_4_batches_load_too(tmp_path):
     raw, x, y = _batch_bytes(10, 3, protocol=4)
     assert safe_load_batch(raw, "p4")["data"].shape == (10, 3072)

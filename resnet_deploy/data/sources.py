@@ -90,7 +90,8 @@ def _cache_candidates() -> list[Path]:
     return [
         d / "cifar-10-batches-py",
         d / "cifar-10-batches-py-target" / "cifar-10-batches-py",  # where keras.datasets.cifar10 unpacks
-        d / "cifar-10-python.tar.gz",
+        d / "cifar-10-python.tar.gz",  # what our own download saves
+        d / "cifar-10-batches-py-target_archive",  # the tarball keras.datasets.cifar10 keeps (Keras 3)
         d / "cifar-10-batches-py.tar.gz",
     ]
 
@@ -143,16 +144,28 @@ def _download(splits, looked) -> Cifar10:
 
 
 def _load_path(p: Path, splits, origin: str) -> Cifar10:
+    ds = _read_path(p, splits, origin)
+    _note_incomplete(ds)
+    return ds
+
+
+def _read_path(p: Path, splits, origin: str) -> Cifar10:
     if not p.exists():
         raise DataError(f"The CIFAR-10 path from {origin} does not exist: {p}",
                         expected=_LAYOUTS, fix="check the path, or see `resnet-deploy data --help`")
     if p.is_file():
-        if p.name.endswith((".tar.gz", ".tgz")):
+        if p.name.endswith((".tar.gz", ".tgz")) or (p.name.endswith("_archive") and tarfile.is_tarfile(p)):
             return _from_tarball(p, splits)
         raise DataError(f"{p} is a file but not a CIFAR-10 tarball.", expected=_LAYOUTS,
                         fix="pass the folder that holds train.npz/test.npz, or the .tar.gz itself")
-    if all((p / f"{s}.npz").exists() for s in splits):
+    npz = {s: (p / f"{s}.npz").exists() for s in splits}
+    if all(npz.values()):
         return _from_npz(p, splits)
+    if any(npz.values()):
+        missing = [f"{s}.npz" for s, ok in npz.items() if not ok]
+        raise DataError(f"{p} holds {', '.join(f'{s}.npz' for s, ok in npz.items() if ok)} but not "
+                        f"{', '.join(missing)}.", expected="train.npz and test.npz side by side",
+                        fix=f"copy {', '.join(missing)} into {p}")
     for batches in (p, p / "cifar-10-batches-py"):
         if (batches / TEST_BATCH).exists() or (batches / TRAIN_BATCHES[0]).exists():
             return _from_batches(batches, splits)
@@ -188,9 +201,7 @@ def _from_npz(folder: Path, splits) -> Cifar10:
         out[s] = _validated(s, x, y, str(f))
         if n_fill:
             notes.append(f"{s}: {n_fill} lossy JPEG stand-ins (jpeg_fill_*) are kept apart and not used")
-    ds = Cifar10(out["train"], out["test"], str(folder), "npz", notes)
-    _note_incomplete(ds)
-    return ds
+    return Cifar10(out["train"], out["test"], str(folder), "npz", notes)
 
 
 def _batch_to_split(batches: list[tuple[str, bytes]], name: str) -> Split:
@@ -268,16 +279,23 @@ def _validated(name: str, x: np.ndarray, y: np.ndarray, source: str) -> Split:
 
 
 def _note_incomplete(ds: Cifar10) -> None:
-    for s in SPLITS:
+    """Warn (in ``ds.notes``, first) about every split whose class counts differ from the official
+    5,000 / 1,000 per class, whatever the layout it was read from: missing images and surplus ones."""
+    for s in reversed(SPLITS):
         split = getattr(ds, s)
         if split is None:
             continue
         counts = split.class_counts()
+        total = PER_CLASS[s] * NUM_CLASSES
         short = {CLASS_NAMES[i]: int(PER_CLASS[s] - c) for i, c in enumerate(counts) if c < PER_CLASS[s]}
+        extra = {CLASS_NAMES[i]: int(c - PER_CLASS[s]) for i, c in enumerate(counts) if c > PER_CLASS[s]}
+        if extra:
+            detail = ", ".join(f"{k} +{v}" for k, v in extra.items())
+            ds.notes.insert(0, f"{s}: more images per class than the official {PER_CLASS[s]:,} ({detail}): "
+                               "duplicates, or another data set?")
         if short:
-            total = PER_CLASS[s] * NUM_CLASSES
             detail = ", ".join(f"{k} {v}" for k, v in short.items())
-            ds.notes.insert(0, f"{s}: {len(split):,} of {total:,} images ({total - len(split)} missing: {detail})")
+            ds.notes.insert(0, f"{s}: {len(split):,} of {total:,} images ({sum(short.values())} missing: {detail})")
 
 
 def channel_stats(x: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
