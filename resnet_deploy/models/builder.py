@@ -79,8 +79,8 @@ def build_model(name: str | ArchSpec, *, width: float = 1.0, stem: str = "cifar"
 
     ``framework`` is ``"keras"`` (Keras 3, default) or ``"tf_keras"`` (Keras 2 for tfmot).
     ``normalize`` puts CIFAR-10 mean/std standardisation inside the model as its first layer.
-    ``weight_decay`` adds L2 regularisation to conv and dense kernels (0: none; the training
-    recipe uses the optimizer's decoupled weight decay instead).
+    ``weight_decay`` adds L2 regularisation to conv and dense kernels (0: none). The training recipe
+    passes half its weight decay here (coupled L2, as in the SGD papers), see training/recipe.py.
     """
     spec = name if isinstance(name, ArchSpec) else get_arch(name)
     shape = _validate(spec, width, stem, input_shape, num_classes)
@@ -178,13 +178,23 @@ def count_macs(model) -> int:
 
 
 def transfer_weights(src, dst) -> None:
-    """Copy weights layer by layer, by name (Keras 3 <-> tf_keras twins); fails loudly on a mismatch."""
-    dst_layers = {l.name: l for l in dst.layers}
-    for layer in src.layers:
-        w = layer.get_weights()
-        if not w:
-            continue
-        if layer.name not in dst_layers:
-            raise ModelError(f"Layer {layer.name!r} of {src.name} has no twin in {dst.name}.",
-                             fix="build both models from the same architecture name and options")
-        dst_layers[layer.name].set_weights(w)
+    """Copy weights layer by layer, by name (Keras 3 <-> tf_keras twins).
+
+    Fails loudly, before anything is copied, when the two models do not hold the same weighted layers
+    with the same weight shapes: a layer on either side without a twin, or a shape that differs."""
+    fix = "build both models from the same architecture name and options (width, stem, classes)"
+    src_w = {l.name: l.get_weights() for l in src.layers if l.get_weights()}
+    dst_layers = {l.name: l for l in dst.layers if l.get_weights()}
+    for side, names, other in ((src.name, src_w, dst_layers), (dst.name, dst_layers, src_w)):
+        lonely = [n for n in names if n not in other]
+        if lonely:
+            raise ModelError(f"Layer(s) {', '.join(map(repr, lonely[:5]))} of {side} have no twin in "
+                             f"{dst.name if side == src.name else src.name}.", fix=fix)
+    for name, weights in src_w.items():
+        want = [tuple(w.shape) for w in dst_layers[name].get_weights()]
+        got = [tuple(w.shape) for w in weights]
+        if want != got:
+            raise ModelError(f"Layer {name!r}: weight shapes {got} in {src.name} but {want} in {dst.name}.",
+                             fix=fix)
+    for name, weights in src_w.items():
+        dst_layers[name].set_weights(weights)
