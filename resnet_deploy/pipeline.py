@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from resnet_deploy.errors import ResnetDeployError
+from resnet_deploy.errors import BenchError, ResnetDeployError
 from resnet_deploy.fileio import check_can_write
 
 
@@ -42,7 +42,9 @@ class PipelineOptions:
 
 
 def run_pipeline(options: PipelineOptions, data=None, log: Callable[[str], None] = print) -> dict:
-    """Train -> export (TFLite and ONNX, FP32/FP16/INT8) -> bench; returns the paths it wrote."""
+    """Train -> export (TFLite and ONNX, FP32/FP16/INT8) -> bench; returns the paths it wrote and the
+    bench report. A file bench could not measure does not raise here (its error is in the report, and
+    ``ok`` is False): ``write_reports`` writes the report, then raises (``pipeline_error``)."""
     from resnet_deploy.bench.options import BenchOptions
     from resnet_deploy.bench.runner import run_bench
     from resnet_deploy.converters.options import ExportOptions
@@ -83,11 +85,24 @@ def run_pipeline(options: PipelineOptions, data=None, log: Callable[[str], None]
     timings["bench_s"] = time.perf_counter() - t0
     return {"model": trained.model_path, "test_accuracy": trained.test_accuracy,
             "artifacts": [a.path for a in artifacts], "report": report, "timings": timings,
-            "options": asdict(options)}
+            "options": asdict(options), "ok": report.ok}
 
 
-def write_reports(result: dict, out: str | Path, console=None) -> dict[str, Path]:
-    """Print the bench table and write ``report.json``, ``report.md`` and ``report.png`` into ``out``."""
+def pipeline_error(result: dict) -> BenchError | None:
+    """The error the main job ends with when bench could not measure a file (exit 2, as ``bench``)."""
+    report = result["report"]
+    if not report.errors:
+        return None
+    names = ", ".join(r.label for r in report.errors)
+    return BenchError(f"{len(report.errors)} file(s) of the pipeline could not be benchmarked: {names}.",
+                      expected="every exported artifact loads and runs",
+                      fix="see the ERROR lines above and report.json; the other files' results are in the report")
+
+
+def write_reports(result: dict, out: str | Path, console=None, raise_on_error: bool = True) -> dict[str, Path]:
+    """Print the bench table and write ``report.json``, ``report.md`` and ``report.png`` into ``out``;
+    then, with ``raise_on_error``, raise ``pipeline_error(result)`` when a file could not be measured
+    (the report files are written first, as ``bench`` does)."""
     from resnet_deploy.bench.report import print_report, write_json, write_markdown, write_plot
 
     out = Path(out)
@@ -100,4 +115,7 @@ def write_reports(result: dict, out: str | Path, console=None) -> dict[str, Path
           f"{len(result['artifacts'])} artifacts; train {t['train_s']:.0f} s, export {t['export_s']:.0f} s, "
           f"bench {t['bench_s']:.0f} s")
     print("wrote " + ", ".join(str(p) for p in paths.values()))
+    err = pipeline_error(result) if raise_on_error else None
+    if err is not None:
+        raise err
     return paths

@@ -103,6 +103,9 @@ def test_corrupt_and_wrong_shape_artifacts_fail_alone_in_child_processes(exporte
     good = report.result("model_int8.onnx")
     assert good.ok and good.vs_float["agreement"] > 0.8 and good.latency["1"]["runs"] >= 5
     assert good.memory["rss_scope"].startswith("child process")
+    mem = good.memory  # the artifact's own memory, apart from the child's harness (imports, test images)
+    assert 0 < mem["artifact_rss_bytes"] <= mem["peak_rss_bytes"] - mem["rss_before_load_bytes"] + 2**20
+    assert good.vs_float["artifact_rss_ratio"] > 0
     # the ONNX FP32 sibling was found next to it and measured as its baseline
     assert good.vs_baseline["label"] == "model_fp32.onnx"
     assert not report.ok
@@ -146,3 +149,95 @@ def test_cli_writes_table_json_markdown_plot_and_fails_gates(exported, small_npz
     before = out["json"].read_bytes()
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 2 and "already exists" in res.output and out["json"].read_bytes() == before
+
+
+MEASUREMENT_FIELDS = ("runtime", "timing", "latency", "memory", "accuracy", "vs_float", "vs_baseline")
+
+
+def _finishes_within(seconds, fn):
+    """fn() run in a daemon thread: a hang fails the test instead of blocking the suite."""
+    import threading
+
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault("value", fn()), daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"still running after {seconds} s"
+    return box["value"]
+
+
+def test_bad_manifests_and_unreadable_files_fail_alone(exported, test_split, tmp_path, monkeypatch):
+    """Each way a manifest or a file can be bad is that file's error; the other files still get results."""
+    import resnet_deploy.artifact as artifact_mod
+
+    good_manifest = json.loads(Path(str(exported["onnx_fp32"]) + ".json").read_text())
+    cases = {
+        "not_an_object.onnx": '"just a string"',  # Manifest.from_dict: dict("...") raises ValueError
+        "source_list.onnx": json.dumps({**good_manifest, "source_model": ["model.keras"]}),  # .get on a list
+        "bad_precision.onnx": json.dumps({**good_manifest, "precision": "int3"}),
+        "unreadable.onnx": None,  # file_facts raises OSError
+    }
+    paths = []
+    for name, manifest in cases.items():
+        p = tmp_path / name
+        shutil.copy(exported["onnx_fp32"], p)
+        if manifest is not None:
+            Path(str(p) + ".json").write_text(manifest)
+        paths.append(p)
+    real_facts = artifact_mod.file_facts
+
+    def facts(path):
+        if Path(path).name == "unreadable.onnx":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_facts(path)
+
+    monkeypatch.setattr(artifact_mod, "file_facts", facts)
+    report = _finishes_within(600, lambda: run_bench(
+        [*paths, exported["onnx_int8"]], BenchOptions(reference=exported["model"], isolate=False, threads=1,
+                                                      latency=False, **QUICK), data=test_split))
+    assert {r.label for r in report.errors} == set(cases)
+    for r in report.errors:
+        assert {"what", "expected", "fix"} <= set(r.error) and r.error["what"] and r.error["fix"], r.error
+        d = r.to_dict()
+        assert all(not d[k] for k in MEASUREMENT_FIELDS), d  # an errored result carries no measurements
+    msgs = {r.label: r.error["what"] for r in report.errors}
+    assert "unreadable" in msgs["not_an_object.onnx"] and "source_model" in msgs["source_list.onnx"]
+    assert "int3" in msgs["bad_precision.onnx"] and "Permission denied" in msgs["unreadable.onnx"]
+    good = report.result("model_int8.onnx")
+    assert good.ok and good.vs_float["agreement"] > 0.8
+    assert all(set(e) >= {"label", "kind", "message", "what", "expected", "fix"} for e in report.to_dict()["errors"])
+
+
+def test_a_hung_runtime_is_killed_after_the_timeout_and_a_fifo_is_refused(tmp_path, test_split):
+    """A FIFO named like a model makes LiteRT block forever in open(): the child must be killed."""
+    import os
+    import time
+
+    from resnet_deploy.bench.probe import ProbeJob, probe
+
+    fifo = tmp_path / "hangs.tflite"
+    os.mkfifo(fifo)
+    job = ProbeJob(path=fifo, threads=1, batch_sizes=(1,), warmup=0, runs=5, min_time_s=0, max_time_s=0.5,
+                   min_runs=5, noisy_cv=0.1, latency_images=None, eval_images=None, timeout_s=3)
+    t0 = time.perf_counter()
+    out = _finishes_within(120, lambda: probe(job, isolate=True))
+    assert out["error"]["kind"] == "timeout" and "within 3 s" in out["error"]["what"] and out["error"]["fix"]
+    assert time.perf_counter() - t0 < 60
+    # run_bench never reads such a file in the parent (hashing it would hang the whole run)
+    report = _finishes_within(120, lambda: run_bench([fifo], BenchOptions(threads=1, **QUICK), data=test_split))
+    assert "not a regular file" in report.result("hangs.tflite").error["what"]
+
+
+def test_the_memory_figure_excludes_the_test_images_the_child_was_sent(exported):
+    """60 MB of images arrive in the child before the artifact loads: they are in its baseline and
+    peak, not in the ~0.1 MB model's figure."""
+    from resnet_deploy.bench.probe import ProbeJob, probe
+
+    images = np.zeros((20_000, 32, 32, 3), np.uint8)  # 61 MB, as the whole test split would be (31 MB)
+    job = ProbeJob(path=exported["tflite_fp32"], threads=1, batch_sizes=(1,), warmup=1, runs=5, min_time_s=0,
+                   max_time_s=0.5, min_runs=5, noisy_cv=0.1, latency_images=images, eval_images=None)
+    mem = probe(job, isolate=True)["memory"]
+    mib = 2**20
+    assert mem["rss_before_load_bytes"] > 60 * mib and mem["peak_rss_bytes"] >= mem["rss_before_load_bytes"]
+    assert 0 < mem["artifact_rss_bytes"] < 30 * mib, mem
+    assert mem["rss_scope"].startswith("child process")

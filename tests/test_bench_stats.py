@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from resnet_deploy.bench import accuracy as acc
-from resnet_deploy.bench.gates import evaluate_gates, gate_error
+from resnet_deploy.bench.gates import evaluate_gates, gate_error, not_gated
 from resnet_deploy.bench.latency import summarize, timed_runs
 from resnet_deploy.bench.options import BenchOptions
 from resnet_deploy.bench.results import ArtifactResult, BenchReport
@@ -203,3 +204,115 @@ def test_a_spawned_child_reports_its_own_peak_memory_not_its_parents():
     assert peak_rss_bytes() > 600 * 2**20
     assert child_peak < 300 * 2**20, f"child reported {child_peak / 2**20:.0f} MiB"
     del ballast
+
+
+def _child_meter(q):
+    """In a fresh process: a transient 300 MiB peak before the baseline (as unpickling the test split
+    makes), then 40 MiB held while 'the artifact' runs, then the fallbacks without a reset."""
+    from resnet_deploy.bench.latency import MemoryMeter
+
+    mib = 2**20
+    ballast = np.ones(300 * mib // 8)
+    del ballast
+    meter = MemoryMeter(reset=True)
+    held = np.ones(40 * mib // 8)
+    first = meter.read()
+    del held
+    no_reset = MemoryMeter(reset=False)  # the peak so far is above what comes next: a lower bound
+    small = np.ones(20 * mib // 8)
+    below = no_reset.read()
+    big = np.ones(400 * mib // 8)  # a new high-water mark: exact again without a reset
+    above = no_reset.read()
+    del small, big
+    q.put((first, below, above))
+
+
+def test_memory_meter_counts_what_the_artifact_added_not_the_harness():
+    """The artifact figure is the rise over the RSS just before loading, even when the process peaked
+    higher before that (the harness's data): the figure the report's memory column shows."""
+    import multiprocessing as mp
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("VmHWM and its reset are Linux")
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_meter, args=(q,))
+    p.start()
+    first, below, above = q.get(timeout=120)
+    p.join()
+    mib = 2**20
+    assert first["peak_rss_bytes"] > 300 * mib  # the process's peak still says what it was
+    assert 35 * mib < first["artifact_rss_bytes"] < 80 * mib, first
+    assert first["rss_before_load_bytes"] < 250 * mib and "reset" in first["artifact_rss_method"]
+    assert 15 * mib < below["artifact_rss_bytes"] < 60 * mib and "lower bound" in below["artifact_rss_method"]
+    assert 380 * mib < above["artifact_rss_bytes"] < 500 * mib and "after loading" in above["artifact_rss_method"]
+
+
+def test_cost_table_shows_the_artifacts_own_memory_against_the_float_model():
+    from resnet_deploy.bench.report import COST_COLUMNS, LEGEND, cost_row
+
+    mib = 2**20
+    r = _result("q.tflite")
+    r.memory = {"peak_rss_bytes": 100 * mib, "rss_before_load_bytes": 98 * mib, "artifact_rss_bytes": 2 * mib}
+    r.vs_float = {"artifact_rss_ratio": 0.25}
+    row = dict(zip(COST_COLUMNS, cost_row(r, 32)))
+    assert row["mem"] == "2.0 MB" and row["mem ÷"] == "4.00x"  # not the 100 MB of the whole child
+    assert "peak RSS" not in COST_COLUMNS and "harness" in LEGEND
+
+
+def test_min_speedup_gates_quantized_artifacts_and_lists_the_others_as_not_gated():
+    from resnet_deploy.bench.report import notes
+
+    rep = _report([_result("q.tflite", speedup=1.5), _result("half.tflite", "fp16", speedup=1.0),
+                   _result("bare.onnx", "unknown", fmt="onnx"), _result("m_fp32.tflite", "fp32"),
+                   _result("dyn.onnx", "dynamic_int8", fmt="onnx"),
+                   _result("m_fp32.onnx", "fp32", fmt="onnx", error={"message": "crashed"})])
+    opts = BenchOptions(min_speedup=1.2)
+    rep.gates, rep.not_gated = evaluate_gates(rep, opts), not_gated(rep, opts)
+    by = {g["artifact"]: g for g in rep.gates}
+    assert set(by) == {"q.tflite", "dyn.onnx"} and by["q.tflite"]["passed"]
+    # a quantized artifact whose baseline crashed fails closed, and the message says why
+    assert not by["dyn.onnx"]["passed"] and "m_fp32.onnx could not be measured" in by["dyn.onnx"]["message"]
+    skipped = {g["artifact"]: g["reason"] for g in rep.not_gated}
+    assert set(skipped) == {"half.tflite", "bare.onnx", "m_fp32.tflite"}
+    assert "--gate-fp16" in skipped["half.tflite"] and "no manifest" in skipped["bare.onnx"]
+    assert rep.to_dict()["not_gated"] == rep.not_gated
+    assert any(line.startswith("gate min-speedup not applied to bare.onnx") for line in notes(rep))
+    # FP16 is gated on request (a GPU, where FP16 is a speed feature)
+    opts16 = BenchOptions(min_speedup=1.2, gate_fp16=True)
+    by16 = {g["artifact"]: g for g in evaluate_gates(rep, opts16)}
+    assert not by16["half.tflite"]["passed"] and "half.tflite" not in {g["artifact"] for g in not_gated(rep, opts16)}
+
+
+def test_max_drop_says_the_reference_crashed_rather_than_missing():
+    crashed_ref = _result("model.keras", "fp32", role="reference", fmt="keras", error={"message": "crash"})
+    rep = _report([crashed_ref, _result("q.tflite")])
+    (g,) = evaluate_gates(rep, BenchOptions(max_drop_pp=1.0))
+    assert not g["passed"] and "model.keras could not be measured" in g["message"]
+    assert "no float reference measured" not in g["message"]
+    (g,) = evaluate_gates(_report([_result("q.tflite")]), BenchOptions(max_drop_pp=1.0))
+    assert "no float reference was found" in g["message"] and "--reference" in g["message"]
+
+
+def test_per_file_timeout_is_generous_and_scales_with_the_work():
+    base = BenchOptions()
+    assert base.file_timeout_s(10_000) > base.file_timeout_s(300) > 2 * 2 * base.max_time_s
+    assert BenchOptions(max_time_s=60).file_timeout_s(0) > base.file_timeout_s(0)
+    assert BenchOptions(latency=False).file_timeout_s(0) < base.file_timeout_s(0)
+    assert BenchOptions(timeout_s=7).file_timeout_s(10_000) == 7
+    for bad in (0, -1):
+        with pytest.raises(BenchError, match="timeout"):
+            BenchOptions(timeout_s=bad)
+
+
+def test_every_error_entry_says_what_expected_and_fix():
+    from resnet_deploy.bench.probe import _crash_error, _timeout_error, error_entry
+
+    entries = [_crash_error(Path("x.tflite"), -11), _timeout_error(Path("x.tflite"), 12.0),
+               error_entry("unexpected KeyError", "boom", "a runtime that works", "report it", traceback="tb")]
+    for e in entries:
+        assert {"kind", "message", "what", "expected", "fix"} <= set(e) and e["what"] in e["message"]
+    rep = _report([_result("x.tflite", error=entries[0])])
+    (err,) = rep.to_dict()["errors"]
+    assert err["label"] == "x.tflite" and "SIGSEGV" in err["what"]

@@ -36,3 +36,48 @@ def test_pipeline_rejects_bad_options_before_work(tmp_path, bad, match):
     result = CliRunner().invoke(app, ["pipeline", "--out", str(tmp_path / "x"), *bad])
     assert result.exit_code == 2 and match in result.output
     assert not (tmp_path / "x").exists()
+
+
+def _fake_result(tmp_path, error):
+    from resnet_deploy.bench.results import ArtifactResult, BenchReport
+
+    ok = ArtifactResult(label="model_fp32.tflite", path="model_fp32.tflite", role="artifact", format="tflite",
+                        precision="fp32")
+    bad = ArtifactResult(label="model_int8.onnx", path="model_int8.onnx", role="artifact", format="onnx",
+                         precision="int8", error=error)
+    report = BenchReport(machine={}, libraries={}, options={"accuracy": True, "latency": True, "large_batch": 32,
+                                                            "threads": 1},
+                         data={"images": 0}, reference={"label": None, "notes": []}, results=[ok, bad])
+    return {"model": tmp_path / "model.keras", "test_accuracy": 0.5, "artifacts": ["a", "b"], "report": report,
+            "timings": {"train_s": 1.0, "export_s": 1.0, "bench_s": 1.0}, "options": {}, "ok": report.ok}
+
+
+def test_pipeline_fails_after_writing_the_report_when_an_artifact_could_not_be_benched(tmp_path, monkeypatch):
+    """The main job must not exit 0 when bench recorded an error: exit 2 (as `bench`), report still written."""
+    import resnet_deploy.pipeline as pipeline_mod
+    from resnet_deploy.bench.probe import _crash_error
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(pipeline_mod, "run_pipeline",
+                        lambda opts, data=None: _fake_result(tmp_path, _crash_error(tmp_path / "m.onnx", -11)))
+    result = CliRunner().invoke(app, ["pipeline", "--out", str(out)], env={"COLUMNS": "200"})
+    assert result.exit_code == 2, result.output
+    assert "model_int8.onnx" in result.output and "could not be benchmarked" in result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["ok"] is False and report["errors"][0]["label"] == "model_int8.onnx"
+    assert (out / "report.md").exists() and (out / "report.png").exists()
+
+
+def test_pipeline_result_reports_ok_and_library_callers_can_skip_the_raise(tmp_path):
+    from resnet_deploy.errors import BenchError
+    from resnet_deploy.pipeline import pipeline_error, write_reports
+
+    clean = _fake_result(tmp_path, None)
+    assert clean["ok"] and pipeline_error(clean) is None
+    broken = _fake_result(tmp_path, {"kind": "crash", "message": "x", "what": "x", "expected": None, "fix": None})
+    err = pipeline_error(broken)
+    assert isinstance(err, BenchError) and err.exit_code == 2 and "model_int8.onnx" in err.what
+    with pytest.raises(BenchError):
+        write_reports(broken, tmp_path / "a")
+    assert (tmp_path / "a" / "report.json").exists()
+    assert set(write_reports(broken, tmp_path / "b", raise_on_error=False)) == {"json", "markdown", "plot"}

@@ -68,3 +68,54 @@ def test_corrupt_artifacts_get_clear_errors(tmp_path):
     with pytest.raises(ResnetDeployError, match="does not exist"):
         with open_runner(tmp_path / "missing.tflite"):
             pass
+
+
+def test_integer_tensors_without_quantization_parameters_hold_raw_values():
+    # TFLite reports an integer tensor without quantization parameters as scale 0, zero point 0.
+    x = np.array([-4.0, 0.0, 12.4, 12.6, 255.0, 300.0], np.float32)
+    with np.errstate(all="raise"):  # no division by zero on the way
+        np.testing.assert_array_equal(quantize(x, 0.0, 0, np.uint8), [0, 0, 12, 13, 255, 255])
+        np.testing.assert_array_equal(quantize(x, 0.0, 0, np.int8), [-4, 0, 12, 13, 127, 127])
+        q = np.array([-7, 0, 100], np.int8)
+        np.testing.assert_array_equal(dequantize(q, 0.0, 0), [-7.0, 0.0, 100.0])  # not all zeros
+
+
+def test_litert_runner_feeds_a_raw_uint8_input(tmp_path, images):
+    """A model whose uint8 input has no quantization parameters takes the pixels as they are."""
+    import tensorflow as tf
+
+    w = np.random.default_rng(0).normal(size=(3, 10)).astype(np.float32)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.uint8)])
+    def model(x):
+        return tf.matmul(tf.reduce_mean(tf.cast(x, tf.float32), axis=[1, 2]), w)
+
+    path = tmp_path / "raw_uint8.tflite"
+    path.write_bytes(tf.lite.TFLiteConverter.from_concrete_functions([model.get_concrete_function()], model)
+                     .convert())
+    with open_runner(path, threads=1) as r:
+        assert r.describe()["input_dtype"] == "uint8" and r.describe()["input_quantization"] == [0.0, 0]
+        want = images.astype(np.float32).mean(axis=(1, 2)) @ w
+        np.testing.assert_allclose(r.predict(images, batch_size=4), want, rtol=1e-4, atol=1e-3)
+        # out-of-range values saturate instead of wrapping around
+        x = np.full((1, 32, 32, 3), 300.0, np.float32)
+        np.testing.assert_allclose(r.predict_preprocessed(x), np.full((1, 3), 255.0) @ w, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype,onnx_type", [(np.uint8, "UINT8"), (np.int8, "INT8")])
+def test_onnx_runner_rounds_and_saturates_integer_input(tmp_path, dtype, onnx_type):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)], "cast",
+        [helper.make_tensor_value_info("x", getattr(TensorProto, onnx_type), ["N", 32, 32, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 32, 32, 3])])
+    path = tmp_path / f"cast_{onnx_type.lower()}.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    x = np.zeros((1, 32, 32, 3), np.float32)
+    x[0, 0, 0] = [-300.0, 12.6, 300.0]
+    info = np.iinfo(dtype)
+    with open_runner(path, threads=1) as r:
+        got = r.predict_preprocessed(x)
+    np.testing.assert_array_equal(got[0, 0, 0], [info.min, 13, info.max])  # a bare cast wraps these around

@@ -54,8 +54,19 @@ def bench(
         "--max-drop", help="Gate: fail when an artifact's top-1 falls more than PP percentage points below the "
                            "float model.", show_default=False)] = None,
     min_speedup: Annotated[Optional[float], typer.Option(
-        "--min-speedup", help="Gate: fail when a quantized artifact is less than X times as fast (batch 1, p50) "
-                              "as the FP32 artifact of its runtime.", show_default=False)] = None,
+        "--min-speedup", help="Gate: fail when an INT8 or dynamic-range INT8 artifact is less than X times as fast "
+                              "(batch 1, p50) as the FP32 artifact of its runtime measured in the same run, or "
+                              "when that FP32 artifact is missing. FP32, FP16 (see --gate-fp16) and manifest-less "
+                              "artifacts are not gated; the report lists them with the reason.",
+        show_default=False)] = None,
+    gate_fp16: Annotated[bool, typer.Option(
+        "--gate-fp16", help="Hold FP16 artifacts to --min-speedup too (useful on GPUs; on CPUs FP16 runs at "
+                            "about FP32 speed).")] = False,
+    timeout: Annotated[Optional[float], typer.Option(
+        "--timeout", help="Seconds one file may take (load, latency, accuracy pass) before its process is "
+                          "killed and the file reported as an error (not with --in-process). Default: 300 + 3 x "
+                          "the latency time budget + 0.1 s per test image (1,360 s with the defaults).",
+        show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap interval.")] = 0,
 ) -> None:
     """Accuracy, latency, memory and size of each artifact beside the float model; CI gates."""
@@ -64,7 +75,8 @@ def bench(
     options = BenchOptions(reference=reference, data=data, limit=limit, batch_size=batch_size, threads=threads,
                            accuracy=accuracy, latency=latency, large_batch=large_batch, warmup=warmup, runs=runs,
                            min_time_s=min_time, max_time_s=max_time, isolate=isolate, baselines=baselines,
-                           seed=seed, max_drop_pp=max_drop, min_speedup=min_speedup)
+                           seed=seed, max_drop_pp=max_drop, min_speedup=min_speedup, gate_fp16=gate_fp16,
+                           timeout_s=timeout)
     check_outputs(json_path, markdown_path, plot_path, force, options)
     quiet_frameworks()
     from rich.console import Console

@@ -3,9 +3,15 @@
 - max-drop: each artifact's top-1 change against the Keras float model (point estimate, in
   percentage points) must be >= -PP. Without a measured float reference the gate fails: it
   cannot be checked.
-- min-speedup: each non-FP32 artifact's batch-1 p50 speed-up against the FP32 artifact of the
-  same runtime measured in the same run must be >= X. FP32 artifacts (the baselines themselves)
-  are exempt; a quantized artifact without an FP32 sibling in the run fails the gate.
+- min-speedup: a quantized artifact (``int8``, ``dynamic_int8``; ``fp16`` too with ``gate_fp16``)
+  must run batch-1 p50 at least X times as fast as the FP32 artifact of the same runtime measured
+  in the same run. Quantization is what the gate is about, so it applies where quantization is
+  meant to buy speed, and it fails closed: a quantized artifact whose FP32 baseline is missing or
+  could not be measured fails (the speed-up cannot be checked, as max-drop without a reference).
+  Artifacts the gate does not apply to are listed as not gated, with the reason, never silently
+  passed: FP32 files (they are the baselines), FP16 files unless ``gate_fp16`` (on CPUs FP16
+  halves the size but runs at about FP32 speed, since the weights are widened at load), files
+  whose precision is unknown (no manifest says they are quantized) and Keras models.
 
 Files added only as baselines are not gated. An artifact that could not be measured is reported
 as an error of the run, not as a gate result.
@@ -17,25 +23,57 @@ from resnet_deploy.errors import GateError
 
 
 def evaluate_gates(report, options) -> list[dict]:
+    """One result per (named artifact, requested gate that applies to it); ``passed`` is a bool."""
     gates: list[dict] = []
-    for r in report.results:
-        if r.role != "artifact" or not r.ok:
-            continue
+    for r in _named(report):
         if options.max_drop_pp is not None:
-            gates.append(_max_drop(r, options.max_drop_pp))
-        if options.min_speedup is not None and r.precision != "fp32" and r.format != "keras":
-            gates.append(_min_speedup(r, options.min_speedup))
+            gates.append(_max_drop(r, options.max_drop_pp, report))
+        if options.min_speedup is not None and _speedup_applies(r, options):
+            gates.append(_min_speedup(r, options.min_speedup, report))
     return gates
 
 
-def _max_drop(r, limit: float) -> dict:
+def not_gated(report, options) -> list[dict]:
+    """``{gate, artifact, reason}`` for each named artifact a requested gate does not apply to."""
+    if options.min_speedup is None:
+        return []
+    return [{"gate": "min-speedup", "artifact": r.label, "reason": _not_gated_reason(r)}
+            for r in _named(report) if not _speedup_applies(r, options)]
+
+
+def _named(report):
+    return [r for r in report.results if r.role == "artifact" and r.ok]
+
+
+def _speedup_applies(r, options) -> bool:
+    return r.format != "keras" and r.precision in options.speedup_gated_precisions
+
+
+def _not_gated_reason(r) -> str:
+    if r.format == "keras":
+        return "the Keras float model: nothing to compare it with"
+    if r.precision == "fp32":
+        return "FP32: it is the baseline the quantized artifacts are compared with"
+    if r.precision == "fp16":
+        return "FP16: on CPUs it buys size, not speed (pass --gate-fp16 to gate it, e.g. on a GPU)"
+    return "precision unknown (no manifest): nothing says it is quantized, so no speed-up is expected of it"
+
+
+def _max_drop(r, limit: float, report) -> dict:
     change = (r.vs_float or {}).get("change_pp")
     g = {"gate": "max-drop", "artifact": r.label, "figure": "top-1 change vs float model (pp)",
          "threshold": -limit, "value": change}
     if change is None:
-        return {**g, "passed": False,
-                "message": f"{r.label}: no accuracy change against the float model could be computed "
-                           "(no float reference measured); pass --reference MODEL"}
+        ref = report.reference_result
+        if ref is not None and not ref.ok:
+            why = (f"the float reference {ref.label} could not be measured (its error is in the report); "
+                   "fix it or pass another with --reference MODEL")
+        elif ref is not None:
+            why = (f"no accuracy comparison with the float reference {ref.label} was computed; check that it "
+                   "is the artifact's float model (--reference MODEL)")
+        else:
+            why = "no float reference was found; pass --reference MODEL"
+        return {**g, "passed": False, "message": f"{r.label}: accuracy change cannot be checked: {why}"}
     passed = change >= -limit - 1e-9
     lo, hi = r.vs_float.get("change_interval_pp", [None, None])
     return {**g, "passed": passed,
@@ -43,16 +81,21 @@ def _max_drop(r, limit: float) -> dict:
                        f"{'within' if passed else 'exceeds'} the allowed drop of {limit:g} pp"}
 
 
-def _min_speedup(r, limit: float) -> dict:
+def _min_speedup(r, limit: float, report) -> dict:
     base = r.vs_baseline or {}
     speedup = (base.get("speedup") or {}).get("1")
     g = {"gate": "min-speedup", "artifact": r.label, "figure": "batch-1 p50 speed-up vs same-runtime FP32",
          "threshold": limit, "value": speedup}
     if speedup is None:
-        why = ("no FP32 artifact of the same runtime was measured in the run" if not base
-               else "no batch-1 latency for it or its baseline")
-        return {**g, "passed": False,
-                "message": f"{r.label}: speed-up cannot be checked: {why}; add the FP32 artifact to the inputs"}
+        broken = [b.label for b in report.results if b is not r and not b.ok and b.format == r.format
+                  and b.precision == "fp32"]
+        if base:
+            why = "no batch-1 latency for it or its baseline"
+        elif broken:
+            why = f"its FP32 baseline {broken[0]} could not be measured (its error is in the report)"
+        else:
+            why = "no FP32 artifact of the same runtime was measured in the run; add the FP32 artifact to the inputs"
+        return {**g, "passed": False, "message": f"{r.label}: speed-up cannot be checked: {why}"}
     passed = speedup >= limit
     return {**g, "passed": passed,
             "message": f"{r.label}: batch-1 speed-up {speedup:.2f}x over {base['label']} "

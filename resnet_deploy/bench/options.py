@@ -39,8 +39,17 @@ class BenchOptions:
     seed: int = 0
     max_drop_pp: float | None = None  # gate: accuracy change against the float model >= -max_drop_pp
     min_speedup: float | None = None  # gate: batch-1 speed-up against the same-runtime FP32 artifact
+    gate_fp16: bool = False  # also hold FP16 artifacts to min_speedup (on CPUs FP16 buys size, not speed)
+    timeout_s: float | None = None  # per isolated file; None: derived from the work (file_timeout_s)
 
     MIN_TIMED_RUNS = 5
+    SPEEDUP_GATED = ("int8", "dynamic_int8")  # precisions --min-speedup applies to (+ fp16 with gate_fp16)
+    # The derived per-file timeout: a fixed allowance for the runtime's import and the load, the
+    # latency budget with a safety factor, and a slow pace for the accuracy pass.
+    TIMEOUT_FIXED_S = 300.0
+    TIMEOUT_LATENCY_FACTOR = 3.0
+    # 10 images/s: a third of the slowest pace measured here (ResNet34 TFLite FP32, 1 thread: 30 images/s)
+    TIMEOUT_PER_IMAGE_S = 0.1
 
     def __post_init__(self):
         if self.threads is None:
@@ -57,6 +66,9 @@ class BenchOptions:
             raise BenchError(f"Bad timing options: warmup={self.warmup}, min_time={self.min_time_s}, "
                              f"max_time={self.max_time_s}.",
                              expected="warmup >= 0, min-time >= 0 and max-time > 0 (seconds)")
+        if self.timeout_s is not None and not self.timeout_s > 0:
+            raise BenchError(f"--timeout {self.timeout_s} is not a positive number of seconds.",
+                             fix="leave it out for a limit derived from --max-time and the number of images")
         if not 0 < self.confidence < 1:
             raise BenchError(f"Confidence {self.confidence} is not a probability.", expected="e.g. 0.95")
         if not 0 < self.noisy_cv:
@@ -76,6 +88,19 @@ class BenchOptions:
     @property
     def batch_sizes(self) -> tuple[int, ...]:
         return (1,) if self.large_batch == 1 else (1, self.large_batch)
+
+    @property
+    def speedup_gated_precisions(self) -> tuple[str, ...]:
+        return self.SPEEDUP_GATED + (("fp16",) if self.gate_fp16 else ())
+
+    def file_timeout_s(self, eval_images: int) -> float:
+        """Seconds an isolated file may take (load, latency runs, accuracy pass on ``eval_images`` images)
+        before its process is killed: ``timeout_s`` when given, else derived from the work."""
+        if self.timeout_s is not None:
+            return float(self.timeout_s)
+        latency = len(self.batch_sizes) * (self.max_time_s + self.min_time_s) if self.latency else 0.0
+        return (self.TIMEOUT_FIXED_S + self.TIMEOUT_LATENCY_FACTOR * latency
+                + self.TIMEOUT_PER_IMAGE_S * eval_images)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -1,9 +1,12 @@
-"""Measure one artifact: load, check its I/O, first inference, latency, peak memory, test-set logits.
+"""Measure one artifact: load, check its I/O, first inference, latency, memory, test-set logits.
 
-``probe`` runs in a fresh child process by default (``multiprocessing`` spawn), so the peak RSS
-is that artifact's alone (runtime import + model + buffers) and a runtime that crashes (a
-segfaulting interpreter on a corrupt file) takes only its own child down. ``probe_in_process``
-does the same work in this process (peak RSS is then the whole process's, flagged as such).
+``probe`` runs in a fresh child process by default (``multiprocessing`` spawn), so the memory
+figures are that child's alone, a runtime that crashes (a segfaulting interpreter on a corrupt
+file) takes only its own child down, and one that hangs is killed after ``ProbeJob.timeout_s``.
+The child's memory still holds the harness (Python, numpy, the runtime's import, the test images
+it was sent): ``artifact_rss_bytes`` is the part loading and running the artifact added on top
+of that baseline (see ``latency.MemoryMeter``). ``probe_in_process`` does the same work in this
+process (its memory is then shared with the caller and earlier artifacts, flagged as such).
 """
 
 from __future__ import annotations
@@ -36,33 +39,44 @@ class ProbeJob:
     latency_images: np.ndarray | None  # uint8 NHWC images timed batches are cut from; None: no latency
     eval_images: np.ndarray | None  # uint8 NHWC test images; None: no accuracy pass
     eval_batch_size: int = 256
+    timeout_s: float | None = None  # an isolated child still running after this is killed; None: no limit
+
+
+TIMED_OUT = object()  # what _receive returns when the child sent nothing in time
 
 
 def probe(job: ProbeJob, isolate: bool = True) -> dict:
     """The measurements of one artifact as a dict; failures become ``{"error": {...}}``, never raise."""
     if not isolate:
         result = probe_in_process(job)
-        result.setdefault("memory", {})["rss_scope"] = "process shared with the other artifacts of the run"
+        if "error" not in result:
+            result["memory"]["rss_scope"] = "process shared with the other artifacts of the run"
         return result
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child_main, args=(job, child), daemon=True)
     proc.start()
     child.close()
+    result = None
     try:
-        result = _receive(parent, proc)
+        result = _receive(parent, proc, job.timeout_s)
     finally:
         parent.close()
-        proc.join(timeout=30)
-        if proc.is_alive():  # sent its result but hangs in interpreter teardown
+        if result is not TIMED_OUT:
+            proc.join(timeout=30)
+        if proc.is_alive():  # hung (timed out), or sent its result but hangs in interpreter teardown
             proc.kill()
             proc.join()
+    if result is TIMED_OUT:
+        return {"error": _timeout_error(job.path, job.timeout_s)}
     return result if result is not None else {"error": _crash_error(job.path, proc.exitcode)}
 
 
-def _receive(conn, proc) -> dict | None:
-    """The child's result, or None when it died without sending one. Polls rather than trusting EOF:
+def _receive(conn, proc, timeout_s: float | None = None):
+    """The child's result; None when it died without sending one; ``TIMED_OUT`` when it sent nothing
+    within ``timeout_s`` seconds (None: wait as long as it lives). Polls rather than trusting EOF:
     a descriptor inherited elsewhere can keep the pipe open after the child is gone."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
         if conn.poll(0.2):
             try:
@@ -71,24 +85,38 @@ def _receive(conn, proc) -> dict | None:
                 return None
         if not proc.is_alive():
             return conn.recv() if conn.poll(0) else None
+        if deadline is not None and time.monotonic() >= deadline:
+            return TIMED_OUT
 
 
-def probe_in_process(job: ProbeJob) -> dict:
+def probe_in_process(job: ProbeJob, reset_peak: bool = False) -> dict:
+    """``probe``'s work in this process. ``reset_peak`` resets the process's RSS high-water mark at the
+    baseline (done in the isolated child only: a caller's own process keeps its peak)."""
     try:
-        return _measure(job)
+        return _measure(job, reset_peak)
     except ResnetDeployError as exc:
-        return {"error": {"kind": type(exc).__name__, "message": exc.render(), "what": exc.what,
-                          "expected": exc.expected, "fix": exc.fix}}
+        return {"error": error_entry(type(exc).__name__, exc.what, exc.expected, exc.fix)}
     except Exception as exc:  # a runtime failing in a way nobody anticipated: keep the traceback
-        return {"error": {"kind": "unexpected " + type(exc).__name__,
-                          "message": f"{type(exc).__name__} while benchmarking {job.path}: {str(exc)[:500]}",
-                          "traceback": traceback.format_exc(limit=8)}}
+        return {"error": error_entry(
+            "unexpected " + type(exc).__name__,
+            f"{type(exc).__name__} while benchmarking {job.path}: {str(exc)[:500]}",
+            "the runtime loads and runs the artifact",
+            "see the traceback; if the file is fine, this is a bug of resnet-deploy or of the runtime",
+            traceback=traceback.format_exc(limit=8))}
+
+
+def error_entry(kind: str, what: str, expected: str | None, fix: str | None, **extra) -> dict:
+    """One ``errors[]`` entry: ``kind``, ``message`` (what/expected/fix rendered as one text), ``what``,
+    ``expected``, ``fix`` (+ ``traceback`` for unexpected failures)."""
+    message = ResnetDeployError(what, expected, fix).render()
+    return {"kind": kind, "message": message, "what": what, "expected": expected, "fix": fix, **extra}
 
 
 def _child_main(job: ProbeJob, conn) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    result = probe_in_process(job)
-    result.setdefault("memory", {})["rss_scope"] = "child process of this artifact alone"
+    result = probe_in_process(job, reset_peak=True)
+    if "error" not in result:
+        result["memory"]["rss_scope"] = "child process of this artifact alone"
     conn.send(result)
     conn.close()
 
@@ -100,15 +128,23 @@ def _crash_error(path: Path, exitcode: int | None) -> dict:
             how = f"signal {signal.Signals(-exitcode).name}"
         except ValueError:
             pass
-    return {"kind": "crash", "message": f"The runtime crashed while benchmarking {path} ({how}).",
-            "expected": "a runtime that loads and runs the artifact",
-            "fix": "the file may be corrupt or built for another runtime version; re-export it"}
+    return error_entry("crash", f"The runtime crashed while benchmarking {path} ({how}).",
+                       "a runtime that loads and runs the artifact",
+                       "the file may be corrupt or built for another runtime version; re-export it")
 
 
-def _measure(job: ProbeJob) -> dict:
+def _timeout_error(path: Path, timeout_s: float | None) -> dict:
+    return error_entry("timeout", f"Benchmarking {path} did not finish within {timeout_s:g} s; its process was "
+                                  "killed.",
+                       "load, latency runs and the accuracy pass to finish within the per-artifact timeout",
+                       "the runtime may hang on this file (re-export it); if it is only slow, raise --timeout "
+                       "or lower --limit / --max-time")
+
+
+def _measure(job: ProbeJob, reset_peak: bool = False) -> dict:
     from resnet_deploy.config import Format
     from resnet_deploy.runtimes import open_runner, runner_class
-    from resnet_deploy.bench.latency import current_rss_bytes, peak_rss_bytes, summarize, timed_runs
+    from resnet_deploy.bench.latency import MemoryMeter, summarize, timed_runs
     from resnet_deploy.data.preprocess import preprocess
 
     t0 = time.perf_counter()
@@ -116,8 +152,8 @@ def _measure(job: ProbeJob) -> dict:
     runner_class(fmt)
     _import_engine(fmt)  # the engine's import is part of what a user pays before the first inference
     import_s = time.perf_counter() - t0
-    rss_before = current_rss_bytes()
     out: dict = {"timing": {"import_s": import_s}}
+    meter = MemoryMeter(reset=reset_peak)  # the baseline: imports done, the test images already here
     t0 = time.perf_counter()
     with open_runner(job.path, threads=job.threads, batch_size=job.eval_batch_size) as runner:
         load_s = time.perf_counter() - t0
@@ -141,7 +177,7 @@ def _measure(job: ProbeJob) -> dict:
                 times, warm = timed_runs(lambda: runner.predict_preprocessed(x), job.warmup, job.runs,
                                          job.min_time_s, job.max_time_s, job.min_runs)
                 out["latency"][str(bs)] = {**summarize(times, bs, job.noisy_cv), "warmup": warm}
-        out["memory"] = {"rss_before_load_bytes": rss_before, "peak_rss_bytes": peak_rss_bytes()}
+        out["memory"] = meter.read()
         if job.eval_images is not None:
             t2 = time.perf_counter()
             logits = runner.predict(job.eval_images, batch_size=job.eval_batch_size)

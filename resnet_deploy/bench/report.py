@@ -15,12 +15,14 @@ from resnet_deploy.fileio import atomic_path, write_json_atomic
 # Headers kept short so that both tables fit an 80-column CI log; the Markdown legend spells them out.
 ACCURACY_COLUMNS = ("artifact", "runtime", "prec", "top-1 %", "Δ top-1 pp [95% CI]", "McNemar p", "agree %",
                     "max |Δlogit|")
-COST_COLUMNS = ("artifact", "p50 ms", "p99 ms", "img/s b{B}", "× FP32", "× Keras", "size", "size ÷", "peak RSS",
+COST_COLUMNS = ("artifact", "p50 ms", "p99 ms", "img/s b{B}", "× FP32", "× Keras", "size", "size ÷", "mem", "mem ÷",
                 "1st inf ms")
 LEGEND = ("p50/p99 ms: batch-1 latency percentiles; img/s b{B}: throughput at batch {B}; × FP32: batch-1 p50 "
           "speed-up against the FP32 artifact of the same runtime measured in the same run; × Keras: the same "
-          "against the Keras float model; size ÷: the Keras file's size divided by the artifact's; peak RSS: "
-          "peak resident memory of the process that measured the file; 1st inf ms: load + first batch-1 run; "
+          "against the Keras float model; size ÷: the Keras file's size divided by the artifact's; mem: the memory "
+          "loading and running the file added to its process (peak RSS minus the RSS just before loading, so "
+          "the harness, the runtime's import and the test images are not counted); mem ÷: the Keras model's mem "
+          "divided by the artifact's; 1st inf ms: load + first batch-1 run; "
           "⚠: noisy timing (coefficient of variation above the threshold).")
 
 
@@ -60,7 +62,8 @@ def cost_row(r: ArtifactResult, large: int) -> list[str]:
         _x((vf.get("speedup") or {}).get("1")) if r.role != "reference" else "1.00x",
         _bytes(r.size_bytes),
         _x(vf.get("size_reduction")) if r.role != "reference" else "1.00x",
-        _bytes(r.memory.get("peak_rss_bytes")),
+        _bytes(r.memory.get("artifact_rss_bytes")),
+        _inverse_x(vf.get("artifact_rss_ratio")) if r.role != "reference" else "1.00x",
         _ms(1e3 * r.timing["first_inference_s"]) if "first_inference_s" in r.timing else "–",  # load + 1st run
     ]
 
@@ -111,6 +114,7 @@ def notes(report: BenchReport) -> list[str]:
             lines.append(f"{r.label}: not named on the command line; measured as the FP32 baseline")
     lines += [f"ERROR {r.label}: {r.error['message']}" for r in report.errors]
     lines += [f"gate {'passed' if g['passed'] else 'FAILED'}: {g['message']}" for g in report.gates]
+    lines += [f"gate {g['gate']} not applied to {g['artifact']}: {g['reason']}" for g in report.not_gated]
     return lines
 
 
@@ -140,7 +144,8 @@ def markdown(report: BenchReport) -> str:
     if report.options.get("latency"):
         out += ["## Latency and cost", "",
                 _md_table(tuple(c.format(B=large) for c in COST_COLUMNS), [cost_row(r, large) for r in report.results]),
-                "", LEGEND.format(B=large), "", _latency_detail(report), ""]
+                "", LEGEND.format(B=large), "", _latency_detail(report), "", "### Memory", "", _memory_detail(report),
+                "", MEMORY_NOTE, ""]
     out += ["## Notes", ""] + [f"- {n}" for n in notes(report)] + [""]
     return "\n".join(out)
 
@@ -155,6 +160,19 @@ def _latency_detail(report: BenchReport) -> str:
                              f"{s['throughput_ips']:,.1f}", f"{s['cv']:.3f}" + (" noisy" if s["noisy"] else "")])
     cols = ("artifact", "batch", "runs", "mean ms", "std ms", "min ms", "p50 ms", "p90 ms", "p99 ms", "img/s", "cv")
     return _md_table(cols, rows)
+
+
+MEMORY_NOTE = ("before load: the process's RSS right before the file was loaded (Python, numpy, the runtime's "
+               "import, the test images: the harness); artifact: what loading and running it added (the peak "
+               "after loading minus that baseline); peak: the process's peak RSS. Each file is measured in its "
+               "own child process unless --in-process was given.")
+
+
+def _memory_detail(report: BenchReport) -> str:
+    rows = [[r.label, _bytes(m.get("rss_before_load_bytes")), _bytes(m.get("artifact_rss_bytes")),
+             _bytes(m.get("peak_rss_bytes")), m.get("rss_scope", "–")]
+            for r in report.results if (m := r.memory)]
+    return _md_table(("artifact", "before load", "artifact", "peak", "process"), rows)
 
 
 def _per_class_rows(report: BenchReport) -> list[list[str]]:
@@ -209,6 +227,10 @@ def _label(r: ArtifactResult) -> str:
 def _runtime(r: ArtifactResult) -> str:
     return (r.runtime or {}).get("runtime") or {"keras": "keras", "tflite": "litert", "onnx": "onnxruntime"}.get(
         r.format or "", "?")
+
+
+def _inverse_x(ratio) -> str:
+    return "–" if not ratio else _x(1 / ratio)
 
 
 def _ms(v) -> str:

@@ -47,15 +47,57 @@ def identify(path: str | os.PathLike, role: str) -> Entry:
         if e.format == Format.KERAS.value:
             e.precision = Precision.FP32.value
             return e
-        e.manifest = read_manifest(p)
+        e.manifest = checked_manifest(p)
     except ResnetDeployError as exc:
         e.error = error_dict(exc)
+        return e
+    except OSError as exc:  # e.g. a folder on the path that cannot be searched
+        e.error = error_dict(BenchError(f"{p} cannot be read: {exc.strerror or exc}.",
+                                        fix="check the path and its permissions"))
         return e
     if e.manifest is None:
         e.notes.append(NO_MANIFEST_DEFAULTS)
     else:
         e.precision = e.manifest.precision
     return e
+
+
+def checked_manifest(path: Path) -> Manifest | None:
+    """``read_manifest`` plus the checks bench relies on; every way a manifest can be bad is a
+    BenchError (so it becomes that file's error, not the end of the run)."""
+    from resnet_deploy.fileio import sidecar_path
+
+    side = sidecar_path(path)
+    try:
+        m = read_manifest(path)
+    except ResnetDeployError:
+        raise
+    except (ValueError, TypeError, AttributeError, KeyError, OSError) as exc:  # e.g. JSON that is not an object
+        raise _bad_manifest(side, f"{type(exc).__name__}: {exc}") from exc
+    if m is None:
+        return None
+    if m.precision not in _PRECISIONS:
+        raise _bad_manifest(side, f"precision {m.precision!r} is not one of {', '.join(_PRECISIONS)}")
+    if not isinstance(m.format, str):
+        raise _bad_manifest(side, f"format {m.format!r} is not a string")
+    src = m.source_model
+    if src is not None and not (isinstance(src, dict) and all(
+            src.get(k) is None or isinstance(src.get(k), str) for k in ("path", "sha256"))):
+        raise _bad_manifest(side, f"source_model {src!r} is not an object with string path and sha256")
+    try:
+        m.preprocessing_spec
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise _bad_manifest(side, f"preprocessing {m.preprocessing!r}: {exc}") from exc
+    return m
+
+
+_PRECISIONS = tuple(p.value for p in Precision)
+
+
+def _bad_manifest(side: Path, why: str) -> BenchError:
+    return BenchError(f"The manifest {side} is unreadable: {why}.",
+                      expected="the JSON written by `resnet-deploy export`",
+                      fix="re-export the artifact, or delete the manifest to bench with defaults")
 
 
 def error_dict(exc: ResnetDeployError) -> dict:
@@ -145,7 +187,7 @@ def assign_labels(entries: list[Entry]) -> None:
 
 def _quiet_manifest(path: Path) -> Manifest | None:
     try:
-        return read_manifest(path)
+        return checked_manifest(path)
     except ResnetDeployError:
         return None
 

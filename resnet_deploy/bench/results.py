@@ -28,7 +28,7 @@ class ArtifactResult:
     sha256: str | None = None
     timing: dict = field(default_factory=dict)  # import_s, load_s, first_run_s, first_inference_s, accuracy_pass_s
     latency: dict = field(default_factory=dict)  # "1" / "32" -> stats (ms, images/s)
-    memory: dict = field(default_factory=dict)  # peak_rss_bytes, rss_before_load_bytes, rss_scope
+    memory: dict = field(default_factory=dict)  # artifact_rss_bytes, peak_rss_bytes, rss_before_load_bytes, ...
     accuracy: dict | None = None  # top1, interval, per_class, confusion_matrix
     vs_float: dict | None = None  # accuracy change + McNemar + agreement + logit error + ratios
     vs_baseline: dict | None = None  # ratios against the FP32 artifact of the same runtime
@@ -55,6 +55,7 @@ class BenchReport:
     reference: dict  # label, path, notes (how it was found, or why there is none)
     results: list[ArtifactResult]
     gates: list[dict] = field(default_factory=list)
+    not_gated: list[dict] = field(default_factory=list)  # {gate, artifact, reason}: a gate that does not apply
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     duration_s: float | None = None
     schema_version: int = SCHEMA_VERSION
@@ -94,6 +95,7 @@ class BenchReport:
             "reference": self.reference,
             "results": [r.to_dict() for r in self.results],
             "gates": self.gates,
+            "not_gated": self.not_gated,
             "ok": self.ok,
             "errors": [{"label": r.label, **r.error} for r in self.errors],
         }

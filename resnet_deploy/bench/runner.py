@@ -16,10 +16,10 @@ from typing import Callable, Iterable
 import numpy as np
 
 from resnet_deploy.bench import accuracy as acc
-from resnet_deploy.bench.gates import evaluate_gates
+from resnet_deploy.bench.gates import evaluate_gates, not_gated
 from resnet_deploy.bench.options import BenchOptions
 from resnet_deploy.bench.probe import ProbeJob, probe
-from resnet_deploy.bench.resolve import (Entry, add_baselines, assign_labels, find_baseline, identify,
+from resnet_deploy.bench.resolve import (Entry, add_baselines, assign_labels, error_dict, find_baseline, identify,
                                          resolve_reference)
 from resnet_deploy.bench.results import ArtifactResult, BenchReport
 from resnet_deploy.data.constants import IMAGE_SHAPE, NUM_CLASSES
@@ -54,7 +54,7 @@ def run_bench(artifact_paths: Iterable[str | os.PathLike], options: BenchOptions
         entries.insert(0, identify(ref_path, "reference"))
     entries += add_baselines(entries, options.baselines)
     assign_labels(entries)
-    split, data_info = _test_images(options, data) if options.accuracy else (None, {"split": None})
+    split, data_info = _test_images(options, data) if options.accuracy else (None, _no_test_images(options))
     latency_images = _latency_images(split, options) if options.latency else None
 
     results = []
@@ -75,29 +75,56 @@ def run_bench(artifact_paths: Iterable[str | os.PathLike], options: BenchOptions
                    "notes": ref_notes},
         results=results)
     report.gates = evaluate_gates(report, options)
+    report.not_gated = not_gated(report, options)
     report.duration_s = time.perf_counter() - started
     return report
 
 
 def _measure(e: Entry, options: BenchOptions, split, latency_images) -> ArtifactResult:
+    """One file's result. Never raises for a problem of the file: it becomes the result's error (and
+    then only the file facts, ``size_bytes`` and ``sha256``, may be set besides it)."""
     r = ArtifactResult(label=e.label, path=str(e.path), role=e.role, format=e.format, precision=e.precision,
                        has_manifest=e.manifest is not None, notes=list(e.notes), error=e.error)
     if r.error:
         return r
-    from resnet_deploy.artifact import file_facts
-
-    r.size_bytes, r.sha256 = (lambda f: (f["size_bytes"], f["sha256"]))(file_facts(e.path))
+    try:
+        r.size_bytes, r.sha256 = _file_facts(e.path)
+    except BenchError as exc:
+        r.error = error_dict(exc)
+        return r
+    eval_images = split.x if split is not None else None
     job = ProbeJob(path=e.path, threads=options.threads, batch_sizes=options.batch_sizes, warmup=options.warmup,
                    runs=options.runs, min_time_s=options.min_time_s, max_time_s=options.max_time_s,
                    min_runs=options.MIN_TIMED_RUNS, noisy_cv=options.noisy_cv, latency_images=latency_images,
-                   eval_images=split.x if split is not None else None, eval_batch_size=options.batch_size)
+                   eval_images=eval_images, eval_batch_size=options.batch_size,
+                   timeout_s=options.file_timeout_s(0 if eval_images is None else len(eval_images)))
     out = probe(job, isolate=options.isolate)
     r.error = out.get("error")
+    if r.error:  # whatever was measured before the failure is not a result
+        return r
     r.runtime, r.logits = out.get("runtime"), out.get("logits")
     r.timing, r.latency, r.memory = out.get("timing", {}), out.get("latency", {}), out.get("memory", {})
     if r.precision == "unknown" and (r.runtime or {}).get("input_dtype") in ("int8", "uint8"):
         r.notes.append(f"integer input ({r.runtime['input_dtype']}): a full-integer model")
     return r
+
+
+def _file_facts(path: Path) -> tuple[int, str]:
+    """Size and sha256 of an artifact; a BenchError for a file that cannot be read (never a hang on a
+    FIFO or a device, which are refused)."""
+    from resnet_deploy.artifact import file_facts
+
+    if not (path.is_file() or path.is_dir()):
+        raise BenchError(f"{path} is not a regular file or folder.",
+                         expected="a .tflite/.onnx file, or a .keras file / SavedModel folder",
+                         fix="bench the exported file itself")
+    try:
+        f = file_facts(path)
+    except OSError as exc:
+        raise BenchError(f"{path} cannot be read: {exc.strerror or exc}.",
+                         expected="a readable artifact file",
+                         fix="check the file's permissions and that the disk is readable; re-export it") from exc
+    return f["size_bytes"], f["sha256"]
 
 
 def _fill_accuracy(r: ArtifactResult, reference: ArtifactResult | None, split, options: BenchOptions) -> None:
@@ -118,7 +145,7 @@ def _fill_ratios(r: ArtifactResult, reference: ArtifactResult | None, baseline: 
 
 def ratios(r: ArtifactResult, base: ArtifactResult) -> dict:
     """Speed-up (base p50 / artifact p50, per batch size), throughput ratio, size reduction
-    (base bytes / artifact bytes), peak-RSS ratio and first-inference ratio (artifact / base)."""
+    (base bytes / artifact bytes), memory ratios and first-inference ratio (artifact / base)."""
     out: dict = {"speedup": {}, "throughput_ratio": {}}
     for bs, s in r.latency.items():
         b = base.latency.get(bs) or {}
@@ -127,6 +154,7 @@ def ratios(r: ArtifactResult, base: ArtifactResult) -> dict:
             out["throughput_ratio"][bs] = s["throughput_ips"] / b["throughput_ips"]
     out["size_reduction"] = _ratio(base.size_bytes, r.size_bytes)
     out["peak_rss_ratio"] = _ratio(r.memory.get("peak_rss_bytes"), base.memory.get("peak_rss_bytes"))
+    out["artifact_rss_ratio"] = _ratio(r.memory.get("artifact_rss_bytes"), base.memory.get("artifact_rss_bytes"))
     out["first_inference_ratio"] = _ratio(r.timing.get("first_inference_s"), base.timing.get("first_inference_s"))
     if r.accuracy and base.accuracy:
         out["top1_change_pp"] = 100.0 * (r.accuracy["top1"] - base.accuracy["top1"])
@@ -155,7 +183,13 @@ def _test_images(options: BenchOptions, data):
         raise BenchError(f"run_bench got data of type {type(data).__name__}.", expected="a Split, a Cifar10 or None")
     split = split.take(options.limit)
     return split, {"source": str(source), "split": split.name, "images": len(split), "limit": options.limit,
-                   "class_counts": split.class_counts().tolist()}
+                   "class_counts": split.class_counts().tolist(),
+                   "latency_images": f"the first {min(options.large_batch, len(split))} test images"}
+
+
+def _no_test_images(options: BenchOptions) -> dict:
+    return {"source": None, "split": None, "images": 0, "limit": options.limit, "class_counts": None,
+            "latency_images": f"random pixels (seed {options.seed}): --no-accuracy loads no test images"}
 
 
 def _latency_images(split, options: BenchOptions) -> np.ndarray:

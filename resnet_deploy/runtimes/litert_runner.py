@@ -2,6 +2,8 @@
 
 Integer I/O is handled here from the tensor details: float inputs are quantized with the
 input's scale/zero-point and integer outputs are dequantized, so callers always pass float.
+An integer tensor without quantization parameters (scale 0, as TFLite reports it) holds raw
+integer values: the input is rounded and saturated to the dtype, the output only widened to float.
 """
 
 from __future__ import annotations
@@ -13,11 +15,17 @@ from resnet_deploy.runtimes.base import Runner
 
 
 def quantize(x: np.ndarray, scale: float, zero_point: int, dtype) -> np.ndarray:
+    """real -> integer: round(x / scale) + zero_point, saturated to ``dtype``. Scale 0 (no quantization
+    parameters): ``x`` already holds the integer values, rounded and saturated the same way."""
     info = np.iinfo(dtype)
-    return np.clip(np.round(x / scale) + zero_point, info.min, info.max).astype(dtype)
+    q = np.round(x / scale) + zero_point if scale else np.round(x)
+    return np.clip(q, info.min, info.max).astype(dtype)
 
 
 def dequantize(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
+    """integer -> real: (q - zero_point) * scale; scale 0 (no quantization parameters): the raw values."""
+    if not scale:
+        return q.astype(np.float32)
     return (q.astype(np.float32) - zero_point) * np.float32(scale)
 
 

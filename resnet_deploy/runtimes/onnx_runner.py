@@ -11,6 +11,16 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
               "tensor(uint8)": np.uint8}
 
 
+def to_input_dtype(x: np.ndarray, dtype) -> np.ndarray:
+    """Float input as the model's input type; an integer input gets the values rounded and saturated
+    to its range (a bare cast would wrap 256 to 0 and -1 to 255). Quantization parameters of an
+    integer input are not applied here: ONNX keeps them in QuantizeLinear nodes inside the graph."""
+    if np.issubdtype(dtype, np.integer) and not np.issubdtype(x.dtype, np.integer):
+        info = np.iinfo(dtype)
+        return np.clip(np.round(x), info.min, info.max).astype(dtype)
+    return x.astype(dtype, copy=False)
+
+
 class OnnxRunner(Runner):
     name = "onnxruntime"
 
@@ -50,7 +60,7 @@ class OnnxRunner(Runner):
         return self._fixed_batch is None
 
     def _predict_impl(self, x: np.ndarray) -> np.ndarray:
-        out = self.session.run([self.output_name], {self.input_name: x.astype(self.input_dtype, copy=False)})[0]
+        out = self.session.run([self.output_name], {self.input_name: to_input_dtype(x, self.input_dtype)})[0]
         return out.astype(np.float32, copy=False)
 
     def describe(self) -> dict:
