@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -38,34 +39,110 @@ def check_can_write(path: str | os.PathLike, force: bool, what: str = "file") ->
         )
 
 
+ASIDE_SUFFIX = ".old"  # ``.<name>.old``: the previous folder, kept while its replacement is renamed in
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it onto ``final`` only on success.
 
-    Works for files and for folders (a SavedModel): whatever the caller creates at the yielded
-    path replaces ``final`` in one rename. On any exception the temporary is removed.
+    Works for files and for folders (a SavedModel, a checkpoint): whatever the caller creates at
+    the yielded path replaces ``final``. A file replaces a file in one ``os.replace``. A folder
+    cannot be replaced in one rename, so the old one is first renamed aside (``aside_path``),
+    the new one renamed in, and only then the aside copy deleted: at every instant a complete
+    copy carries either the final name or the aside name (``existing_version`` finds it, and
+    ``recover_replaced`` puts it back after a crash). On any exception the temporary is removed
+    and an old folder already moved aside is put back.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{final.name}.", suffix=suffix if suffix is not None else (final.suffix + ".tmp"), dir=final.parent
-    )
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=_temp_suffix(final, suffix), dir=final.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     tmp.unlink()  # the caller creates it (some writers refuse an existing file)
+    aside = aside_path(final)
+    moved_aside = False
     try:
         yield tmp
         if not tmp.exists():
             raise FileNotFoundError(f"writer produced nothing at {tmp}")
-        if final.is_dir():  # os.replace cannot replace a non-empty folder (SavedModel)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if final.is_dir() and not final.is_symlink():  # os.replace cannot replace a non-empty folder
+            if aside.exists():  # a crash's leftover; ``final`` is complete, so it is stale
+                _remove(aside)
+            os.replace(final, aside)
+            moved_aside = True
+            os.replace(tmp, final)
+            _remove(aside)
+        else:
+            os.replace(tmp, final)
+            if final.is_dir() and aside.exists():  # a crash's leftover, now superseded by ``final``
+                _remove(aside)
     except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
+        _remove(tmp)
+        if moved_aside and aside.exists() and not final.exists():  # failed between the renames: undo
+            os.replace(aside, final)
         raise
+
+
+def _temp_suffix(final: Path, suffix: str | None) -> str:
+    return suffix if suffix is not None else (final.suffix + ".tmp")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def aside_path(final: str | os.PathLike) -> Path:
+    """Where ``atomic_path`` keeps the previous folder while the new one is renamed onto ``final``."""
+    final = Path(final)
+    return final.with_name(f".{final.name}{ASIDE_SUFFIX}")
+
+
+def existing_version(final: str | os.PathLike) -> Path | None:
+    """``final`` if it exists; else its aside copy (a process killed between ``atomic_path``'s two
+    renames leaves the previous complete version there); else None."""
+    final = Path(final)
+    if final.exists():
+        return final
+    aside = aside_path(final)
+    return aside if aside.exists() else None
+
+
+def recover_replaced(final: str | os.PathLike) -> bool:
+    """Finish or undo a replacement a crash interrupted: put the aside copy back when ``final`` is
+    missing, delete it when ``final`` is there. Returns True when the aside copy was put back.
+    Call it only where no other process is writing ``final``."""
+    final = Path(final)
+    aside = aside_path(final)
+    if not aside.exists():
+        return False
+    if final.exists():
+        _remove(aside)
+        return False
+    os.replace(aside, final)
+    return True
+
+
+def stale_temporaries(final: str | os.PathLike, suffix: str | None = None) -> list[Path]:
+    """Temporaries that ``atomic_path(final, suffix)`` left beside ``final`` when its process was
+    killed (SIGKILL, power loss: no ``except`` ran). ``suffix`` as given to ``atomic_path``.
+    Only call it where no other process is writing ``final`` at the same time."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return []
+    pattern = re.compile(re.escape(f".{final.name}.") + r"[a-z0-9_]{8}" + re.escape(_temp_suffix(final, suffix)) + "$")
+    return sorted(p for p in final.parent.iterdir() if pattern.match(p.name))
+
+
+def remove_stale_temporaries(final: str | os.PathLike, suffix: str | None = None) -> list[Path]:
+    """Delete what ``stale_temporaries`` finds; returns the paths removed."""
+    found = stale_temporaries(final, suffix)
+    for p in found:
+        _remove(p)
+    return found
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:

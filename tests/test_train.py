@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -240,6 +241,44 @@ def test_distillation_loss_is_hinton_kl_times_t_squared():
     assert teacher.trainable is False and len(d.trainable_variables) == len(student.trainable_variables)
 
 
+def test_distillation_keeps_the_students_weight_decay_whole_and_leaves_the_teachers_out():
+    """loss = (1-w) CE + w T^2 KL + the student's L2, unscaled: weight decay is what the recipe says
+    whatever the distillation weight, and a teacher with regularizers adds nothing."""
+    import keras
+
+    from resnet_deploy.models.builder import build_model
+    from resnet_deploy.training.distill import Distiller
+
+    keras.utils.set_random_seed(0)
+    wd, w, t = 0.05, 0.3, 2.0
+    student = build_model("resnet8", width=0.25, weight_decay=wd)
+    teacher = build_model("resnet8", width=0.5, weight_decay=wd)  # its L2 must not leak into the loss
+    d = Distiller(student, teacher, temperature=t, weight=w)
+    d.compile(loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+    x = _images(8).astype(np.float32)
+    y = np.eye(10, dtype=np.float32)[np.arange(8)]
+    s_logits = keras.ops.convert_to_numpy(student(x, training=False))
+    t_logits = keras.ops.convert_to_numpy(teacher(x, training=False))
+
+    def log_softmax(z):
+        z = z - z.max(axis=1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+    l2 = sum(wd * float(np.sum(np.square(keras.ops.convert_to_numpy(layer.kernel))))
+             for layer in student.layers if getattr(layer, "kernel_regularizer", None) is not None)
+    ce = float(np.mean(-log_softmax(s_logits)[np.arange(8), np.arange(8)]))
+    pt = np.exp(log_softmax(t_logits / t))
+    kl = t * t * float(np.mean(np.sum(pt * (log_softmax(t_logits / t) - log_softmax(s_logits / t)), axis=1)))
+    assert l2 > 0.2 * ((1 - w) * ce + w * kl)  # the decay term is large enough for a scaling to show
+
+    def loss(training):
+        return float(keras.ops.convert_to_numpy(
+            d.compute_loss(x, y, keras.ops.convert_to_tensor(s_logits), training=training)))
+
+    assert loss(True) == pytest.approx((1 - w) * ce + w * kl + l2, rel=1e-4)
+    assert loss(False) == pytest.approx(ce + l2, rel=1e-4)  # evaluation: as a run without a teacher reports it
+
+
 # ----------------------------------------------------------------------------------------------
 # A short real run (TensorFlow backend, real CIFAR-10 images)
 # ----------------------------------------------------------------------------------------------
@@ -286,11 +325,17 @@ def test_run_writes_log_curves_checkpoints_atomically(short_run):
     rows = list(csv.DictReader((out / "log.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert all(math.isfinite(float(r["loss"])) and 0 <= float(r["val_accuracy"]) <= 1 for r in rows)
+    for r in rows:  # training time and throughput leave the test pass out
+        train_s, test_s, epoch_s = float(r["train_s"]), float(r["test_s"]), float(r["epoch_s"])
+        assert 0 < train_s and 0 < test_s and train_s + test_s <= epoch_s + 1e-3
+        assert float(r["train_images_per_s"]) > 0
+    assert result.metadata["train_pass_s"] <= result.metadata["train_time_s"] + 0.1
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert load_model(out / "best.keras").count_params() == 5382
     assert sorted(p.name for p in (out / "checkpoints" / "last").iterdir()) == \
         ["optimizer.npz", "state.json", "weights.weights.h5"]
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]  # nothing half-written left
+    assert not [p for p in out.rglob("*") if p.name.endswith(".old")]  # no checkpoint left aside
 
 
 def test_existing_output_is_refused_unless_force(short_run, small_npz_dir):
@@ -322,3 +367,190 @@ def test_distilled_run_checkpoint_restores_student_and_optimizer(short_run):
     for a, b in zip(student.get_weights(), final.get_weights()):
         np.testing.assert_array_equal(a, b)
     assert keras.config.dtype_policy().name == "float32"
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint replacement: a complete copy always carries a name a resume finds
+# ----------------------------------------------------------------------------------------------
+KILL_BETWEEN_RENAMES = """
+import os, sys
+from pathlib import Path
+from resnet_deploy import fileio
+final = Path(sys.argv[1])
+real_replace = os.replace
+def replace(src, dst):
+    if Path(src).name.startswith("." + final.name + ".") and Path(dst) == final:
+        os._exit(9)  # killed after the old folder went aside, before the new one came in
+    real_replace(src, dst)
+fileio.os.replace = replace
+with fileio.atomic_path(final, suffix=".tmp") as tmp:
+    tmp.mkdir()
+    (tmp / "state.json").write_text("new")
+"""
+
+
+def _folder(path, text):
+    path.mkdir(parents=True)
+    (path / "state.json").write_text(text)
+
+
+def test_folder_replacement_always_leaves_a_complete_copy(tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    from resnet_deploy import fileio
+
+    final = tmp_path / "checkpoints" / "last"
+    _folder(final, "old")
+    seen = []
+    real_replace = os.replace
+
+    def watching_replace(src, dst):  # at each rename: a complete copy as `last` or as the aside `.last.old`?
+        seen.append(any((p / "state.json").exists() for p in (final, final.with_name(".last.old"))))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(fileio.os, "replace", watching_replace)
+    with fileio.atomic_path(final, suffix=".tmp") as tmp:
+        tmp.mkdir()
+        (tmp / "state.json").write_text("new")
+    monkeypatch.undo()
+    assert seen and all(seen), seen
+    assert (final / "state.json").read_text() == "new" and sorted(p.name for p in final.parent.iterdir()) == ["last"]
+
+    # a real kill between the two renames: the old copy is found aside, the new one is a temporary
+    res = subprocess.run([sys.executable, "-c", KILL_BETWEEN_RENAMES, str(final)], capture_output=True, text=True)
+    assert res.returncode == 9, res.stderr
+    assert not final.exists()
+    assert (fileio.existing_version(final) / "state.json").read_text() == "new"  # the previous version
+    assert len(fileio.stale_temporaries(final, ".tmp")) == 1
+    assert fileio.recover_replaced(final) and (final / "state.json").read_text() == "new"
+    assert [p.name for p in fileio.remove_stale_temporaries(final, ".tmp")] and \
+        sorted(p.name for p in final.parent.iterdir()) == ["last"]
+
+    # a writer failing between the renames puts the old folder back
+    def failing_replace(src, dst):
+        if Path(dst) == final and Path(src).name.endswith(".tmp"):  # the new folder's rename, not the undo
+            raise OSError("disk gone")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(fileio.os, "replace", failing_replace)
+    with pytest.raises(OSError):
+        with fileio.atomic_path(final, suffix=".tmp") as tmp:
+            tmp.mkdir()
+            (tmp / "state.json").write_text("newer")
+    monkeypatch.undo()
+    assert (final / "state.json").read_text() == "new" and sorted(p.name for p in final.parent.iterdir()) == ["last"]
+
+
+def _copy_run(short_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(short_run[0].out_dir, out)
+    return out
+
+
+def test_resume_finds_a_checkpoint_left_aside_and_removes_temporaries(short_run, tmp_path, small_npz_dir,
+                                                                      tiny_model_path):
+    """The state a kill between the two renames leaves: no checkpoints/last, the previous one at
+    .last.old, a complete temporary. --resume reads the aside copy, puts it back, cleans up."""
+    import shutil
+
+    from resnet_deploy.training.checkpoint import read_state
+    from resnet_deploy.training.trainer import train_model
+
+    out = _copy_run(short_run, tmp_path)
+    ck = out / "checkpoints"
+    shutil.copytree(ck / "last", ck / ".last.k1ll3d00.tmp")
+    (ck / "last").rename(ck / ".last.old")
+    (out / ".log.csv.k1ll3d00.csv.tmp").write_text("epoch\n")
+    assert read_state(out).epoch == 2  # not "Nothing to resume"
+    lines: list[str] = []
+    cfg = TrainConfig(**TINY, out_dir=out, cutout=8, teacher=tiny_model_path, resume=True)
+    result = train_model(cfg, data=small_npz_dir, log=lines.append)  # 2 of 2 epochs done: only the finish
+    assert any("restored" in line for line in lines) and any("k1ll3d00" in line for line in lines)
+    assert sorted(p.name for p in ck.iterdir()) == ["last"]
+    assert not (out / ".log.csv.k1ll3d00.csv.tmp").exists()
+    assert result.metadata["epochs"] == 2 and read_state(out).epoch == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Precision on --resume
+# ----------------------------------------------------------------------------------------------
+def test_resume_refuses_another_precision_than_the_run_trained_in(short_run, tmp_path, tiny_model_path):
+    """A run that trained in mixed_bfloat16 under `auto` on a GPU, resumed with `auto` on this CPU
+    (where auto means float32): refused before any data is read, with the way out."""
+    from resnet_deploy.training.checkpoint import read_state
+    from resnet_deploy.training.devices import DeviceInfo
+    from resnet_deploy.training.trainer import train_model
+
+    out = _copy_run(short_run, tmp_path)
+    state_file = out / "checkpoints" / "last" / "state.json"
+    saved = json.loads(state_file.read_text())
+    saved["config"]["precision"], saved["precision"] = "auto", "mixed_bfloat16"
+    state_file.write_text(json.dumps(saved))
+    auto = {**TINY, "precision": "auto"}
+    cfg = TrainConfig(**auto, out_dir=out, cutout=8, teacher=tiny_model_path, resume=True)
+    with pytest.raises(TrainError) as info:
+        train_model(cfg, data=tmp_path / "no-data-here")
+    msg = str(info.value)
+    assert "mixed_bfloat16" in msg and "float32" in msg and "--precision mixed_bfloat16" in msg, msg
+    assert "Expected:" in msg and "Fix:" in msg
+    assert json.loads(state_file.read_text()) == saved
+    assert read_state(short_run[0].out_dir).precision == "float32"  # the resolved policy is kept
+
+    from resnet_deploy.training.trainer import _check_resumed_precision
+
+    state = read_state(out)
+    cpu, t4 = DeviceInfo("tensorflow", "cpu", ("cpu",)), DeviceInfo("jax", "gpu", ("Tesla T4",), (7, 5))
+    explicit = TrainConfig(**{**TINY, "precision": "mixed_bfloat16"}, out_dir=out, resume=True)
+    assert _check_resumed_precision(explicit, state, "mixed_bfloat16", cpu, out) is None  # same policy: fine
+    with pytest.raises(TrainError, match="resume on a machine that runs mixed_bfloat16"):
+        _check_resumed_precision(cfg, state, "mixed_float16", t4, out)  # this GPU cannot run bf16 at all
+    state.precision = None  # a checkpoint from before the record: checked only where it can be
+    state.config["precision"] = "float32"
+    with pytest.raises(TrainError, match="trained in float32"):
+        _check_resumed_precision(explicit, state, "mixed_bfloat16", cpu, out)
+    state.config["precision"] = "auto"
+    assert "does not record" in _check_resumed_precision(cfg, state, "float32", cpu, out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing and curves of the run recorder
+# ----------------------------------------------------------------------------------------------
+def test_throughput_counts_training_batches_only():
+    """8 batches of 32: the first takes 5 s (compilation), the others 1 s each, then a 100 s test pass."""
+    from resnet_deploy.training.callbacks import RunRecorder
+    from resnet_deploy.training.checkpoint import RunState
+
+    now = [0.0]
+    rec = RunRecorder(None, RunState(), 2, steps=8, batch_size=32, save_best=None, log=None, clock=lambda: now[0])
+    rec.on_epoch_begin(0)
+    for step in range(8):
+        rec.on_train_batch_begin(step)
+        now[0] += 5.0 if step == 0 else 1.0
+    rec.on_test_begin()
+    now[0] += 100.0
+    rec.on_test_end()
+    times = rec.clock.epoch_end()
+    assert times == {"epoch_s": 112.0, "train_s": 12.0, "test_s": 100.0, "train_images_per_s": 32.0}
+
+
+def test_curves_are_skipped_once_without_matplotlib(tmp_path, monkeypatch):
+    import sys
+
+    from resnet_deploy.training.callbacks import CURVES_SKIPPED, RunRecorder, write_curves
+    from resnet_deploy.training.checkpoint import RunState
+
+    history = [{"epoch": 1, "loss": 2.0, "accuracy": 0.2, "val_loss": 2.1, "val_accuracy": 0.2}]
+    (tmp_path / "curves.png").write_bytes(b"an earlier session's curves")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as on the GPU machine
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    assert write_curves(tmp_path / "other.png", history) is False and not (tmp_path / "other.png").exists()
+    lines: list[str] = []
+    rec = RunRecorder(tmp_path, RunState(), 2, steps=8, batch_size=32, save_best=None, log=lines.append)
+    rec._curves(tmp_path / "curves.png", history)
+    rec._curves(tmp_path / "curves.png", history * 2)
+    assert lines == [CURVES_SKIPPED] and "matplotlib" in lines[0] and "log.csv" in lines[0]
+    assert not (tmp_path / "curves.png").exists()  # a stale PNG would disagree with log.csv

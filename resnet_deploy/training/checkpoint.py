@@ -4,7 +4,14 @@
 
     weights.weights.h5   the training model's weights (BatchNorm statistics included)
     optimizer.npz        every optimizer variable (iteration counter, momenta, loss scale)
-    state.json           epochs done, best epoch, the history rows, the config, elapsed time
+    state.json           epochs done, best epoch, the history rows, the config, the resolved
+                         precision (dtype policy), elapsed time
+
+A folder cannot replace a folder in one rename: ``atomic_path`` renames the previous ``last`` aside
+(``checkpoints/.last.old``), renames the new one in, then deletes the aside copy. A process killed
+between those two renames leaves no ``last`` but a complete ``.last.old``: reading falls back to it
+(``last_folder``), and a resumed run puts it back and deletes the temporaries killed runs left
+(``recover_checkpoint``).
 
 The iteration counter drives the learning-rate schedule, so restoring the optimizer restores the
 schedule position. ``<out>/best.keras`` is the float32 model of the best epoch so far (by test
@@ -20,9 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from resnet_deploy.errors import TrainError
-from resnet_deploy.fileio import atomic_path
+from resnet_deploy.fileio import atomic_path, existing_version, recover_replaced, remove_stale_temporaries
 
 LAST = Path("checkpoints") / "last"
+TMP_SUFFIX = ".tmp"  # of the temporary folder save_last writes before renaming it onto LAST
 
 
 @dataclass
@@ -31,7 +39,8 @@ class RunState:
     iterations: int = 0
     best_epoch: int | None = None
     best_accuracy: float | None = None
-    elapsed_s: float = 0.0  # training seconds summed over every session of this run
+    elapsed_s: float = 0.0  # epoch wall-clock seconds (training + test pass) summed over every session
+    precision: str | None = None  # the resolved dtype policy the run trains in (None: a checkpoint from before it was kept)
     sessions: int = 0
     history: list[dict] = field(default_factory=list)
     config: dict = field(default_factory=dict)
@@ -68,7 +77,7 @@ def save_last(out_dir: Path, model, state: RunState, student=None) -> None:
     variables = model.optimizer.variables
     state.optimizer_variables = [v.path for v in variables]
     final = out_dir / LAST
-    with atomic_path(final, suffix=".tmp") as tmp:
+    with atomic_path(final, suffix=TMP_SUFFIX) as tmp:
         tmp.mkdir()
         (student or model).save_weights(tmp / "weights.weights.h5")
         np.savez(tmp / "optimizer.npz", **{f"v{i:04d}": np.asarray(keras.ops.convert_to_numpy(v))
@@ -76,10 +85,27 @@ def save_last(out_dir: Path, model, state: RunState, student=None) -> None:
         (tmp / "state.json").write_text(json.dumps(state.to_dict(), indent=1, default=str) + "\n")
 
 
+def last_folder(out_dir: Path) -> Path:
+    """The last checkpoint's folder: ``checkpoints/last``, or the copy a crash between the two
+    renames of its replacement left aside (``checkpoints/.last.old``)."""
+    return existing_version(out_dir / LAST) or out_dir / LAST
+
+
+def recover_checkpoint(out_dir: Path) -> list[str]:
+    """Before a resumed run writes again: put back a ``last`` a crash left aside, and delete the
+    temporary checkpoint folders of killed runs. Returns what was done, one line each."""
+    done = []
+    if recover_replaced(out_dir / LAST):
+        done.append(f"restored {out_dir / LAST} from the copy an interrupted replacement left aside")
+    for p in remove_stale_temporaries(out_dir / LAST, suffix=TMP_SUFFIX):
+        done.append(f"removed {p.name}, an unfinished checkpoint of a killed run")
+    return done
+
+
 def read_state(out_dir: Path) -> RunState:
-    path = out_dir / LAST / "state.json"
+    path = last_folder(out_dir) / "state.json"
     if not path.exists():
-        raise TrainError(f"Nothing to resume in {out_dir}: {path} does not exist.",
+        raise TrainError(f"Nothing to resume in {out_dir}: {out_dir / LAST / 'state.json'} does not exist.",
                          expected="the output folder of an interrupted `resnet-deploy train` run",
                          fix="pass the same --out as the interrupted run, or start afresh without --resume")
     try:
@@ -91,7 +117,7 @@ def read_state(out_dir: Path) -> RunState:
 
 def restore_last(out_dir: Path, model, state: RunState, student=None) -> None:
     """Load weights and optimizer variables written by ``save_last`` into a freshly compiled model."""
-    folder = out_dir / LAST
+    folder = last_folder(out_dir)
     opt = model.optimizer
     if not opt.built:  # before load_weights, which also fills a compiled model's built optimizer
         opt.build(model.trainable_variables)

@@ -3,9 +3,12 @@
 ``Distiller`` wraps the student; ``compute_loss`` adds the teacher's softened targets:
 
     loss = (1 - w) * CE(labels, student) + w * T^2 * KL(softmax(teacher / T) || softmax(student / T))
+           + the student's own losses (its L2 weight decay), unscaled
 
-The teacher runs in inference mode and is never trained. Only the student is saved: the
-trainer checkpoints and exports ``distiller.student``.
+Only the two data terms are weighted: the weight decay the recipe records applies in full, as in a
+run without a teacher. The teacher's losses (regularizers, ``add_loss``) never enter. The teacher
+runs in inference mode and is never trained. Only the student is saved: the trainer checkpoints
+and exports ``distiller.student``.
 """
 
 from __future__ import annotations
@@ -31,9 +34,14 @@ class Distiller(keras.Model):
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         ops = keras.ops
-        hard = super().compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training)
-        if not training:  # evaluation: the plain task loss, comparable with a run without a teacher
-            return hard
+        if self._compile_loss is None:
+            raise ValueError("compile the Distiller with the task loss (e.g. CategoricalCrossentropy)")
+        # Keras' compiled loss alone (the first term Model.compute_loss sums; its other terms, self.losses,
+        # would mix the student's weight decay into the weighted part and could bring the teacher's in)
+        hard = ops.cast(self._compile_loss(y, y_pred, sample_weight), "float32")
+        own = self._student_losses()
+        if not training:  # evaluation: what a run without a teacher reports (task loss + weight decay)
+            return hard + own
         t = self.temperature
         teacher_logits = ops.cast(self.teacher(x, training=False), "float32")
         student_logits = ops.cast(y_pred, "float32")
@@ -42,7 +50,21 @@ class Distiller(keras.Model):
         log_p_teacher = ops.log_softmax(teacher_logits / t, axis=-1)
         kl = ops.sum(p_teacher * (log_p_teacher - log_p_student), axis=-1)
         soft = ops.mean(kl) * (t * t)
-        return (1.0 - self.weight) * hard + self.weight * soft
+        return (1.0 - self.weight) * hard + self.weight * soft + own
+
+    def _student_losses(self):
+        """The student's regularization and ``add_loss`` terms, summed in float32; never the teacher's.
+
+        On JAX, ``fit`` hands over the losses of the forward pass (``self.losses`` is then exactly
+        those: ``call`` runs only the student, and the frozen teacher has no trainable weights to
+        regularize). Elsewhere they are read from the student itself.
+        """
+        ops = keras.ops
+        losses = self.losses if getattr(self, "_losses_override", None) else self.student.losses
+        total = ops.zeros((), "float32")
+        for loss in losses:
+            total = total + ops.cast(ops.sum(loss), "float32")
+        return total
 
 
 def load_teacher(path: Path):

@@ -1,8 +1,8 @@
 """``train_model(config, data)``: train a ResNet of the family on CIFAR-10 with Keras ``fit``.
 
 Order of work: check the output folder and the resume state, probe the devices and settle the
-precision and data parallelism, load the teacher, load the data; only then build and train.
-Every bad option fails before a batch is trained.
+precision (on ``--resume``: the one the run has trained in) and data parallelism, load the
+teacher, load the data; only then build and train. Every bad option fails before a batch is trained.
 
 Selection note: the per-epoch ``val_*`` figures are measured on the test split, for monitoring.
 ``model.keras`` is the model of the *last* epoch, not the best one, so its test accuracy is not
@@ -23,6 +23,10 @@ from resnet_deploy.errors import OutputExistsError, TrainError
 from resnet_deploy.training.recipe import TrainConfig
 
 OWNED = ("model.keras", "model.keras.json", "best.keras", "best.keras.json", "log.csv", "curves.png", "checkpoints")
+# The suffix each owned file's temporary gets from fileio.atomic_path (None: its default); models.io.save_model
+# writes .keras files through a ".tmp.keras" temporary (Keras insists on the suffix).
+TEMP_SUFFIXES = {"model.keras": ".tmp.keras", "best.keras": ".tmp.keras", "model.keras.json": None,
+                 "best.keras.json": None, "log.csv": None, "curves.png": None}
 SELECTION_NOTE = ("val_* columns are measured on the test split for monitoring only; model.keras is the last "
                   "epoch (not selected on the test set); best.keras is the epoch with the highest val_accuracy")
 
@@ -49,6 +53,10 @@ def train_model(config: TrainConfig, data=None, log: Callable[[str], None] | Non
     state = _prepare_state(config, out)
     dev = probe_devices()
     precision = resolve_precision(config.precision, dev)
+    if config.resume:
+        note = _check_resumed_precision(config, state, precision, dev, out)
+        if note:
+            log(note)
     replicas = replica_count(config.distribute, dev)
     if config.batch_size % replicas:
         raise TrainError(f"--batch-size {config.batch_size} does not split over {replicas} devices.",
@@ -60,6 +68,9 @@ def train_model(config: TrainConfig, data=None, log: Callable[[str], None] | Non
     train, test, source = _load_data(config, data)
     if not config.resume and config.force:
         _clean(out)
+    if config.resume:
+        for line in _recover(out):
+            log(line)
     out.mkdir(parents=True, exist_ok=True)
     return _run(config, out, state, dev, precision, replicas, train, test, source, log)
 
@@ -77,7 +88,12 @@ def _prepare_state(config: TrainConfig, out: Path):
     if config.resume:
         state = read_state(out)
         saved = TrainConfig.from_dict(state.config, out_dir=out).recipe()
-        diffs = recipe_differences(saved, config.recipe())
+        # precision is compared once resolved on this machine's devices (_check_resumed_precision):
+        # `auto` may mean mixed_bfloat16 on a GPU and float32 on a CPU
+        now = config.recipe()
+        for recipe in (saved, now):
+            recipe.pop("precision")
+        diffs = recipe_differences(saved, now)
         if diffs:
             raise TrainError(f"--resume would change the recipe of the run in {out}: " + "; ".join(diffs),
                              expected="the options of the interrupted run (resume continues the same schedule)",
@@ -91,8 +107,55 @@ def _prepare_state(config: TrainConfig, out: Path):
     return RunState(config=config.to_dict())
 
 
+def _check_resumed_precision(config: TrainConfig, state, precision: str, dev, out: Path) -> str | None:
+    """Refuse to resume in another precision than the run has trained in so far.
+
+    A refusal, not a warning: ``--resume`` continues one run, whose metadata records one precision;
+    a bf16 GPU run resumed on a CPU with ``auto`` would silently go on in float32 (another speed,
+    other numerics, a record that is wrong for part of the run), and a resumed float16 run would
+    meet an optimizer without its loss scale. Returns a note to print when the checkpoint predates
+    this record and the precision cannot be checked."""
+    from resnet_deploy.training.devices import resolve_precision
+
+    saved = state.precision
+    if saved is None:  # a checkpoint written before the resolved precision was kept
+        requested = state.config.get("precision", "auto")
+        if requested == "auto":
+            return (f"note: the checkpoint in {out} does not record the precision it trained in; continuing in "
+                    f"{precision} (--precision auto on this {dev.kind.upper()}) without checking")
+        saved = requested
+    if saved == precision:
+        return None
+    try:
+        resolve_precision(saved, dev)
+        fix = (f"pass --precision {saved} to continue in {saved}, or train in {precision} as a new run "
+               "(another --out)")
+    except TrainError as exc:
+        fix = (f"resume on a machine that runs {saved} ({exc.what}), or train in {precision} as a new run "
+               "(another --out)")
+    raise TrainError(f"--resume would continue the run in {out} in {precision} (--precision {config.precision} "
+                     f"on this {dev.kind.upper()}), but it has trained in {saved} so far.",
+                     expected=f"the precision the run has trained in: {saved}", fix=fix)
+
+
+def _recover(out: Path) -> list[str]:
+    """--resume: undo what a killed run left half-done (a checkpoint left aside, temporaries)."""
+    from resnet_deploy.fileio import remove_stale_temporaries
+    from resnet_deploy.training.checkpoint import recover_checkpoint
+
+    done = recover_checkpoint(out)
+    for name, suffix in TEMP_SUFFIXES.items():
+        done += [f"removed {p.name}, an unfinished file of a killed run" for p in remove_stale_temporaries(out / name, suffix)]
+    return done
+
+
 def _clean(out: Path) -> None:
-    """--force: remove what an earlier run wrote here (only the files train writes, nothing else)."""
+    """--force: remove what an earlier run wrote here (only the files train writes, and their
+    temporaries from killed runs; checkpoints/ goes as a whole), nothing else."""
+    from resnet_deploy.fileio import remove_stale_temporaries
+
+    for name, suffix in TEMP_SUFFIXES.items():
+        remove_stale_temporaries(out / name, suffix)
     for name in OWNED:
         p = out / name
         if p.is_dir():
@@ -173,7 +236,8 @@ def _run(config, out, state, dev, precision, replicas, train, test, source, log)
                 save_model(export_model, out / "best.keras", meta, force=True)
 
             state.sessions += 1
-            recorder = RunRecorder(out, state, config.epochs, steps * config.batch_size, save_best, log, student)
+            state.precision = precision
+            recorder = RunRecorder(out, state, config.epochs, steps, config.batch_size, save_best, log, student)
             verbose = 1 if config.verbose and sys.stdout.isatty() else 0
             model.fit(train_b, epochs=config.epochs, initial_epoch=state.epoch, validation_data=test_b,
                       callbacks=[EpochSeeder(train_b), recorder], verbose=verbose)
@@ -219,6 +283,16 @@ def _evaluate(model, test, batch_size: int) -> float:
     return float(np.mean(np.argmax(logits, axis=1) == test.y))
 
 
+def _timing(history: list[dict]) -> dict:
+    """Training-only figures of the run, from the log rows (rows of older versions lack them)."""
+    import statistics
+
+    train_s = [r["train_s"] for r in history if r.get("train_s") is not None]
+    speeds = [r["train_images_per_s"] for r in history if r.get("train_images_per_s") is not None]
+    return {"train_pass_s": round(sum(train_s), 1) if train_s else None,  # training passes only, no test pass
+            "train_images_per_s": round(statistics.median(speeds), 1) if speeds else None}  # median over epochs
+
+
 def _finish(config, out, state, dev, precision, engine, replicas, export_model, train, test, source, session_s,
             log) -> TrainResult:
     from resnet_deploy.envinfo import library_versions, machine_info
@@ -239,14 +313,16 @@ def _finish(config, out, state, dev, precision, engine, replicas, export_model, 
         "precision": precision,
         "distribution": {"mode": config.distribute, "engine": engine, "replicas": replicas},
         "optimizer_steps": state.iterations,
-        "train_time_s": round(state.elapsed_s, 1),
+        "train_time_s": round(state.elapsed_s, 1),  # epoch wall-clock, test passes included
+        **_timing(state.history),
         "sessions": state.sessions,
         "device": dev.to_dict(),
         "machine": machine_info(),
         "versions": library_versions(),
         "params": int(export_model.count_params()),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "files": {"log": "log.csv", "curves": "curves.png", "best": "best.keras", "checkpoint": "checkpoints/last"},
+        "files": {"log": "log.csv", "curves": "curves.png" if (out / "curves.png").exists() else None,
+                  "best": "best.keras", "checkpoint": "checkpoints/last"},
     }
     if config.teacher is not None:
         meta["teacher"] = {"path": str(config.teacher), "sha256": sha256_file(config.teacher),
@@ -255,5 +331,6 @@ def _finish(config, out, state, dev, precision, engine, replicas, export_model, 
     log(f"test accuracy {100 * acc:.2f}% on {len(test):,} images (float32 model of epoch {state.epoch}); "
         f"best epoch {state.best_epoch} at {100 * (state.best_accuracy or 0):.2f}%; "
         f"training {state.elapsed_s:.0f} s this run, session {session_s:.0f} s")
-    log(f"wrote {path} (+ {path.name}.json), best.keras, log.csv, curves.png, checkpoints/last/")
+    curves = ", curves.png" if meta["files"]["curves"] else ""
+    log(f"wrote {path} (+ {path.name}.json), best.keras, log.csv{curves}, checkpoints/last/")
     return TrainResult(path, meta, acc, out, list(state.history))
