@@ -44,8 +44,12 @@ class Manifest:
     output: TensorSpec
     preprocessing: dict = field(default_factory=lambda: Preprocessing.pixels().to_dict())
     class_names: list = field(default_factory=lambda: list(CLASS_NAMES))
-    source_model: dict | None = None  # {"path", "sha256", "architecture"}
-    calibration: dict | None = None  # sampler recipe, method, activation/weight types
+    # {"path": relative to this manifest's folder (absolute only where no relative path exists),
+    #  "abs_path": where it was at export, "sha256", "architecture", "width", "stem", "has_metadata"}
+    source_model: dict | None = None
+    # INT8 only: sampler recipe, method; ONNX INT8 also activation_type, weight_type, reduce_range,
+    # chosen_by and reason (user or automatic, and why), cpu (what the automatic choice was made on)
+    calibration: dict | None = None
     options: dict = field(default_factory=dict)  # converter options that made it
     validation: dict | None = None  # parity figures against the float model
     tool: dict = field(default_factory=lambda: {"name": "resnet-deploy", "version": __version__})

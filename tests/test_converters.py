@@ -34,6 +34,8 @@ def test_targets_default_and_the_six(tmp_path):
 @pytest.mark.parametrize("kwargs, match", [
     ({"formats": ("keras",)}, "Cannot export"),
     ({"opset": 9}, "opset"),
+    ({"opset": 19}, "from 13 to 18"),  # tf2onnx 1.17 cannot write opset 19
+    ({"onnx_reduce_range": "yes"}, "onnx_reduce_range"),
     ({"calib_method": "histogram"}, "calibration method"),
     ({"onnx_activation_type": "int4"}, "activation type"),
     ({"calib_samples": 0}, "calib-samples"),
@@ -121,3 +123,62 @@ def test_onnx_calibration_batches_divide_the_sample():
 
     assert [even_batch(n) for n in (300, 40, 48, 7, 1, 100)] == [15, 10, 16, 7, 1, 10]
     assert even_batch(37) == 1  # a prime count: one image per step rather than a short last batch
+
+
+def test_opset_range_is_what_tf2onnx_writes():
+    """MAX_OPSET is the highest opset the installed tf2onnx has an IR version for (its Graph.make_model
+    refuses any other); read from its source so the check needs no TensorFlow import."""
+    import ast
+    import importlib.util
+    from pathlib import Path
+
+    from resnet_deploy.converters.options import MAX_OPSET, MIN_OPSET
+
+    src = Path(importlib.util.find_spec("tf2onnx").submodule_search_locations[0]) / "constants.py"
+    table = next(ast.literal_eval(n.value) for n in ast.parse(src.read_text()).body
+                 if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "OPSET_TO_IR_VERSION")
+    assert MAX_OPSET == max(table) == 18 and MIN_OPSET == 13
+    assert ExportOptions(opset=13).opset == 13 and ExportOptions(opset=18).opset == 18
+    with pytest.raises(ExportError) as info:
+        ExportOptions(opset=21)
+    assert "from 13 to 18" in str(info.value) and "--opset 17" in str(info.value)
+
+
+def test_onnx_int8_settings_rule_and_reasons():
+    from resnet_deploy.converters.onnx_rules import onnx_int8_settings
+
+    avx2 = ["avx2", "fma"]  # this machine: AMD EPYC, AVX2, no AVX-512, no VNNI
+    s = onnx_int8_settings(None, None, "x86_64", avx2)
+    assert (s.activation_type, s.weight_type, s.reduce_range, s.scheme) == ("uint8", "int8", True, "U8S8")
+    assert s.chosen_by == {"activation_type": "automatic", "weight_type": "fixed", "reduce_range": "automatic"}
+    assert s.reason["reduce_range"].startswith("automatic:") and "VPMADDUBSW" in s.reason["reduce_range"]
+    assert "avx2, fma" in s.reason["reduce_range"] and "7 bits" in s.reason["weight_type"]
+    for vnni in (["avx2", "avx512f", "avx512_vnni"], ["avx2", "avx_vnni"]):
+        v = onnx_int8_settings(None, None, "x86_64", vnni)
+        assert v.reduce_range is False and v.activation_type == "uint8" and "has VNNI" in v.reason["reduce_range"]
+    arm = onnx_int8_settings(None, None, "aarch64", ["asimddp"])
+    assert (arm.activation_type, arm.reduce_range, arm.scheme) == ("int8", False, "S8S8")
+    # the user's choice wins and is recorded as the user's, on any CPU
+    u = onnx_int8_settings("int8", False, "x86_64", avx2)
+    assert (u.activation_type, u.reduce_range) == ("int8", False)
+    assert u.chosen_by["activation_type"] == u.chosen_by["reduce_range"] == "user"
+    assert u.reason["reduce_range"].startswith("user: --no-onnx-reduce-range")
+    assert u.reason["activation_type"].startswith("user: int8")
+    assert onnx_int8_settings("uint8", True, "aarch64", []).reduce_range is True
+    # ExportOptions keeps "not given" distinct from a choice, and resolves through the same rule
+    o = ExportOptions()
+    assert o.onnx_activation_type is None and o.onnx_reduce_range is None
+    assert o.onnx_int8("x86_64", avx2).reduce_range is True
+    assert ExportOptions(onnx_reduce_range=False).onnx_int8("x86_64", avx2).chosen_by["reduce_range"] == "user"
+    assert o.to_dict()["onnx_reduce_range"] is None  # the manifest's options block shows it was not given
+
+
+def test_onnx_reduce_range_default_reads_this_cpu(monkeypatch):
+    from resnet_deploy import envinfo
+    from resnet_deploy.converters.onnx_rules import default_onnx_reduce_range, has_vnni
+
+    monkeypatch.setattr(envinfo, "cpu_flags", lambda: ["avx2", "avx512_vnni"])
+    assert has_vnni() and default_onnx_reduce_range("x86_64") is False
+    monkeypatch.setattr(envinfo, "cpu_flags", lambda: ["avx2"])
+    assert not has_vnni() and default_onnx_reduce_range("x86_64") is True
+    assert default_onnx_reduce_range("arm64") is False

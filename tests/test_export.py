@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from resnet_deploy.converters.options import ExportOptions
 from resnet_deploy.converters.pipeline import export_model
 from resnet_deploy.data.preprocess import Preprocessing, preprocess
 from resnet_deploy.errors import ExportError, ModelError, OutputExistsError
-from resnet_deploy.fileio import sha256_file
+from resnet_deploy.fileio import sha256_file, sidecar_path
 from tests.conftest import tiny_model
 
 # Parity bounds per precision on the tiny model: max and mean |logit diff| relative to the logit scale,
@@ -68,6 +69,9 @@ def test_writes_every_artifact_with_a_complete_manifest(exported, trained_path):
         assert m is not None and m.to_dict() == art.manifest.to_dict()  # reloads intact
         assert m.artifact == name and m.sha256 == sha256_file(art.path) and m.size_bytes == art.path.stat().st_size
         assert m.source_model["sha256"] == sha256_file(trained_path) and m.source_model["architecture"] == "resnet8"
+        # relative to the artifact's folder (bench resolves it there); where it was, kept beside it
+        assert not os.path.isabs(m.source_model["path"]) and m.source_model["abs_path"] == str(trained_path.resolve())
+        assert (art.path.parent / m.source_model["path"]).resolve() == trained_path.resolve()
         assert m.preprocessing["source"] == "model metadata" and m.class_names[0] == "airplane"
         assert m.libraries["tensorflow"] and m.libraries["onnxruntime"] and m.machine["cpu"]
         assert m.validation["samples"] == 200 and m.validation["images"] == "test[:200]"
@@ -133,6 +137,38 @@ def test_onnx_graphs_one_input_dynamic_batch_and_recorded_quantization(exported)
     assert tfl["sample"] == ox["sample"] and tfl["sample"]["samples"] == 100 and ox["method"] == "minmax"
 
 
+def _max_abs_quantized_weight(path) -> int:
+    """The largest |q| among the int8 weight initializers feeding DequantizeLinear: 127 with 8-bit weights
+    (symmetric per-channel: each channel's largest weight maps to 127), at most 64 with reduce_range."""
+    import onnx
+    from onnx import numpy_helper
+
+    g = onnx.load(str(path)).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    ws = [inits[n.input[0]] for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+          and inits[n.input[0]].dtype == np.int8 and inits[n.input[0]].ndim >= 2]
+    assert ws, "no int8 weight initializers found"
+    return int(max(np.abs(w.astype(np.int32)).max() for w in ws))
+
+
+def test_onnx_int8_records_its_automatic_types_and_reduce_range(exported):
+    """By default the activation type and reduce_range are chosen for the exporting CPU (7-bit weights on
+    x86 without VNNI, where 8-bit weights saturate ONNX Runtime's U8S8 kernels), recorded as automatic with
+    their reasons, and what is recorded is what the graph holds."""
+    from resnet_deploy.converters.onnx_rules import default_onnx_activation_type, default_onnx_reduce_range
+
+    art = exported["tiny_int8.onnx"]
+    cal = art.manifest.calibration
+    assert cal["activation_type"] == default_onnx_activation_type() and cal["weight_type"] == "int8"
+    assert cal["reduce_range"] is default_onnx_reduce_range()
+    assert cal["chosen_by"] == {"activation_type": "automatic", "weight_type": "fixed", "reduce_range": "automatic"}
+    assert all(cal["reason"][k].startswith("automatic:") for k in ("activation_type", "reduce_range"))
+    assert cal["cpu"]["flags"] == art.manifest.machine["cpu_flags"]
+    assert art.manifest.options["converter"]["reduce_range"] is cal["reduce_range"]
+    assert art.manifest.options["export"]["onnx_reduce_range"] is None  # not given
+    assert (_max_abs_quantized_weight(art.path) <= 64) is cal["reduce_range"]
+
+
 def test_int8_io_round_trips_raw_pixels(tmp_path, trained_path, small_npz_dir, float_logits):
     from ai_edge_litert.interpreter import Interpreter
 
@@ -178,6 +214,66 @@ def test_failed_forced_export_keeps_the_old_artifact_and_its_manifest(tmp_path, 
         export_model(trained_path, ExportOptions(**opts, force=True, fp32_tolerance=1e-12), data=small_npz_dir)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny_fp32.tflite", "tiny_fp32.tflite.json"]
     assert a.path.with_name(a.path.name + ".json").read_text() == side and sha256_file(a.path) == a.manifest.sha256
+
+
+def test_forced_export_writes_the_manifest_before_the_artifact_takes_its_name(tmp_path, trained_path, small_npz_dir,
+                                                                              monkeypatch):
+    """At every rename, a final-named artifact has its own manifest beside it: the new manifest is in place
+    (describing the temporary) before the temporary becomes the artifact, and an interruption right before
+    that rename leaves no artifact with a missing or stale manifest."""
+    opts = dict(formats=("onnx",), validate_samples=20, out_dir=tmp_path)
+    (old,) = export_model(trained_path, ExportOptions(**opts, opset=16), data=small_npz_dir)
+    final, side = old.path, sidecar_path(old.path)
+    real_replace, at_rename = os.replace, []
+
+    def consistent():
+        if final.exists():
+            assert side.exists(), "the final artifact has no manifest"
+            assert json.loads(side.read_text())["sha256"] == sha256_file(final), "the final artifact's manifest is stale"
+
+    def spy(src, dst, interrupt=False):
+        consistent()
+        if Path(dst) == final:
+            at_rename.append(side.exists() and json.loads(side.read_text())["sha256"] == sha256_file(src))
+            if interrupt:
+                raise KeyboardInterrupt  # killed just before the artifact gets its name
+        real_replace(src, dst)
+        consistent()
+
+    monkeypatch.setattr(os, "replace", lambda src, dst: spy(src, dst, interrupt=True))
+    with pytest.raises(KeyboardInterrupt):
+        export_model(trained_path, ExportOptions(**opts, force=True), data=small_npz_dir)
+    consistent()
+    assert at_rename == [True] and _no_artifacts(tmp_path) == []  # no stale pair, no orphan, no temporary
+    # what a SIGKILL at that point would leave: the new manifest without its artifact, and the temporary
+    side.write_text(json.dumps({"sha256": "0" * 64}))
+    stale = tmp_path / ".tiny_fp32.onnx.k1ll3d_x.tmp.onnx"
+    stale.write_bytes(b"half a model")
+    with pytest.raises(OutputExistsError, match="manifest without its artifact"):
+        export_model(trained_path, ExportOptions(**opts), data=small_npz_dir)
+    monkeypatch.setattr(os, "replace", spy)
+    (new,) = export_model(trained_path, ExportOptions(**opts, force=True), data=small_npz_dir)
+    assert at_rename == [True, True] and new.manifest.options["export"]["opset"] == 17
+    assert read_manifest(final).sha256 == sha256_file(final) != old.manifest.sha256
+    assert _no_artifacts(tmp_path) == ["tiny_fp32.onnx", "tiny_fp32.onnx.json"]
+
+
+def test_moved_run_folder_keeps_its_float_reference(tmp_path, trained_path, small_npz_dir):
+    """source_model.path is relative to the artifact's folder, so bench finds the float model after the
+    whole run folder (model + artifacts) is copied or moved."""
+    from resnet_deploy.bench.resolve import identify, resolve_reference
+
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    shutil.copy(trained_path, run / "model" / "tiny.keras")
+    shutil.copy(sidecar_path(trained_path), sidecar_path(run / "model" / "tiny.keras"))
+    (a,) = export_model(run / "model" / "tiny.keras", ExportOptions(formats=("tflite",), validate_samples=20,
+                                                                     out_dir=run / "artifacts"), data=small_npz_dir)
+    assert a.manifest.source_model["path"] == os.path.join("..", "model", "tiny.keras")
+    moved = tmp_path / "moved"
+    run.rename(moved)
+    ref, notes = resolve_reference([identify(moved / "artifacts" / "tiny_fp32.tflite", "artifact")], None)
+    assert ref is not None and ref.resolve() == (moved / "model" / "tiny.keras").resolve(), notes
 
 
 def _no_artifacts(folder: Path) -> list[str]:
@@ -267,6 +363,39 @@ def test_qat_needs_metadata(tmp_path, foreign_h5, small_npz_dir):
     assert _no_artifacts(tmp_path) == []
 
 
+@pytest.fixture(scope="module")
+def saved_model_dir(tmp_path_factory, trained_path):
+    """The trained tiny model as a TensorFlow SavedModel folder (no metadata sidecar)."""
+    from resnet_deploy.models.io import load_model
+
+    path = tmp_path_factory.mktemp("savedmodel") / "tiny_sm"
+    load_model(trained_path).export(str(path), format="tf_saved_model", verbose=False)
+    return path
+
+
+def test_saved_model_folder_exports_and_validates(tmp_path, saved_model_dir, small_npz_dir, float_logits):
+    """A SavedModel is wrapped (TFSMLayer on its serving signature) and goes through the same converters:
+    TFLiteConverter.from_keras_model and tf2onnx from_keras, each validated against the float model."""
+    import onnx
+
+    from resnet_deploy.runtimes import open_runner
+
+    arts = {a.path.name: a for a in export_model(saved_model_dir, ExportOptions(validate_samples=50, out_dir=tmp_path),
+                                                 data=small_npz_dir)}
+    assert sorted(arts) == ["tiny_sm_fp32.onnx", "tiny_sm_fp32.tflite"]
+    x, ref = float_logits
+    for a in arts.values():
+        m = a.manifest
+        assert m.validation["passed"] is True and m.validation["top1_agreement"] == 1.0
+        assert m.source_model["sha256"] == sha256_file(saved_model_dir) and m.source_model["has_metadata"] is False
+        assert (a.path.parent / m.source_model["path"]).resolve() == saved_model_dir.resolve()
+        assert m.input.shape == [None, 32, 32, 3] and m.output.shape == [None, 10]
+        with open_runner(a.path) as r:
+            np.testing.assert_allclose(r.predict(x), ref, atol=1e-4 * max(1.0, np.abs(ref).max()))
+    g = onnx.load(str(arts["tiny_sm_fp32.onnx"].path)).graph
+    assert [i.name for i in g.input] == ["image"] and len(g.output) == 1
+
+
 # CLI --------------------------------------------------------------------------------------------
 runner = CliRunner()
 
@@ -278,14 +407,44 @@ def _cli(*args):
 
 
 def test_cli_happy_path_prints_the_table(tmp_path, trained_path, small_npz_dir):
-    r = _cli(trained_path, "--formats", "onnx", "--int8", "--onnx-activation-type", "int8", "--calib-method",
-             "entropy", "--calib-samples", "40", "--validate-samples", "30", "--out", tmp_path / "o",
+    r = _cli(trained_path, "--formats", "onnx", "--int8", "--onnx-activation-type", "int8", "--onnx-reduce-range",
+             "--calib-method", "entropy", "--calib-samples", "40", "--validate-samples", "30", "--out", tmp_path / "o",
              "--data", small_npz_dir)
     assert r.exit_code == 0, r.output
     assert "tiny_fp32.onnx" in r.output and "tiny_int8.onnx" in r.output and "exported 2 artifacts" in r.output
     m = json.loads((tmp_path / "o" / "tiny_int8.onnx.json").read_text())
     assert m["calibration"]["method"] == "entropy" and m["calibration"]["activations"].startswith("int8")
     assert m["calibration"]["sample"]["samples"] == 40
+    # given on the command line: recorded as the user's choices, and in the graph
+    cal = m["calibration"]
+    assert cal["activation_type"] == "int8" and cal["reduce_range"] is True and cal["scheme"] == "S8S8"
+    assert cal["chosen_by"] == {"activation_type": "user", "weight_type": "fixed", "reduce_range": "user"}
+    assert cal["reason"]["reduce_range"].startswith("user: --onnx-reduce-range")
+    assert _max_abs_quantized_weight(tmp_path / "o" / "tiny_int8.onnx") <= 64
+
+
+def test_cli_passes_unset_onnx_int8_choices_as_automatic_and_checks_opset_first(tmp_path, trained_path,
+                                                                                monkeypatch):
+    from resnet_deploy.converters import pipeline
+
+    calls = []
+
+    def fake_export(model, options, data=None, progress=None):
+        calls.append(options)
+        raise ExportError("stopped by the test")
+
+    monkeypatch.setattr(pipeline, "export_model", fake_export)
+    _cli(trained_path, "--int8", "--out", tmp_path)
+    _cli(trained_path, "--int8", "--onnx-activation-type", "uint8", "--no-onnx-reduce-range", "--out", tmp_path)
+    assert [(o.onnx_activation_type, o.onnx_reduce_range) for o in calls] == [(None, None), ("uint8", False)]
+    for bad in ("12", "19"):
+        r = _cli(trained_path, "--opset", bad, "--out", tmp_path)
+        assert r.exit_code == 2 and "from 13 to 18" in r.output and "--opset 17" in r.output, r.output
+    assert len(calls) == 2  # refused before any work
+    from resnet_deploy.cli import app
+
+    r = runner.invoke(app, ["export", "--help"], env={"COLUMNS": "200"})
+    assert "ONNX opset, 13 to 18" in r.output and "--no-onnx-reduce-range" in r.output
 
 
 @pytest.fixture(scope="module")
@@ -300,12 +459,16 @@ def bad_models(tmp_path_factory, trained_path):
     keras.Model(inp, keras.layers.Dense(10)(keras.layers.Flatten()(inp))).save(d / "mnist.keras")
     inp = keras.Input((32, 32, 3))
     keras.Model(inp, keras.layers.Dense(5)(keras.layers.GlobalAveragePooling2D()(inp))).save(d / "five.keras")
+    inp = keras.Input((28, 28, 1))
+    keras.Model(inp, keras.layers.Dense(10)(keras.layers.Flatten()(inp))).export(
+        str(d / "mnist_savedmodel"), format="tf_saved_model", verbose=False)
     return d
 
 
 @pytest.mark.parametrize("name, message", [
     ("notes.keras", "Could not load"), ("truncated.keras", "Could not load"), ("missing.keras", "does not exist"),
     ("mnist.keras", "takes inputs of shape"), ("five.keras", "outputs shape"),
+    ("mnist_savedmodel", "takes inputs of shape (28, 28, 1)"),
 ])
 def test_bad_models_are_clear_errors_and_write_nothing(tmp_path, bad_models, small_npz_dir, name, message):
     out = tmp_path / "out"

@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from resnet_deploy.cli_common import DataOption, quiet_frameworks
+from resnet_deploy.converters.onnx_rules import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 from resnet_deploy.errors import ExportError
 
 
@@ -51,10 +52,16 @@ def export(
     out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: the model's folder).", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing artifacts and manifests.")] = False,
     data: DataOption = None,
-    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
+    opset: Annotated[int, typer.Option(help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (QDQ per-channel needs "
+                                            f"{MIN_OPSET}; tf2onnx 1.17 writes up to {MAX_OPSET}).")] = DEFAULT_OPSET,
     onnx_activation_type: Annotated[Optional[str], typer.Option(
         help="ONNX INT8 activation type: uint8 or int8. Default: uint8 on x86 (ONNX Runtime's fast U8S8 kernels), "
              "int8 on arm64.", show_default=False)] = None,
+    onnx_reduce_range: Annotated[Optional[bool], typer.Option(
+        "--onnx-reduce-range/--no-onnx-reduce-range",
+        help="ONNX INT8 weights in 7 bits. Default: on for x86 CPUs without VNNI (8-bit weights saturate ONNX "
+             "Runtime's VPMADDUBSW kernels there), off with VNNI and on arm64; decided on the exporting CPU.",
+        show_default=False)] = None,
     calib_samples: Annotated[int, typer.Option(help="Calibration images (class-balanced, from the training split).")] = 300,
     calib_seed: Annotated[int, typer.Option(help="Seed of the calibration sample.")] = 0,
     calib_method: Annotated[str, typer.Option(help="ONNX calibration: minmax, entropy or percentile.")] = "minmax",
@@ -68,13 +75,13 @@ def export(
 ) -> None:
     """Convert a float Keras model to TFLite/ONNX artifacts, validate each against it, and write manifests."""
     quiet_frameworks()
-    from resnet_deploy.converters.options import ExportOptions, default_onnx_activation_type, parse_formats
+    from resnet_deploy.converters.options import ExportOptions, parse_formats
     from resnet_deploy.converters.pipeline import export_model
 
-    options = ExportOptions(
+    options = ExportOptions(  # validated here, before any model or data is read
         formats=parse_formats(formats), fp16=fp16, int8=int8, dynamic_int8=dynamic_int8, int8_io=int8_io,
         out_dir=out, force=force, opset=opset,
-        onnx_activation_type=onnx_activation_type or default_onnx_activation_type(),
+        onnx_activation_type=onnx_activation_type, onnx_reduce_range=onnx_reduce_range,  # None: automatic
         calib_samples=calib_samples, calib_seed=calib_seed, calib_method=calib_method,
         validate_samples=validate_samples, fp32_tolerance=fp32_tolerance, qat_epochs=qat_epochs,
         qat_samples=qat_samples, preprocessing=parse_preprocessing(input_range, mean, std))

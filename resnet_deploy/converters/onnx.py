@@ -4,8 +4,11 @@ quantization, QDQ, per-channel weights).
 ``from_keras`` is used, not ``from_function``: the latter turns the ``Normalization`` layer's mean and
 variance into extra graph inputs that ONNX Runtime refuses (DESIGN.md). Every graph is checked to
 have exactly one input and one output, and the batch dimension is named ``batch`` (dynamic).
-INT8 activations default to uint8 on x86 (ONNX Runtime's fast U8S8 kernels) and int8 on arm64;
-``options.onnx_activation_type`` overrides it and the choice is recorded in the manifest.
+INT8 activations default to uint8 on x86 (ONNX Runtime's fast U8S8 kernels) and int8 on arm64, and
+weights to 7 bits (``reduce_range``) on x86 CPUs without VNNI, where 8-bit weights saturate ONNX
+Runtime's VPMADDUBSW kernels (``onnx_rules``); ``options.onnx_activation_type`` and
+``options.onnx_reduce_range`` override them. The manifest's ``calibration`` block records
+``activation_type``, ``weight_type``, ``reduce_range``, who chose each (``chosen_by``) and why (``reason``).
 """
 
 from __future__ import annotations
@@ -64,7 +67,9 @@ def convert(model, out_path: Path, target, options, calibration=None) -> Convert
         settings.update(fp16="onnxruntime.transformers.float16.convert_float_to_float16", io="float32")
     elif p is Precision.INT8:
         cal = _quantize(proto, Path(out_path), options, calibration)
-        settings.update(quant_format="QDQ", per_channel=options.onnx_per_channel)
+        settings.update(quant_format="QDQ", per_channel=options.onnx_per_channel,
+                        activation_type=cal["activation_type"], weight_type=cal["weight_type"],
+                        reduce_range=cal["reduce_range"])
     else:
         raise ExportError(f"ONNX has no {p.value} target here.", expected="fp32, fp16 or int8")
     onnx.checker.check_model(str(out_path))
@@ -85,7 +90,8 @@ def _quantize(proto, out_path: Path, options, calibration) -> dict:
 
     if calibration is None:
         raise ExportError("ONNX INT8 needs calibration images.", fix="pass --data with CIFAR-10")
-    act = QuantType.QUInt8 if options.onnx_activation_type == "uint8" else QuantType.QInt8
+    q = options.onnx_int8()
+    types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     with tempfile.TemporaryDirectory(prefix="rd-onnx-") as tmp:
         fp32, pre = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx"
         onnx.save(proto, str(fp32))
@@ -93,12 +99,14 @@ def _quantize(proto, out_path: Path, options, calibration) -> dict:
         batch = even_batch(len(calibration))  # the histogram calibrators stack batches: sizes must match
         quantize_static(str(pre), str(out_path), onnx_reader(calibration, INPUT_NAME, batch),
                         quant_format=QuantFormat.QDQ, per_channel=options.onnx_per_channel,
-                        activation_type=act, weight_type=QuantType.QInt8,
+                        activation_type=types[q.activation_type], weight_type=types[q.weight_type],
+                        reduce_range=q.reduce_range,
                         calibrate_method=getattr(CalibrationMethod, _CALIB[options.calib_method]))
+    weights = f"{q.weight_type} " + ("per-channel" if options.onnx_per_channel else "per-tensor")
     return {"tool": "onnxruntime.quantization.quantize_static", "method": options.calib_method,
-            "activations": f"{options.onnx_activation_type} per-tensor",
-            "activation_type_reason": "uint8 on x86 (ONNX Runtime U8S8 kernels), int8 on arm64; see DESIGN.md",
-            "weights": "int8 " + ("per-channel" if options.onnx_per_channel else "per-tensor"),
+            "activations": f"{q.activation_type} per-tensor",
+            "weights": weights + (" (7-bit range, reduce_range)" if q.reduce_range else ""),
+            **q.to_dict(),  # activation_type, weight_type, reduce_range, chosen_by, reason, cpu, scheme
             "pre_process": "onnxruntime.quantization.shape_inference.quant_pre_process",
             "reader_batch": batch, "sample": calibration.recipe}
 

@@ -7,25 +7,21 @@ names are predictable: ``<model-stem>_<precision>[_qat].<tflite|onnx>`` in ``out
 
 from __future__ import annotations
 
-import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from resnet_deploy.config import Format, Precision
+from resnet_deploy.converters.onnx_rules import (ACTIVATION_TYPES, DEFAULT_OPSET, MAX_OPSET, MIN_OPSET,
+                                                 OnnxInt8Settings, default_onnx_activation_type,
+                                                 default_onnx_reduce_range, onnx_int8_settings)
 from resnet_deploy.data.preprocess import Preprocessing
 from resnet_deploy.errors import ExportError
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
-ACTIVATION_TYPES = ("uint8", "int8")
 EXPORT_FORMATS = (Format.TFLITE, Format.ONNX)
-MIN_OPSET, MAX_OPSET = 13, 21  # QDQ per-channel needs opset >= 13; tf2onnx 1.17 knows up to 18+
 
-
-def default_onnx_activation_type(machine: str | None = None) -> str:
-    """uint8 activations on x86 (ONNX Runtime's fast U8S8 kernels: 3.8x S8S8 on a residual net, see
-    DESIGN.md), int8 on arm64 (where S8S8 is the fast path)."""
-    m = (machine or platform.machine()).lower()
-    return "int8" if m in ("arm64", "aarch64", "armv8l") else "uint8"
+__all__ = ["ACTIVATION_TYPES", "CALIB_METHODS", "EXPORT_FORMATS", "MAX_OPSET", "MIN_OPSET", "ExportOptions",
+           "Target", "default_onnx_activation_type", "default_onnx_reduce_range", "parse_formats"]
 
 
 @dataclass(frozen=True)
@@ -53,8 +49,11 @@ class ExportOptions:
     int8_io: bool = False  # TFLite full-integer: int8 input/output instead of float
     out_dir: Path | None = None  # default: the model's folder
     force: bool = False
-    opset: int = 17
-    onnx_activation_type: str = field(default_factory=default_onnx_activation_type)
+    opset: int = DEFAULT_OPSET
+    # ONNX INT8: None = automatic for the exporting CPU (onnx_rules), a value = the user's choice; the
+    # manifest records which, and why (``onnx_int8_settings``)
+    onnx_activation_type: str | None = None
+    onnx_reduce_range: bool | None = None  # 7-bit weights (x86 without VNNI)
     onnx_per_channel: bool = True
     calib_samples: int = 300
     calib_seed: int = 0
@@ -76,10 +75,16 @@ class ExportOptions:
         object.__setattr__(self, "formats", tuple(dict.fromkeys(fmts)))
         if self.out_dir is not None:
             object.__setattr__(self, "out_dir", Path(self.out_dir))
-        _check(MIN_OPSET <= self.opset <= MAX_OPSET, f"ONNX opset {self.opset} is not supported.",
-               f"an opset from {MIN_OPSET} to {MAX_OPSET}", "use --opset 17 (the default)")
-        _check(self.onnx_activation_type in ACTIVATION_TYPES,
+        _check(isinstance(self.opset, int) and MIN_OPSET <= self.opset <= MAX_OPSET,
+               f"ONNX opset {self.opset} is not supported.",
+               f"an opset from {MIN_OPSET} to {MAX_OPSET} ({MIN_OPSET}: QDQ per-channel weights; {MAX_OPSET}: the "
+               "highest tf2onnx 1.17 writes)", f"use --opset {DEFAULT_OPSET} (the default) or another in "
+               f"{MIN_OPSET}..{MAX_OPSET}")
+        _check(self.onnx_activation_type is None or self.onnx_activation_type in ACTIVATION_TYPES,
                f"Unknown ONNX activation type {self.onnx_activation_type!r}.", "uint8 or int8")
+        _check(self.onnx_reduce_range is None or isinstance(self.onnx_reduce_range, bool),
+               f"onnx_reduce_range {self.onnx_reduce_range!r} is not True, False or None.",
+               "True (7-bit weights), False (8-bit) or None (automatic)")
         _check(self.calib_method in CALIB_METHODS, f"Unknown calibration method {self.calib_method!r}.",
                " / ".join(CALIB_METHODS))
         _check(self.calib_samples >= 1, f"--calib-samples {self.calib_samples} is too small.",
@@ -109,6 +114,10 @@ class ExportOptions:
             if self.qat_epochs and fmt is Format.TFLITE:
                 out.append(Target(fmt, Precision.INT8, qat=True))
         return out
+
+    def onnx_int8(self, machine: str | None = None, flags=None) -> OnnxInt8Settings:
+        """The ONNX INT8 types to use: the user's where given, else automatic for this CPU."""
+        return onnx_int8_settings(self.onnx_activation_type, self.onnx_reduce_range, machine, flags)
 
     @property
     def needs_calibration(self) -> bool:

@@ -2,13 +2,18 @@
 
 Order of work, so that bad input costs nothing and loses nothing:
 
-1. plan the artifacts and refuse existing ones (artifact or manifest) unless ``force``;
+1. plan the artifacts and refuse existing ones (artifact or manifest) unless ``force`` (which also clears
+   the hidden temporaries a killed export left);
 2. load the model safely (a non-model, truncated or non-CIFAR model is a ModelError, nothing written);
 3. resolve the preprocessing (model metadata, else options, else raw pixels) and load CIFAR-10;
 4. compute the float model's logits on the validation images and build the calibration sample;
 5. per artifact: convert into a temporary file beside the final name, validate that file against the
-   float logits (an FP32 mismatch fails the export and the temporary is removed), rename it, then
-   write its manifest.
+   float logits (an FP32 mismatch fails the export and the temporary is removed), write its manifest
+   (sha256 and size read from the temporary, which is the file that becomes final), and only then
+   rename the temporary onto the final name. A final-named artifact therefore always has its own
+   manifest beside it; under ``--force`` the old artifact is removed just before the new manifest
+   replaces the old one, so a kill in between leaves a manifest without an artifact, never an artifact
+   with a wrong manifest.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from resnet_deploy.converters.options import ExportOptions, Target
 from resnet_deploy.data.constants import CLASS_NAMES
 from resnet_deploy.data.preprocess import Preprocessing, preprocess
 from resnet_deploy.errors import ExportError, OutputExistsError
-from resnet_deploy.fileio import atomic_path, sha256_file, sidecar_path
+from resnet_deploy.fileio import atomic_path, remove_stale_temporaries, sha256_file, sidecar_path
 
 # The registry: one module per format, each ``convert(model, out_path, target, options, calibration)``.
 CONVERTERS: dict[Format, Callable] = {Format.TFLITE: tflite_converter.convert, Format.ONNX: onnx_converter.convert}
@@ -58,13 +63,26 @@ def plan(model_path: str | os.PathLike, options: ExportOptions) -> dict[Target, 
 
 
 def _refuse_existing(paths: dict[Target, Path], force: bool) -> None:
+    """Refuse existing artifacts or manifests unless ``force``; with ``force``, also delete the hidden
+    temporaries a killed export left beside them (``fileio.remove_stale_temporaries``)."""
     if force:
+        for path in paths.values():
+            remove_stale_temporaries(path, suffix=_temp_suffix(path))
+            remove_stale_temporaries(sidecar_path(path))
         return
     taken = [str(p) for path in paths.values() for p in (path, sidecar_path(path)) if p.exists()]
+    orphans = [p.name for p in paths.values() if sidecar_path(p).exists() and not p.exists()]
     if taken:
-        raise OutputExistsError(f"Refusing to overwrite {len(taken)} existing file(s): {', '.join(taken)}",
+        note = (f" ({', '.join(orphans)}: manifest without its artifact, left by an interrupted export)"
+                if orphans else "")
+        raise OutputExistsError(f"Refusing to overwrite {len(taken)} existing file(s): {', '.join(taken)}{note}",
                                 expected="an output folder without these artifacts",
                                 fix="pass --force to replace them, or --out to write elsewhere")
+
+
+def _temp_suffix(final: Path) -> str:
+    """``.<name>.<random>.tmp.onnx``: the converters' writers want the real extension at the end."""
+    return f".tmp{final.suffix}"
 
 
 def resolve_preprocessing(metadata: dict | None, given: Preprocessing | None) -> tuple[Preprocessing, str]:
@@ -141,7 +159,9 @@ def _common_manifest_fields(model_path: Path, metadata: dict | None, spec: Prepr
     return {
         "preprocessing": pre,
         "class_names": list(meta.get("class_names") or CLASS_NAMES),
-        "source_model": {"path": str(model_path.resolve()), "sha256": sha256_file(model_path),
+        # "path" is made relative to each artifact's folder in _export_one; "abs_path" is where it was
+        "source_model": {"path": str(model_path.resolve()), "abs_path": str(model_path.resolve()),
+                         "sha256": sha256_file(model_path),
                          "architecture": meta.get("architecture"), "width": meta.get("width"),
                          "stem": meta.get("stem"), "has_metadata": metadata is not None},
         "libraries": library_versions(),
@@ -149,28 +169,57 @@ def _common_manifest_fields(model_path: Path, metadata: dict | None, spec: Prepr
     }
 
 
+def source_relative_to(source: dict, folder: Path) -> dict:
+    """``source_model`` with ``path`` relative to the artifact's folder (bench resolves it against the
+    manifest's folder, so a copied run folder keeps its reference); absolute where no relative path
+    exists (another Windows drive)."""
+    out = dict(source)
+    try:
+        out["path"] = os.path.relpath(source["abs_path"], folder.resolve())
+    except ValueError:
+        out["path"] = source["abs_path"]
+    return out
+
+
 def _export_one(model, final: Path, target: Target, options: ExportOptions, calibration, reference,
                 spec: Preprocessing, common: dict, extra: dict) -> ExportedArtifact:
     from resnet_deploy.converters.validate import validate_artifact
 
-    with atomic_path(final, suffix=f".tmp.{target.format.value}") as tmp:
-        t0 = time.perf_counter()
-        result = CONVERTERS[target.format](model, tmp, target, options, calibration)
-        t1 = time.perf_counter()
-        validation = validate_artifact(tmp, spec, reference, target.precision, options.fp32_tolerance)
-        t2 = time.perf_counter()
-        # --force: the old artifact keeps its manifest until the new one is complete and valid, and a
-        # stale manifest never describes the new file
-        sidecar_path(final).unlink(missing_ok=True)
+    side = sidecar_path(final)
+    committing = False
+    try:
+        with atomic_path(final, suffix=_temp_suffix(final)) as tmp:
+            t0 = time.perf_counter()
+            result = CONVERTERS[target.format](model, tmp, target, options, calibration)
+            t1 = time.perf_counter()
+            validation = validate_artifact(tmp, spec, reference, target.precision, options.fp32_tolerance)
+            t2 = time.perf_counter()
+            # the temporary is the very file that becomes final: its sha256 and size are the artifact's
+            manifest = _manifest(final, target, options, result, validation, common, extra,
+                                 {"sha256": sha256_file(tmp), "size_bytes": tmp.stat().st_size},
+                                 {"convert": round(t1 - t0, 3), "validate": round(t2 - t1, 3)})
+            # --force: until here the old pair is intact (a failed conversion or validation keeps it). The old
+            # artifact goes first, so it never sits beside the new manifest; the manifest replaces the old one
+            # atomically; then atomic_path renames the temporary onto the final name.
+            final.unlink(missing_ok=True)
+            committing = True
+            manifest.save(final)
+    except BaseException:
+        if committing and not final.exists():  # interrupted between the manifest and the rename
+            side.unlink(missing_ok=True)
+        raise
+    return ExportedArtifact(final, manifest)
+
+
+def _manifest(final: Path, target: Target, options: ExportOptions, result, validation: dict, common: dict,
+              extra: dict, facts: dict, timing: dict) -> Manifest:
     opts = {"target": target.tag, "export": options.to_dict(), "converter": result.settings,
-            "op_report": result.ops, "timing_s": {"convert": round(t1 - t0, 3), "validate": round(t2 - t1, 3)}}
+            "op_report": result.ops, "timing_s": timing}
     if result.input.scale is not None:
         opts["integer_input"] = (f"q = clip(round(x / {result.input.scale:g}) + {result.input.zero_point}) where x is "
                                  "the preprocessed input (raw pixels 0..255 for resnet-deploy models)")
     opts.update(extra)
-    facts = {"sha256": sha256_file(final), "size_bytes": final.stat().st_size}
-    manifest = Manifest(format=target.format.value, precision=target.precision.value, artifact=final.name,
-                        input=result.input, output=result.output, calibration=result.calibration,
-                        options=opts, validation=validation, **facts, **common)
-    manifest.save(final)
-    return ExportedArtifact(final, manifest)
+    fields = dict(common, source_model=source_relative_to(common["source_model"], final.parent))
+    return Manifest(format=target.format.value, precision=target.precision.value, artifact=final.name,
+                    input=result.input, output=result.output, calibration=result.calibration,
+                    options=opts, validation=validation, **facts, **fields)

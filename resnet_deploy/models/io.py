@@ -2,7 +2,10 @@
 
 ``model.keras`` gets a sidecar ``model.keras.json`` (architecture, input convention,
 preprocessing, class names, and whatever the trainer adds: accuracy, recipe, device...).
-Models are loaded with Keras' safe mode: a file cannot run code on load.
+``.keras`` and ``.h5`` files are loaded with Keras' safe mode (a ``Lambda`` layer's pickled Python is
+refused). A SavedModel folder is not a Keras file and safe mode does not apply: it is read with
+``tf.saved_model.load`` (through ``keras.layers.TFSMLayer``), which runs no Python from the folder but
+does run its TensorFlow graph as stored, so only load SavedModels you trust.
 """
 
 from __future__ import annotations
@@ -69,12 +72,7 @@ def load_model(path: str | os.PathLike, check_io: bool = True):
             if not (path / "saved_model.pb").exists():
                 raise ModelError(f"{path} is a folder without saved_model.pb.",
                                  expected="a .keras file, a .h5 file or a SavedModel folder")
-            layer = keras.layers.TFSMLayer(str(path), call_endpoint="serving_default")
-            inp = keras.Input(IMAGE_SHAPE, name="image")
-            out = layer(inp)
-            if isinstance(out, dict):
-                out = list(out.values())[0]
-            model = keras.Model(inp, out, name=path.name)
+            model = _load_saved_model(path, check_io)
         elif path.suffix in (".keras", ".h5", ".hdf5"):
             model = keras.saving.load_model(path, compile=False, safe_mode=True)
         else:
@@ -89,6 +87,41 @@ def load_model(path: str | os.PathLike, check_io: bool = True):
     if check_io:
         check_classifier_io(model, str(path))
     return model
+
+
+def _load_saved_model(path: Path, check_io: bool = True, endpoint: str = "serving_default"):
+    """A Keras model wrapping a SavedModel's serving signature (``TFSMLayer``). The signature's input is
+    read first, so a SavedModel for other images fails with the same "takes inputs of shape" error as the
+    other formats instead of an error from inside the wrapped graph."""
+    import keras
+
+    layer = keras.layers.TFSMLayer(str(path), call_endpoint=endpoint)
+    args, kwargs = layer.call_endpoint_fn.structured_input_signature
+    specs = [*args, *kwargs.values()]
+    outputs = layer.call_endpoint_fn.structured_outputs
+    n_out = len(outputs) if isinstance(outputs, (dict, list, tuple)) else 1
+    if len(specs) != 1 or n_out != 1:
+        raise ModelError(f"{path}'s {endpoint!r} signature has {len(specs)} inputs and {n_out} outputs.",
+                         expected="one image input and one logits output",
+                         fix="export the SavedModel from a single-input, single-output classifier")
+    spec = specs[0]
+    dims = tuple(spec.shape)[1:] if spec.shape.rank is not None else None
+    fits = dims is not None and len(dims) == len(IMAGE_SHAPE) and all(d in (None, e) for d, e in zip(dims, IMAGE_SHAPE))
+    if check_io and not fits:
+        raise ModelError(f"{path} takes inputs of shape {dims if dims is not None else '(unknown rank)'} "
+                         f"(its {endpoint!r} signature).", expected=f"CIFAR-10 images {IMAGE_SHAPE}",
+                         fix="use a model built for 32x32 RGB images")
+    if check_io and spec.dtype.name != "float32":
+        raise ModelError(f"{path} takes {spec.dtype.name} inputs (its {endpoint!r} signature).",
+                         expected="float32 images", fix="export the SavedModel with a float32 input")
+    # a signature with dynamic height/width is used at 32x32
+    inp = keras.Input(IMAGE_SHAPE if fits else dims, name="image")
+    out = layer(inp)
+    if isinstance(out, dict):
+        out = next(iter(out.values()))
+    elif isinstance(out, (list, tuple)):
+        out = out[0]
+    return keras.Model(inp, out, name=path.name)
 
 
 def check_classifier_io(model, source: str) -> None:
