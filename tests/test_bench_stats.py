@@ -316,3 +316,27 @@ def test_every_error_entry_says_what_expected_and_fix():
     rep = _report([_result("x.tflite", error=entries[0])])
     (err,) = rep.to_dict()["errors"]
     assert err["label"] == "x.tflite" and "SIGSEGV" in err["what"]
+
+
+@pytest.mark.parametrize("fmt,prec,cal,machine,flags,warned", [
+    ("onnx", "int8", {"activation_type": "uint8", "reduce_range": False}, "x86_64", ["avx2"], True),
+    ("onnx", "int8", {}, "x86_64", ["avx2", "fma"], True),  # exported before the rule: 8-bit weights
+    ("onnx", "int8", {"activation_type": "uint8", "reduce_range": True}, "x86_64", ["avx2"], False),
+    ("onnx", "int8", {"activation_type": "uint8", "reduce_range": False}, "x86_64", ["avx512_vnni"], False),
+    ("onnx", "int8", {"activation_type": "uint8", "reduce_range": False}, "x86_64", ["avx_vnni"], False),
+    ("onnx", "int8", {"activation_type": "int8", "reduce_range": False}, "x86_64", ["avx2"], False),
+    ("onnx", "int8", {"activation_type": "uint8", "reduce_range": False}, "aarch64", [], False),
+    ("tflite", "int8", {}, "x86_64", ["avx2"], False),
+    ("onnx", "fp16", None, "x86_64", ["avx2"], False),
+])
+def test_u8s8_saturation_warning_only_where_the_kernels_saturate(fmt, prec, cal, machine, flags, warned):
+    from resnet_deploy.artifact import Manifest, TensorSpec
+    from resnet_deploy.bench.resolve import u8s8_saturation_warning
+
+    m = Manifest(format=fmt, precision=prec, artifact="m." + fmt, sha256="0", size_bytes=1,
+                 input=TensorSpec("image", [None, 32, 32, 3], "float32"),
+                 output=TensorSpec("logits", [None, 10], "float32"), calibration=cal)
+    note = u8s8_saturation_warning(m, machine=machine, flags=flags)
+    assert (note is not None) == warned
+    if warned:
+        assert "saturate" in note and "--onnx-reduce-range" in note

@@ -59,7 +59,26 @@ def identify(path: str | os.PathLike, role: str) -> Entry:
         e.notes.append(NO_MANIFEST_DEFAULTS)
     else:
         e.precision = e.manifest.precision
+        warning = u8s8_saturation_warning(e.manifest)
+        if warning:
+            e.notes.append(warning)
     return e
+
+
+def u8s8_saturation_warning(manifest: Manifest, machine: str | None = None, flags=None) -> str | None:
+    """A warning when an ONNX INT8 file with uint8 activations and full 8-bit weights runs on an x86 CPU
+    without VNNI, where ONNX Runtime's U8S8 kernels saturate (see converters/onnx_rules.py): the file was
+    exported for another CPU, or before the rule existed (no ``reduce_range`` recorded)."""
+    from resnet_deploy.converters.onnx_rules import has_vnni, is_x86
+
+    cal = manifest.calibration or {}
+    if (manifest.format != Format.ONNX.value or manifest.precision != Precision.INT8.value
+            or cal.get("activation_type", "uint8") != "uint8" or cal.get("reduce_range", False)):
+        return None
+    if not is_x86(machine) or has_vnni(flags):
+        return None
+    return ("uint8 activations with 8-bit weights on an x86 CPU without VNNI: ONNX Runtime's U8S8 kernels "
+            "saturate here and accuracy can collapse; re-export on this CPU or with --onnx-reduce-range")
 
 
 def checked_manifest(path: Path) -> Manifest | None:
