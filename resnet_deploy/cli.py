@@ -57,28 +57,43 @@ def models(
     family: Annotated[Optional[str], typer.Option(help="Show only one family: resnet or cifar.")] = None,
 ) -> None:
     """List the architectures: parameters, MACs at 32x32, blocks per stage and widths."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
+    from resnet_deploy.errors import ModelError
     from resnet_deploy.models.builder import _validate
     from resnet_deploy.models.registry import ARCHS
     from resnet_deploy.models.summary import arch_counts
 
-    table = Table(title=f"ResNet family (width x{width:g}, {stem} stem, 32x32x3 input, 10 classes)")
-    for col in ("name", "family", "block", "blocks per stage", "widths", "params", "MACs"):
-        table.add_column(col, justify="right" if col in ("params", "MACs") else "left")
+    families = sorted({spec.family for spec in ARCHS.values()})
+    if family is not None and family not in families:
+        raise ModelError(f"Unknown family {family!r}.", expected=f"one of {', '.join(families)}",
+                         fix="run `resnet-deploy models` without --family to see every architecture")
+    # Sized for an 80-column terminal (CI logs, pipes): nothing truncated, nothing wrapped.
+    table = Table(title=f"ResNet family (width x{width:g}, {stem} stem, 32x32x3 input, 10 classes)",
+                  box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for col, right in (("name", False), ("block", False), ("stages", False), ("widths", False),
+                       ("params (M)", True), ("MACs (M)", True)):
+        table.add_column(col, justify="right" if right else "left", no_wrap=True)
+    previous = None
     for name, spec in ARCHS.items():
         if family and spec.family != family:
             continue
+        if previous is not None and spec.family != previous:
+            table.add_section()
+        previous = spec.family
         _validate(spec, width, stem, (32, 32, 3), 10)
         c = arch_counts(spec, width, stem)
-        kind = spec.block + (", pre-act" if spec.preact else "") + ("" if spec.shortcuts else ", plain")
-        table.add_row(name, spec.family, kind, "-".join(map(str, spec.blocks_per_stage)),
+        kind = spec.block + (" v2" if spec.preact else "") + ("" if spec.shortcuts else " plain")
+        table.add_row(name, kind, "-".join(map(str, spec.blocks_per_stage)),
                       "/".join(str(max(1, round(w * width))) for w in spec.widths),
-                      f"{c.params / 1e6:.3f} M", f"{c.macs / 1e6:,.1f} M")
-    Console().print(table)
-    Console().print("params: trainable parameters (BN gamma/beta counted, moving statistics not). "
-                    "MACs: multiply-accumulates of convolutions and the classifier for one image.")
+                      f"{c.params / 1e6:.3f}", f"{c.macs / 1e6:,.1f}")
+    console = Console()
+    console.print(table)
+    console.print("params: trainable parameters (BN gamma/beta counted, moving statistics not). MACs: "
+                  "multiply-accumulates of convolutions and the classifier for one image. v2: "
+                  "pre-activation blocks; plain: no shortcuts (the degradation twin).")
 
 
 @app.command("data")
@@ -91,6 +106,9 @@ def data(data: DataOption = None) -> None:
     from resnet_deploy.data.constants import CIFAR10_MEAN, CIFAR10_STD, CLASS_NAMES
     from resnet_deploy.data.sources import channel_stats, load_cifar10
 
+    from resnet_deploy.cli_common import quiet_frameworks
+
+    quiet_frameworks()  # only a download imports Keras (and TensorFlow): keep its start-up logs out
     console = Console()
     ds = load_cifar10(data)
     console.print(f"source: [bold]{ds.source}[/] ({ds.kind})")

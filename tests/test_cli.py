@@ -31,12 +31,25 @@ def test_every_subcommand_exists():
         assert cmd in result.output
 
 
-def test_models_table_lists_the_family():
-    result = runner.invoke(app, ["models"], env={"COLUMNS": "200"})
+def test_models_table_lists_the_family_readably_at_80_columns():
+    from resnet_deploy.models.registry import ARCHS
+
+    result = runner.invoke(app, ["models"], env={"COLUMNS": "80"})
     assert result.exit_code == 0, result.output
-    assert "resnet34" in result.output and "21.282 M" in result.output
-    assert "resnet20" in result.output and "0.272 M" in result.output
-    assert "3-4-6-3" in result.output and "1,159.4 M" in result.output  # ResNet34 MACs at 32x32
+    rows = {line.split()[0]: line.split() for line in result.output.splitlines() if line.strip()}
+    assert set(ARCHS) <= set(rows), "every architecture on a row of its own, names not truncated"
+    assert "…" not in result.output
+    assert rows["resnet34"][-2:] == ["21.282", "1,159.4"] and "3-4-6-3" in rows["resnet34"]  # MACs at 32x32
+    assert rows["resnet20"][-2] == "0.272" and rows["resnet110v2"][1:3] == ["basic", "v2"]
+    assert rows["resnet50"][1] == "bottleneck" and rows["plain34"][1:3] == ["basic", "plain"]
+
+
+def test_models_unknown_family_lists_the_families():
+    result = runner.invoke(app, ["models", "--family", "vgg"])
+    assert result.exit_code == 2
+    assert "Unknown family 'vgg'" in result.output and "cifar, resnet" in result.output
+    only = runner.invoke(app, ["models", "--family", "cifar"], env={"COLUMNS": "80"})
+    assert only.exit_code == 0 and "resnet20" in only.output and "resnet34" not in only.output
 
 
 def test_models_bad_width_is_a_clear_error():
