@@ -25,8 +25,9 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def cpu_flags() -> list[str]:
-    """The ISA flags that decide inference speed (AVX-512, VNNI, BF16, AMX), as /proc/cpuinfo names them."""
+def read_cpu_flags() -> list[str] | None:
+    """The ISA flags that decide inference speed (AVX-512, VNNI, BF16, AMX), as /proc/cpuinfo names them;
+    None when they cannot be read (no /proc/cpuinfo: macOS, Windows, a sandbox)."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
@@ -35,7 +36,12 @@ def cpu_flags() -> list[str]:
                     return [f for f in _INTERESTING_FLAGS if f in have]
     except OSError:
         pass
-    return []
+    return None
+
+
+def cpu_flags() -> list[str]:
+    """``read_cpu_flags`` for display: an empty list when unknown."""
+    return read_cpu_flags() or []
 
 
 def library_versions(packages=_PACKAGES) -> dict[str, str]:

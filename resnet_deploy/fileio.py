@@ -69,8 +69,8 @@ def atomic_path(final: str | os.PathLike, suffix: str | None = None) -> Iterator
         if final.is_dir() and not final.is_symlink():  # os.replace cannot replace a non-empty folder
             if aside.exists():  # a crash's leftover; ``final`` is complete, so it is stale
                 _remove(aside)
+            moved_aside = True  # before the rename: the undo below checks that ``aside`` exists
             os.replace(final, aside)
-            moved_aside = True
             os.replace(tmp, final)
             _remove(aside)
         else:

@@ -328,14 +328,22 @@ def test_every_error_entry_says_what_expected_and_fix():
     ("onnx", "int8", {"activation_type": "uint8", "reduce_range": False}, "aarch64", [], False),
     ("tflite", "int8", {}, "x86_64", ["avx2"], False),
     ("onnx", "fp16", None, "x86_64", ["avx2"], False),
+    ("onnx", "int8", {"activations": "uint8 per-tensor"}, "x86_64", ["avx2"], True),  # pre-rule manifest
+    ("onnx", "int8", {"activations": "int8 per-tensor"}, "x86_64", ["avx2"], False),  # pre-rule, arm64 export
+    ("onnx", "int8", {"activation_type": "uint8", "reduce_range": False}, "x86_64", None, False),  # flags unknown
 ])
-def test_u8s8_saturation_warning_only_where_the_kernels_saturate(fmt, prec, cal, machine, flags, warned):
+def test_u8s8_saturation_warning_only_where_the_kernels_saturate(fmt, prec, cal, machine, flags, warned,
+                                                                  monkeypatch):
     from resnet_deploy.artifact import Manifest, TensorSpec
     from resnet_deploy.bench.resolve import u8s8_saturation_warning
 
     m = Manifest(format=fmt, precision=prec, artifact="m." + fmt, sha256="0", size_bytes=1,
                  input=TensorSpec("image", [None, 32, 32, 3], "float32"),
                  output=TensorSpec("logits", [None, 10], "float32"), calibration=cal)
+    if flags is None:  # this machine's flags, made unreadable
+        from resnet_deploy import envinfo
+
+        monkeypatch.setattr(envinfo, "read_cpu_flags", lambda: None)
     note = u8s8_saturation_warning(m, machine=machine, flags=flags)
     assert (note is not None) == warned
     if warned:

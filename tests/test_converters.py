@@ -177,8 +177,21 @@ def test_onnx_reduce_range_default_reads_this_cpu(monkeypatch):
     from resnet_deploy import envinfo
     from resnet_deploy.converters.onnx_rules import default_onnx_reduce_range, has_vnni
 
-    monkeypatch.setattr(envinfo, "cpu_flags", lambda: ["avx2", "avx512_vnni"])
+    monkeypatch.setattr(envinfo, "read_cpu_flags", lambda: ["avx2", "avx512_vnni"])
     assert has_vnni() and default_onnx_reduce_range("x86_64") is False
-    monkeypatch.setattr(envinfo, "cpu_flags", lambda: ["avx2"])
+    monkeypatch.setattr(envinfo, "read_cpu_flags", lambda: ["avx2"])
     assert not has_vnni() and default_onnx_reduce_range("x86_64") is True
     assert default_onnx_reduce_range("arm64") is False
+    monkeypatch.setattr(envinfo, "read_cpu_flags", lambda: None)  # no /proc/cpuinfo
+    assert has_vnni() is None and default_onnx_reduce_range("x86_64") is True  # the safe side
+
+
+def test_unknown_cpu_flags_are_said_so_and_do_not_warn(monkeypatch):
+    from resnet_deploy import envinfo
+    from resnet_deploy.converters.onnx_rules import onnx_int8_settings
+
+    monkeypatch.setattr(envinfo, "read_cpu_flags", lambda: None)
+    s = onnx_int8_settings(None, None, machine="x86_64")
+    assert s.reduce_range is True and s.cpu["vnni"] is None and s.cpu["flags"] is None
+    assert "flags unknown" in s.reason["reduce_range"] and "cannot be confirmed" in s.reason["reduce_range"]
+    assert envinfo.cpu_flags() == []

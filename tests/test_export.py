@@ -251,6 +251,7 @@ def test_forced_export_writes_the_manifest_before_the_artifact_takes_its_name(tm
     stale.write_bytes(b"half a model")
     with pytest.raises(OutputExistsError, match="manifest without its artifact"):
         export_model(trained_path, ExportOptions(**opts), data=small_npz_dir)
+    assert not stale.exists(), "a killed export's temporary is removed even when the run is then refused"
     monkeypatch.setattr(os, "replace", spy)
     (new,) = export_model(trained_path, ExportOptions(**opts, force=True), data=small_npz_dir)
     assert at_rename == [True, True] and new.manifest.options["export"]["opset"] == 17
@@ -274,6 +275,14 @@ def test_moved_run_folder_keeps_its_float_reference(tmp_path, trained_path, smal
     run.rename(moved)
     ref, notes = resolve_reference([identify(moved / "artifacts" / "tiny_fp32.tflite", "artifact")], None)
     assert ref is not None and ref.resolve() == (moved / "model" / "tiny.keras").resolve(), notes
+    # the artifacts folder copied away on its own: the model is still where it was at export (abs_path)
+    shutil.copytree(moved / "artifacts", tmp_path / "elsewhere" / "artifacts")
+    (moved / "model").rename(run.parent / "model_at_export")  # put the model back at its export-time path
+    run.mkdir()
+    (run.parent / "model_at_export").rename(run / "model")
+    ref, notes = resolve_reference([identify(tmp_path / "elsewhere" / "artifacts" / "tiny_fp32.tflite", "artifact")],
+                                   None)
+    assert ref is not None and ref.resolve() == (run / "model" / "tiny.keras").resolve(), notes
 
 
 def _no_artifacts(folder: Path) -> list[str]:

@@ -554,3 +554,18 @@ def test_curves_are_skipped_once_without_matplotlib(tmp_path, monkeypatch):
     rec._curves(tmp_path / "curves.png", history * 2)
     assert lines == [CURVES_SKIPPED] and "matplotlib" in lines[0] and "log.csv" in lines[0]
     assert not (tmp_path / "curves.png").exists()  # a stale PNG would disagree with log.csv
+
+
+def test_log_csv_keeps_an_older_runs_legacy_column_on_resume(tmp_path):
+    import csv
+
+    from resnet_deploy.training.callbacks import CSV_FIELDS, write_csv
+
+    old = {"epoch": 1, "loss": 2.0, "images_per_s": 80.5, "epoch_s": 12.0}  # a row from before train_s existed
+    new = {"epoch": 2, "loss": 1.5, "epoch_s": 11.0, "train_s": 10.0, "train_images_per_s": 90.1}
+    write_csv(tmp_path / "log.csv", [old, new])
+    rows = list(csv.DictReader((tmp_path / "log.csv").open()))
+    assert rows[0]["images_per_s"] == "80.5" and rows[1]["images_per_s"] == ""
+    assert rows[1]["train_images_per_s"] == "90.1" and rows[0]["train_s"] == ""
+    write_csv(tmp_path / "fresh.csv", [new])
+    assert next(csv.reader((tmp_path / "fresh.csv").open())) == list(CSV_FIELDS)  # no legacy column in new runs

@@ -72,10 +72,12 @@ def u8s8_saturation_warning(manifest: Manifest, machine: str | None = None, flag
     from resnet_deploy.converters.onnx_rules import has_vnni, is_x86
 
     cal = manifest.calibration or {}
+    # manifests written before the rule say only "activations": "uint8 per-tensor"
+    activations = cal.get("activation_type") or (cal.get("activations") or "uint8").split()[0]
     if (manifest.format != Format.ONNX.value or manifest.precision != Precision.INT8.value
-            or cal.get("activation_type", "uint8") != "uint8" or cal.get("reduce_range", False)):
+            or activations != "uint8" or cal.get("reduce_range", False)):
         return None
-    if not is_x86(machine) or has_vnni(flags):
+    if not is_x86(machine) or has_vnni(flags) is not False:  # VNNI, or flags unknown: no claim
         return None
     return ("uint8 activations with 8-bit weights on an x86 CPU without VNNI: ONNX Runtime's U8S8 kernels "
             "saturate here and accuracy can collapse; re-export on this CPU or with --onnx-reduce-range")
@@ -126,12 +128,15 @@ def error_dict(exc: ResnetDeployError) -> dict:
 
 def reference_from_manifest(entry: Entry) -> Path | None:
     """The float model an artifact was exported from: ``source_model.path`` relative to the manifest's
-    folder, or absolute."""
+    folder (or absolute), else ``abs_path`` where it was at export (an artifacts folder copied away
+    from its model); the relative candidate when neither exists, so the error names it."""
     src = entry.manifest.source_model if entry.manifest else None
     if not src or not src.get("path"):
         return None
     p = Path(src["path"]).expanduser()
-    return p if p.is_absolute() else (entry.path.parent / p)
+    p = p if p.is_absolute() else (entry.path.parent / p)
+    at_export = Path(src["abs_path"]).expanduser() if src.get("abs_path") else None
+    return at_export if not p.exists() and at_export is not None and at_export.exists() else p
 
 
 def resolve_reference(entries: list[Entry], given: Path | None) -> tuple[Path | None, list[str]]:

@@ -50,17 +50,19 @@ def is_x86(machine: str | None = None) -> bool:
     return _machine(machine) in _X86
 
 
-def _flags(flags) -> list[str]:
+def _flags(flags) -> list[str] | None:
+    """The given flags, or this machine's (``envinfo.read_cpu_flags``); None when they are unknown."""
     if flags is None:
-        from resnet_deploy.envinfo import cpu_flags
+        from resnet_deploy.envinfo import read_cpu_flags
 
-        flags = cpu_flags()
-    return list(flags)
+        flags = read_cpu_flags()
+    return None if flags is None else list(flags)
 
 
-def has_vnni(flags=None) -> bool:
-    """Whether the CPU flags (default: this machine's, via ``envinfo.cpu_flags``) include VNNI."""
-    return any(f in VNNI_FLAGS for f in _flags(flags))
+def has_vnni(flags=None) -> bool | None:
+    """Whether the CPU flags (default: this machine's) include VNNI; None when the flags are unknown."""
+    fl = _flags(flags)
+    return None if fl is None else any(f in VNNI_FLAGS for f in fl)
 
 
 def default_onnx_activation_type(machine: str | None = None) -> str:
@@ -70,8 +72,9 @@ def default_onnx_activation_type(machine: str | None = None) -> str:
 
 
 def default_onnx_reduce_range(machine: str | None = None, flags=None) -> bool:
-    """7-bit weights on x86 CPUs without VNNI (VPMADDUBSW saturation), 8-bit everywhere else."""
-    return is_x86(machine) and not has_vnni(flags)
+    """7-bit weights on x86 CPUs without VNNI (VPMADDUBSW saturation), and on x86 CPUs whose flags are
+    unknown (the safe side); 8-bit everywhere else."""
+    return is_x86(machine) and has_vnni(flags) is not True
 
 
 @dataclass(frozen=True)
@@ -103,8 +106,9 @@ def onnx_int8_settings(activation_type: str | None, reduce_range: bool | None, m
     exporting CPU (``machine``/``flags`` default to this one's)."""
     m = _machine(machine)
     flags = _flags(flags)
-    vnni = [f for f in flags if f in VNNI_FLAGS]
-    cpu_text = f"the exporting CPU ({m}, flags read: {', '.join(flags) or 'none'})"
+    vnni = [f for f in flags or () if f in VNNI_FLAGS]
+    cpu_text = (f"the exporting CPU ({m}, flags read: {', '.join(flags) or 'none'})" if flags is not None
+                else f"the exporting CPU ({m}, flags unknown: /proc/cpuinfo unreadable)")
     chosen, reason = {}, {}
 
     if activation_type is not None:
@@ -124,7 +128,12 @@ def onnx_int8_settings(activation_type: str | None, reduce_range: bool | None, m
         reason["reduce_range"] = f"user: {flag} given (ExportOptions.onnx_reduce_range={rr})"
     else:
         rr, chosen["reduce_range"] = default_onnx_reduce_range(m, flags), AUTOMATIC
-        if rr:
+        if rr and flags is None:
+            reason["reduce_range"] = (
+                f"automatic: {cpu_text} is x86 and VNNI cannot be confirmed, so the safe side: 7-bit weights "
+                "(ONNX Runtime's U8S8 kernels saturate with 8-bit weights on x86 without VNNI, docs/export.md); "
+                "pass --no-onnx-reduce-range for a VNNI (or arm64) target")
+        elif rr:
             reason["reduce_range"] = (
                 f"automatic: {cpu_text} is x86 without VNNI, where ONNX Runtime's U8S8 kernels use VPMADDUBSW, "
                 "whose 16-bit pair sums saturate with 8-bit weights (tiny ResNet agreement 0.705 vs 0.960 with "
@@ -141,4 +150,4 @@ def onnx_int8_settings(activation_type: str | None, reduce_range: bool | None, m
     reason["weight_type"] = ("fixed: symmetric int8 weights (not an option)" +
                              (", quantized to 7 bits (-64..64) because reduce_range is on" if rr else ", full 8 bits"))
     return OnnxInt8Settings(act, WEIGHT_TYPE, rr, chosen, reason,
-                            {"machine": m, "flags": flags, "vnni": bool(vnni)})
+                            {"machine": m, "flags": flags, "vnni": None if flags is None else bool(vnni)})

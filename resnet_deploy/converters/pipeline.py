@@ -26,7 +26,7 @@ from typing import Callable
 
 import numpy as np
 
-from resnet_deploy.artifact import Manifest
+from resnet_deploy.artifact import Manifest, file_facts
 from resnet_deploy.config import Format
 from resnet_deploy.converters import onnx as onnx_converter
 from resnet_deploy.converters import tflite as tflite_converter
@@ -63,12 +63,12 @@ def plan(model_path: str | os.PathLike, options: ExportOptions) -> dict[Target, 
 
 
 def _refuse_existing(paths: dict[Target, Path], force: bool) -> None:
-    """Refuse existing artifacts or manifests unless ``force``; with ``force``, also delete the hidden
-    temporaries a killed export left beside them (``fileio.remove_stale_temporaries``)."""
+    """Delete the hidden temporaries a killed export left beside these artifacts (never finished files,
+    ``fileio.remove_stale_temporaries``), then refuse existing artifacts or manifests unless ``force``."""
+    for path in paths.values():
+        remove_stale_temporaries(path, suffix=_temp_suffix(path))
+        remove_stale_temporaries(sidecar_path(path))
     if force:
-        for path in paths.values():
-            remove_stale_temporaries(path, suffix=_temp_suffix(path))
-            remove_stale_temporaries(sidecar_path(path))
         return
     taken = [str(p) for path in paths.values() for p in (path, sidecar_path(path)) if p.exists()]
     orphans = [p.name for p in paths.values() if sidecar_path(p).exists() and not p.exists()]
@@ -196,13 +196,13 @@ def _export_one(model, final: Path, target: Target, options: ExportOptions, cali
             t2 = time.perf_counter()
             # the temporary is the very file that becomes final: its sha256 and size are the artifact's
             manifest = _manifest(final, target, options, result, validation, common, extra,
-                                 {"sha256": sha256_file(tmp), "size_bytes": tmp.stat().st_size},
+                                 file_facts(tmp),
                                  {"convert": round(t1 - t0, 3), "validate": round(t2 - t1, 3)})
             # --force: until here the old pair is intact (a failed conversion or validation keeps it). The old
             # artifact goes first, so it never sits beside the new manifest; the manifest replaces the old one
             # atomically; then atomic_path renames the temporary onto the final name.
+            committing = True  # before the unlink: a Ctrl-C right after it must not orphan the old manifest
             final.unlink(missing_ok=True)
-            committing = True
             manifest.save(final)
     except BaseException:
         if committing and not final.exists():  # interrupted between the manifest and the rename

@@ -177,12 +177,17 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
+LEGACY_CSV_FIELDS = ("images_per_s",)  # runs from before the training pass was timed apart (test pass included)
+
+
 def write_csv(path: Path, history: list[dict]) -> None:
+    """The whole history as CSV; a resumed older run keeps its legacy columns for the rows that have them."""
+    fields = CSV_FIELDS + tuple(k for k in LEGACY_CSV_FIELDS if any(k in row for row in history))
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in history:
-        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_FIELDS})
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in fields})
     with atomic_path(path) as tmp:
         tmp.write_text(buf.getvalue())
 

@@ -1,6 +1,6 @@
 """Checkpoints written atomically, and ``--resume`` from the last one.
 
-``<out>/checkpoints/last/`` is one folder renamed into place in one step (``fileio.atomic_path``):
+``<out>/checkpoints/last/`` is one folder, written under a temporary name and then put in place (``fileio.atomic_path``):
 
     weights.weights.h5   the training model's weights (BatchNorm statistics included)
     optimizer.npz        every optimizer variable (iteration counter, momenta, loss scale)
