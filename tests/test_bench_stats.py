@@ -348,3 +348,36 @@ def test_u8s8_saturation_warning_only_where_the_kernels_saturate(fmt, prec, cal,
     assert (note is not None) == warned
     if warned:
         assert "saturate" in note and "--onnx-reduce-range" in note
+
+
+def test_heartbeats_keep_a_slow_child_alive_and_silence_times_it_out():
+    """The per-file timeout counts time without progress, not total time: a child that reports each
+    stage may run longer than the timeout; one that goes quiet is given up on."""
+    import multiprocessing as mp
+    import threading
+
+    from resnet_deploy.bench.probe import PROGRESS, TIMED_OUT, _receive
+
+    class Alive:
+        def is_alive(self):
+            return True
+
+    def child(conn, beats: int):
+        for i in range(beats):
+            time.sleep(0.3)
+            conn.send((PROGRESS, f"stage {i}"))
+        time.sleep(0.3)
+        conn.send({"result": beats})
+
+    for beats, timeout, expected in ((6, 1.0, {"result": 6}), (0, 5.0, {"result": 0})):
+        parent, end = mp.Pipe(duplex=False)
+        t0 = time.monotonic()
+        threading.Thread(target=child, args=(end, beats), daemon=True).start()
+        assert _receive(parent, Alive(), timeout) == expected
+        if beats:
+            assert time.monotonic() - t0 > 1.5 * timeout  # longer than the timeout, kept alive by heartbeats
+    parent, end = mp.Pipe(duplex=False)
+    end.send((PROGRESS, "loaded"))  # then silence
+    t0 = time.monotonic()
+    assert _receive(parent, Alive(), 0.6) is TIMED_OUT
+    assert 0.5 < time.monotonic() - t0 < 3

@@ -63,9 +63,10 @@ def bench(
         "--gate-fp16", help="Hold FP16 artifacts to --min-speedup too (useful on GPUs; on CPUs FP16 runs at "
                             "about FP32 speed).")] = False,
     timeout: Annotated[Optional[float], typer.Option(
-        "--timeout", help="Seconds one file may take (load, latency, accuracy pass) before its process is "
-                          "killed and the file reported as an error (not with --in-process). Default: 300 + 3 x "
-                          "the latency time budget + 0.1 s per test image (1,360 s with the defaults).",
+        "--timeout", help="Seconds one file may go without progress (the load, one latency series, one "
+                          "accuracy chunk of 1,024 images) before its process is killed and the file reported as "
+                          "an error (not with --in-process). Default: 300 + 3 x --max-time + 0.1 s per image of "
+                          "a chunk (432 s with the defaults).",
         show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap interval.")] = 0,
 ) -> None:

@@ -44,8 +44,8 @@ class BenchOptions:
 
     MIN_TIMED_RUNS = 5
     SPEEDUP_GATED = ("int8", "dynamic_int8")  # precisions --min-speedup applies to (+ fp16 with gate_fp16)
-    # The derived per-file timeout: a fixed allowance for the runtime's import and the load, the
-    # latency budget with a safety factor, and a slow pace for the accuracy pass.
+    # The derived per-file timeout (time without progress): a fixed allowance for the runtime's import and
+    # the load, one latency series with a safety factor, and a slow pace for one accuracy chunk.
     TIMEOUT_FIXED_S = 300.0
     TIMEOUT_LATENCY_FACTOR = 3.0
     # 10 images/s: a third of the slowest pace measured here (ResNet34 TFLite FP32, 1 thread: 30 images/s)
@@ -94,13 +94,16 @@ class BenchOptions:
         return self.SPEEDUP_GATED + (("fp16",) if self.gate_fp16 else ())
 
     def file_timeout_s(self, eval_images: int) -> float:
-        """Seconds an isolated file may take (load, latency runs, accuracy pass on ``eval_images`` images)
-        before its process is killed: ``timeout_s`` when given, else derived from the work."""
+        """Seconds an isolated file may go without progress before its process is killed: ``timeout_s``
+        when given, else derived from the longest stage between two heartbeats (``probe._receive``): the
+        import and load, one latency series, one accuracy chunk (``probe.ACCURACY_CHUNK`` images at most)."""
+        from resnet_deploy.bench.probe import ACCURACY_CHUNK
+
         if self.timeout_s is not None:
             return float(self.timeout_s)
-        latency = len(self.batch_sizes) * (self.max_time_s + self.min_time_s) if self.latency else 0.0
-        return (self.TIMEOUT_FIXED_S + self.TIMEOUT_LATENCY_FACTOR * latency
-                + self.TIMEOUT_PER_IMAGE_S * eval_images)
+        latency = (self.max_time_s + self.min_time_s) if self.latency else 0.0
+        chunk = min(eval_images, self.batch_size * max(1, ACCURACY_CHUNK // self.batch_size))
+        return self.TIMEOUT_FIXED_S + self.TIMEOUT_LATENCY_FACTOR * latency + self.TIMEOUT_PER_IMAGE_S * chunk
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -42,7 +42,9 @@ class ProbeJob:
     timeout_s: float | None = None  # an isolated child still running after this is killed; None: no limit
 
 
-TIMED_OUT = object()  # what _receive returns when the child sent nothing in time
+TIMED_OUT = object()  # what _receive returns when the child made no progress in time
+PROGRESS = "progress"  # first item of the child's heartbeat messages
+ACCURACY_CHUNK = 1024  # test images between two heartbeats of the accuracy pass (rounded to whole batches)
 
 
 def probe(job: ProbeJob, isolate: bool = True) -> dict:
@@ -73,27 +75,43 @@ def probe(job: ProbeJob, isolate: bool = True) -> dict:
 
 
 def _receive(conn, proc, timeout_s: float | None = None):
-    """The child's result; None when it died without sending one; ``TIMED_OUT`` when it sent nothing
-    within ``timeout_s`` seconds (None: wait as long as it lives). Polls rather than trusting EOF:
-    a descriptor inherited elsewhere can keep the pipe open after the child is gone."""
+    """The child's result; None when it died without sending one; ``TIMED_OUT`` when it made no
+    progress for ``timeout_s`` seconds (None: wait as long as it lives). Progress is a
+    ``(PROGRESS, stage)`` message, which the child sends after the load, after each latency series
+    and after each accuracy chunk: a big model that is slow but working is never killed, a hung one
+    is. Polls rather than trusting EOF: a descriptor inherited elsewhere can keep the pipe open after
+    the child is gone."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
         if conn.poll(0.2):
             try:
-                return conn.recv()
+                msg = conn.recv()
             except EOFError:
                 return None
+            if not _is_progress(msg):
+                return msg
+            deadline = None if timeout_s is None else time.monotonic() + timeout_s
+            continue
         if not proc.is_alive():
-            return conn.recv() if conn.poll(0) else None
+            while conn.poll(0):
+                msg = conn.recv()
+                if not _is_progress(msg):
+                    return msg
+            return None
         if deadline is not None and time.monotonic() >= deadline:
             return TIMED_OUT
 
 
-def probe_in_process(job: ProbeJob, reset_peak: bool = False) -> dict:
+def _is_progress(msg) -> bool:
+    return isinstance(msg, tuple) and len(msg) == 2 and msg[0] == PROGRESS
+
+
+def probe_in_process(job: ProbeJob, reset_peak: bool = False, progress=None) -> dict:
     """``probe``'s work in this process. ``reset_peak`` resets the process's RSS high-water mark at the
-    baseline (done in the isolated child only: a caller's own process keeps its peak)."""
+    baseline (done in the isolated child only: a caller's own process keeps its peak); ``progress(stage)``
+    is called after each stage (the isolated child sends it to the parent as its heartbeat)."""
     try:
-        return _measure(job, reset_peak)
+        return _measure(job, reset_peak, progress or (lambda stage: None))
     except ResnetDeployError as exc:
         return {"error": error_entry(type(exc).__name__, exc.what, exc.expected, exc.fix)}
     except Exception as exc:  # a runtime failing in a way nobody anticipated: keep the traceback
@@ -114,7 +132,7 @@ def error_entry(kind: str, what: str, expected: str | None, fix: str | None, **e
 
 def _child_main(job: ProbeJob, conn) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    result = probe_in_process(job, reset_peak=True)
+    result = probe_in_process(job, reset_peak=True, progress=lambda stage: conn.send((PROGRESS, stage)))
     if "error" not in result:
         result["memory"]["rss_scope"] = "child process of this artifact alone"
     conn.send(result)
@@ -134,14 +152,15 @@ def _crash_error(path: Path, exitcode: int | None) -> dict:
 
 
 def _timeout_error(path: Path, timeout_s: float | None) -> dict:
-    return error_entry("timeout", f"Benchmarking {path} did not finish within {timeout_s:g} s; its process was "
-                                  "killed.",
-                       "load, latency runs and the accuracy pass to finish within the per-artifact timeout",
+    return error_entry("timeout", f"Benchmarking {path} made no progress within {timeout_s:g} s; its process "
+                                  "was killed.",
+                       "the load, each latency series and each accuracy chunk to finish within the per-file "
+                       "timeout",
                        "the runtime may hang on this file (re-export it); if it is only slow, raise --timeout "
                        "or lower --limit / --max-time")
 
 
-def _measure(job: ProbeJob, reset_peak: bool = False) -> dict:
+def _measure(job: ProbeJob, reset_peak: bool, progress) -> dict:
     from resnet_deploy.config import Format
     from resnet_deploy.runtimes import open_runner, runner_class
     from resnet_deploy.bench.latency import MemoryMeter, summarize, timed_runs
@@ -167,6 +186,7 @@ def _measure(job: ProbeJob, reset_peak: bool = False) -> dict:
         first_s = time.perf_counter() - t1
         _check_logits(first, 1, job.path)
         out["timing"].update(load_s=load_s, first_run_s=first_s, first_inference_s=load_s + first_s)
+        progress("loaded")
         if job.latency_images is not None:
             out["latency"] = {}
             for bs in job.batch_sizes:
@@ -177,10 +197,16 @@ def _measure(job: ProbeJob, reset_peak: bool = False) -> dict:
                 times, warm = timed_runs(lambda: runner.predict_preprocessed(x), job.warmup, job.runs,
                                          job.min_time_s, job.max_time_s, job.min_runs)
                 out["latency"][str(bs)] = {**summarize(times, bs, job.noisy_cv), "warmup": warm}
+                progress(f"latency batch {bs}")
         out["memory"] = meter.read()
         if job.eval_images is not None:
             t2 = time.perf_counter()
-            logits = runner.predict(job.eval_images, batch_size=job.eval_batch_size)
+            chunk = job.eval_batch_size * max(1, ACCURACY_CHUNK // job.eval_batch_size)
+            parts = []
+            for i in range(0, len(job.eval_images), chunk):
+                parts.append(runner.predict(job.eval_images[i:i + chunk], batch_size=job.eval_batch_size))
+                progress(f"accuracy {min(i + chunk, len(job.eval_images))}/{len(job.eval_images)}")
+            logits = np.concatenate(parts) if parts else np.zeros((0, NUM_CLASSES), np.float32)
             out["timing"]["accuracy_pass_s"] = time.perf_counter() - t2
             _check_logits(logits, len(job.eval_images), job.path)
             out["logits"] = logits
