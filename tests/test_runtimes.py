@@ -8,7 +8,7 @@ import pytest
 from resnet_deploy.config import Format
 from resnet_deploy.errors import ModelError, ResnetDeployError
 from resnet_deploy.runtimes import open_runner
-from resnet_deploy.runtimes.litert_runner import dequantize, quantize
+from resnet_deploy.runtimes.base import dequantize, quantize
 
 
 def test_quantize_round_trip_and_saturation():

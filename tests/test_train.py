@@ -213,31 +213,50 @@ def test_precision_and_parallelism_rules():
 # ----------------------------------------------------------------------------------------------
 # Distillation loss
 # ----------------------------------------------------------------------------------------------
-def test_distillation_loss_is_hinton_kl_times_t_squared():
+def _log_softmax(z):
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def _distill_case(wd: float, w: float, t: float):
+    """A student/teacher pair (resnet8 at widths 0.25/0.5, L2 ``wd`` on both), the Distiller, 8 images
+    with one-hot labels, the numpy logits of both, and ``loss(training)`` from Distiller.compute_loss."""
     import keras
 
     from resnet_deploy.models.builder import build_model
     from resnet_deploy.training.distill import Distiller
 
     keras.utils.set_random_seed(0)
-    student, teacher = build_model("resnet8", width=0.25), build_model("resnet8", width=0.5)
-    d = Distiller(student, teacher, temperature=3.0, weight=1.0)
+    student = build_model("resnet8", width=0.25, weight_decay=wd)
+    teacher = build_model("resnet8", width=0.5, weight_decay=wd)
+    d = Distiller(student, teacher, temperature=t, weight=w)
     d.compile(loss=keras.losses.CategoricalCrossentropy(from_logits=True))
     x = _images(8).astype(np.float32)
     y = np.eye(10, dtype=np.float32)[np.arange(8)]
     s_logits = keras.ops.convert_to_numpy(student(x, training=False))
     t_logits = keras.ops.convert_to_numpy(teacher(x, training=False))
 
-    def log_softmax(z):
-        z = z - z.max(axis=1, keepdims=True)
-        return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    def loss(training: bool) -> float:
+        return float(keras.ops.convert_to_numpy(
+            d.compute_loss(x, y, keras.ops.convert_to_tensor(s_logits), training=training)))
 
-    pt = np.exp(log_softmax(t_logits / 3))
-    want = 9 * np.mean(np.sum(pt * (log_softmax(t_logits / 3) - log_softmax(s_logits / 3)), axis=1))
-    got = float(keras.ops.convert_to_numpy(d.compute_loss(x, y, keras.ops.convert_to_tensor(s_logits), training=True)))
-    assert got == pytest.approx(want, rel=1e-4)
-    ce = float(keras.ops.convert_to_numpy(d.compute_loss(x, y, keras.ops.convert_to_tensor(s_logits), training=False)))
-    assert ce == pytest.approx(float(np.mean(-log_softmax(s_logits)[np.arange(8), np.arange(8)])), rel=1e-4)
+    return d, student, teacher, s_logits, t_logits, loss
+
+
+def _hinton_kl(s_logits, t_logits, t: float) -> float:
+    """T^2 KL(teacher_T || student_T), the mean over the batch."""
+    pt = np.exp(_log_softmax(t_logits / t))
+    return t * t * float(np.mean(np.sum(pt * (_log_softmax(t_logits / t) - _log_softmax(s_logits / t)), axis=1)))
+
+
+def _ce(s_logits) -> float:
+    return float(np.mean(-_log_softmax(s_logits)[np.arange(8), np.arange(8)]))
+
+
+def test_distillation_loss_is_hinton_kl_times_t_squared():
+    d, student, teacher, s_logits, t_logits, loss = _distill_case(wd=0.0, w=1.0, t=3.0)
+    assert loss(True) == pytest.approx(_hinton_kl(s_logits, t_logits, 3.0), rel=1e-4)
+    assert loss(False) == pytest.approx(_ce(s_logits), rel=1e-4)
     assert teacher.trainable is False and len(d.trainable_variables) == len(student.trainable_variables)
 
 
@@ -246,35 +265,12 @@ def test_distillation_keeps_the_students_weight_decay_whole_and_leaves_the_teach
     whatever the distillation weight, and a teacher with regularizers adds nothing."""
     import keras
 
-    from resnet_deploy.models.builder import build_model
-    from resnet_deploy.training.distill import Distiller
-
-    keras.utils.set_random_seed(0)
     wd, w, t = 0.05, 0.3, 2.0
-    student = build_model("resnet8", width=0.25, weight_decay=wd)
-    teacher = build_model("resnet8", width=0.5, weight_decay=wd)  # its L2 must not leak into the loss
-    d = Distiller(student, teacher, temperature=t, weight=w)
-    d.compile(loss=keras.losses.CategoricalCrossentropy(from_logits=True))
-    x = _images(8).astype(np.float32)
-    y = np.eye(10, dtype=np.float32)[np.arange(8)]
-    s_logits = keras.ops.convert_to_numpy(student(x, training=False))
-    t_logits = keras.ops.convert_to_numpy(teacher(x, training=False))
-
-    def log_softmax(z):
-        z = z - z.max(axis=1, keepdims=True)
-        return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-
+    _, student, _, s_logits, t_logits, loss = _distill_case(wd, w, t)  # the teacher's L2 must not leak in
     l2 = sum(wd * float(np.sum(np.square(keras.ops.convert_to_numpy(layer.kernel))))
              for layer in student.layers if getattr(layer, "kernel_regularizer", None) is not None)
-    ce = float(np.mean(-log_softmax(s_logits)[np.arange(8), np.arange(8)]))
-    pt = np.exp(log_softmax(t_logits / t))
-    kl = t * t * float(np.mean(np.sum(pt * (log_softmax(t_logits / t) - log_softmax(s_logits / t)), axis=1)))
+    ce, kl = _ce(s_logits), _hinton_kl(s_logits, t_logits, t)
     assert l2 > 0.2 * ((1 - w) * ce + w * kl)  # the decay term is large enough for a scaling to show
-
-    def loss(training):
-        return float(keras.ops.convert_to_numpy(
-            d.compute_loss(x, y, keras.ops.convert_to_tensor(s_logits), training=training)))
-
     assert loss(True) == pytest.approx((1 - w) * ce + w * kl + l2, rel=1e-4)
     assert loss(False) == pytest.approx(ce + l2, rel=1e-4)  # evaluation: as a run without a teacher reports it
 

@@ -19,6 +19,8 @@ from resnet_deploy.data.preprocess import Preprocessing
 from resnet_deploy.errors import ModelError
 from resnet_deploy.fileio import atomic_path, check_can_write, sidecar_path, write_json_atomic
 
+SAVE_TEMP_SUFFIX = ".tmp.keras"  # save_model's temporary: Keras insists on the .keras suffix
+
 INPUT_CONVENTION = "float32 RGB pixels 0..255, NHWC (normalisation is inside the model)"
 
 
@@ -42,7 +44,7 @@ def save_model(model, path: str | os.PathLike, metadata: dict | None = None, for
     if path.suffix != ".keras":
         raise ModelError(f"Cannot save a model to {path}.", expected="a path ending in .keras")
     check_can_write(path, force, "model")
-    with atomic_path(path, suffix=".tmp.keras") as tmp:  # Keras insists on the .keras suffix
+    with atomic_path(path, suffix=SAVE_TEMP_SUFFIX) as tmp:
         model.save(tmp)
     if metadata is not None:
         write_json_atomic(sidecar_path(path), metadata)

@@ -20,6 +20,21 @@ from resnet_deploy.data.preprocess import Preprocessing, preprocess
 from resnet_deploy.errors import ResnetDeployError
 
 
+def quantize(x: np.ndarray, scale: float, zero_point: int, dtype) -> np.ndarray:
+    """real -> integer: round(x / scale) + zero_point, saturated to ``dtype``. Scale 0 (no quantization
+    parameters): ``x`` already holds the integer values, rounded and saturated the same way."""
+    info = np.iinfo(dtype)
+    q = np.round(x / scale) + zero_point if scale else np.round(x)
+    return np.clip(q, info.min, info.max).astype(dtype)
+
+
+def dequantize(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
+    """integer -> real: (q - zero_point) * scale; scale 0 (no quantization parameters): the raw values."""
+    if not scale:
+        return q.astype(np.float32)
+    return (q.astype(np.float32) - zero_point) * np.float32(scale)
+
+
 class Runner(abc.ABC):
     name = "base"
 

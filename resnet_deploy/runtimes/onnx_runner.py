@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from resnet_deploy.errors import ResnetDeployError
-from resnet_deploy.runtimes.base import Runner
+from resnet_deploy.runtimes.base import Runner, quantize
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8,
               "tensor(uint8)": np.uint8}
@@ -13,11 +13,11 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
 
 def to_input_dtype(x: np.ndarray, dtype) -> np.ndarray:
     """Float input as the model's input type; an integer input gets the values rounded and saturated
-    to its range (a bare cast would wrap 256 to 0 and -1 to 255). Quantization parameters of an
-    integer input are not applied here: ONNX keeps them in QuantizeLinear nodes inside the graph."""
-    if np.issubdtype(dtype, np.integer) and not np.issubdtype(x.dtype, np.integer):
-        info = np.iinfo(dtype)
-        return np.clip(np.round(x), info.min, info.max).astype(dtype)
+    to its range (``base.quantize`` with no quantization parameters: a bare cast would wrap 256 to 0
+    and -1 to 255). Quantization parameters of an integer input are not applied here: ONNX keeps them
+    in QuantizeLinear nodes inside the graph."""
+    if np.issubdtype(dtype, np.integer):
+        return quantize(x, 0.0, 0, dtype)
     return x.astype(dtype, copy=False)
 
 

@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Callable
 
 from resnet_deploy.errors import OutputExistsError, TrainError
+from resnet_deploy.models.io import SAVE_TEMP_SUFFIX
 from resnet_deploy.training.recipe import TrainConfig
 
 OWNED = ("model.keras", "model.keras.json", "best.keras", "best.keras.json", "log.csv", "curves.png", "checkpoints")
 # The suffix each owned file's temporary gets from fileio.atomic_path (None: its default); models.io.save_model
 # writes .keras files through a ".tmp.keras" temporary (Keras insists on the suffix).
-TEMP_SUFFIXES = {"model.keras": ".tmp.keras", "best.keras": ".tmp.keras", "model.keras.json": None,
+TEMP_SUFFIXES = {"model.keras": SAVE_TEMP_SUFFIX, "best.keras": SAVE_TEMP_SUFFIX, "model.keras.json": None,
                  "best.keras.json": None, "log.csv": None, "curves.png": None}
 SELECTION_NOTE = ("val_* columns are measured on the test split for monitoring only; model.keras is the last "
                   "epoch (not selected on the test set); best.keras is the epoch with the highest val_accuracy")
