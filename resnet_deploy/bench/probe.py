@@ -113,7 +113,7 @@ def probe_in_process(job: ProbeJob, reset_peak: bool = False, progress=None) -> 
     try:
         return _measure(job, reset_peak, progress or (lambda stage: None))
     except ResnetDeployError as exc:
-        return {"error": error_entry(type(exc).__name__, exc.what, exc.expected, exc.fix)}
+        return {"error": error_dict(exc)}
     except Exception as exc:  # a runtime failing in a way nobody anticipated: keep the traceback
         return {"error": error_entry(
             "unexpected " + type(exc).__name__,
@@ -128,6 +128,11 @@ def error_entry(kind: str, what: str, expected: str | None, fix: str | None, **e
     ``expected``, ``fix`` (+ ``traceback`` for unexpected failures)."""
     message = ResnetDeployError(what, expected, fix).render()
     return {"kind": kind, "message": message, "what": what, "expected": expected, "fix": fix, **extra}
+
+
+def error_dict(exc: ResnetDeployError) -> dict:
+    """The ``errors[]`` entry of a user-facing error (its class name as ``kind``)."""
+    return error_entry(type(exc).__name__, exc.what, exc.expected, exc.fix)
 
 
 def _child_main(job: ProbeJob, conn) -> None:

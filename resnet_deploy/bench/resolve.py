@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from resnet_deploy.artifact import Manifest, read_manifest
+from resnet_deploy.bench.probe import error_dict
 from resnet_deploy.config import Format, Precision
 from resnet_deploy.errors import BenchError, ResnetDeployError
 
@@ -119,11 +120,6 @@ def _bad_manifest(side: Path, why: str) -> BenchError:
     return BenchError(f"The manifest {side} is unreadable: {why}.",
                       expected="the JSON written by `resnet-deploy export`",
                       fix="re-export the artifact, or delete the manifest to bench with defaults")
-
-
-def error_dict(exc: ResnetDeployError) -> dict:
-    return {"kind": type(exc).__name__, "message": exc.render(), "what": exc.what, "expected": exc.expected,
-            "fix": exc.fix}
 
 
 def reference_from_manifest(entry: Entry) -> Path | None:

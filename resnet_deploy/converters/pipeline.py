@@ -2,8 +2,8 @@
 
 Order of work, so that bad input costs nothing and loses nothing:
 
-1. plan the artifacts and refuse existing ones (artifact or manifest) unless ``force`` (which also clears
-   the hidden temporaries a killed export left);
+1. plan the artifacts, clear the hidden temporaries a killed export left beside them, and refuse
+   existing ones (artifact or manifest) unless ``force``;
 2. load the model safely (a non-model, truncated or non-CIFAR model is a ModelError, nothing written);
 3. resolve the preprocessing (model metadata, else options, else raw pixels) and load CIFAR-10;
 4. compute the float model's logits on the validation images and build the calibration sample;
@@ -159,9 +159,8 @@ def _common_manifest_fields(model_path: Path, metadata: dict | None, spec: Prepr
     return {
         "preprocessing": pre,
         "class_names": list(meta.get("class_names") or CLASS_NAMES),
-        # "path" is made relative to each artifact's folder in _export_one; "abs_path" is where it was
-        "source_model": {"path": str(model_path.resolve()), "abs_path": str(model_path.resolve()),
-                         "sha256": sha256_file(model_path),
+        # where the model was; each manifest adds "path", relative to its artifact (source_relative_to)
+        "source_model": {"abs_path": str(model_path.resolve()), "sha256": sha256_file(model_path),
                          "architecture": meta.get("architecture"), "width": meta.get("width"),
                          "stem": meta.get("stem"), "has_metadata": metadata is not None},
         "libraries": library_versions(),
@@ -173,12 +172,11 @@ def source_relative_to(source: dict, folder: Path) -> dict:
     """``source_model`` with ``path`` relative to the artifact's folder (bench resolves it against the
     manifest's folder, so a copied run folder keeps its reference); absolute where no relative path
     exists (another Windows drive)."""
-    out = dict(source)
     try:
-        out["path"] = os.path.relpath(source["abs_path"], folder.resolve())
+        path = os.path.relpath(source["abs_path"], folder.resolve())
     except ValueError:
-        out["path"] = source["abs_path"]
-    return out
+        path = source["abs_path"]
+    return {"path": path, **source}
 
 
 def _export_one(model, final: Path, target: Target, options: ExportOptions, calibration, reference,

@@ -141,22 +141,23 @@ def _check_resumed_precision(config: TrainConfig, state, precision: str, dev, ou
 
 def _recover(out: Path) -> list[str]:
     """--resume: undo what a killed run left half-done (a checkpoint left aside, temporaries)."""
-    from resnet_deploy.fileio import remove_stale_temporaries
     from resnet_deploy.training.checkpoint import recover_checkpoint
 
-    done = recover_checkpoint(out)
-    for name, suffix in TEMP_SUFFIXES.items():
-        done += [f"removed {p.name}, an unfinished file of a killed run" for p in remove_stale_temporaries(out / name, suffix)]
-    return done
+    return recover_checkpoint(out) + [f"removed {p.name}, an unfinished file of a killed run"
+                                      for p in _remove_temporaries(out)]
+
+
+def _remove_temporaries(out: Path) -> list[Path]:
+    """Delete the temporaries killed runs left beside the files train writes (TEMP_SUFFIXES)."""
+    from resnet_deploy.fileio import remove_stale_temporaries
+
+    return [p for name, suffix in TEMP_SUFFIXES.items() for p in remove_stale_temporaries(out / name, suffix)]
 
 
 def _clean(out: Path) -> None:
     """--force: remove what an earlier run wrote here (only the files train writes, and their
     temporaries from killed runs; checkpoints/ goes as a whole), nothing else."""
-    from resnet_deploy.fileio import remove_stale_temporaries
-
-    for name, suffix in TEMP_SUFFIXES.items():
-        remove_stale_temporaries(out / name, suffix)
+    _remove_temporaries(out)
     for name in OWNED:
         p = out / name
         if p.is_dir():
