@@ -54,7 +54,7 @@ def _fake_result(tmp_path, error):
 
 def test_pipeline_fails_after_writing_the_report_when_an_artifact_could_not_be_benched(tmp_path, monkeypatch):
     """The main job must not exit 0 when bench recorded an error: exit 2 (as `bench`), report still written."""
-    import resnet_deploy.pipeline as pipeline_mod
+    import resnet_deploy.pipeline.job as pipeline_mod
     from resnet_deploy.bench.probe import _crash_error
 
     out = tmp_path / "run"

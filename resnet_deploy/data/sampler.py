@@ -12,11 +12,18 @@ from resnet_deploy.data.sources import Split
 from resnet_deploy.errors import DataError
 
 
-def class_balanced_indices(y: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+def class_balanced_indices(y: np.ndarray, n: int, seed: int = 0,
+                           exclude: np.ndarray | None = None) -> np.ndarray:
     """``n`` indices into ``y``, as equal per class as possible (the remainder goes to randomly
-    chosen classes), drawn without replacement with ``seed``. Sorted ascending."""
+    chosen classes), drawn without replacement with ``seed``. Sorted ascending. Indices in
+    ``exclude`` (e.g. a validation split) are never drawn, so two samples can be kept disjoint."""
     y = np.asarray(y)
     classes = np.unique(y)
+    if exclude is not None and len(exclude):
+        keep = np.ones(len(y), dtype=bool)
+        keep[np.asarray(exclude, dtype=np.int64)] = False
+        pool_idx = np.flatnonzero(keep)
+        return pool_idx[class_balanced_indices(y[pool_idx], n, seed)]
     if n < 1:
         raise DataError(f"Cannot draw {n} calibration images.", expected="a positive count",
                         fix="pass --calib-samples 1 or more (a few hundred is typical)")
