@@ -284,7 +284,7 @@ def short_run(tmp_path_factory, small_npz_dir, tiny_model_path):
 
     out = tmp_path_factory.mktemp("train") / "run"
     lines: list[str] = []
-    cfg = TrainConfig(**TINY, out_dir=out, cutout=8, teacher=tiny_model_path)
+    cfg = TrainConfig(**TINY, out_dir=out, cutout=8, teacher=tiny_model_path, val_split=64)
     return train_model(cfg, data=small_npz_dir, log=lines.append), lines
 
 
@@ -301,7 +301,8 @@ def test_run_writes_a_loadable_model_with_metadata(short_run, small_npz_dir):
         assert key in meta, key
     for key in ("test_accuracy", "recipe", "epochs", "train_time_s", "versions", "device", "precision", "teacher"):
         assert key in meta, key
-    assert meta["epochs"] == 2 and meta["optimizer_steps"] == 2 * (256 // 32)
+    assert meta["epochs"] == 2 and meta["optimizer_steps"] == 2 * ((256 - 64) // 32)  # 64 held out
+    assert meta["train_images"] == 192 and meta["validation"]["images"] == 64
     assert meta["device"]["backend"] == "tensorflow" and meta["recipe"]["cutout"] == 8
     assert meta["teacher"]["sha256"] and meta["recipe"]["kd_weight"] == 0.5
     model = load_model(result.model_path)  # the plain student, float32, no teacher inside
@@ -332,6 +333,36 @@ def test_run_writes_log_curves_checkpoints_atomically(short_run):
         ["optimizer.npz", "state.json", "weights.weights.h5"]
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]  # nothing half-written left
     assert not [p for p in out.rglob("*") if p.name.endswith(".old")]  # no checkpoint left aside
+
+
+def test_best_model_is_chosen_on_held_out_training_images_never_on_test(short_run, small_npz_dir):
+    """--val-split: val_accuracy and best.keras come from class-balanced training images that were not
+    trained on; recomputed here from the indices the sampler documents and a plain Keras call."""
+    from resnet_deploy.data import load_cifar10
+    from resnet_deploy.data.sampler import class_balanced_indices, indices_hash
+    from resnet_deploy.models.io import load_model, read_metadata
+
+    result, _ = short_run
+    out = result.out_dir
+    train = load_cifar10(small_npz_dir).train.take(256)
+    idx = class_balanced_indices(train.y, 64, seed=0)
+    assert np.bincount(train.y[idx], minlength=10).max() - np.bincount(train.y[idx], minlength=10).min() <= 1
+    assert result.metadata["validation"]["indices_sha256_16"] == indices_hash(idx)
+    best_meta = read_metadata(out / "best.keras")
+    rows = list(csv.DictReader((out / "log.csv").open()))
+    best_row = max(rows, key=lambda r: float(r["val_accuracy"]))
+    assert best_meta["epoch"] == int(best_row["epoch"]) == result.metadata["best_epoch"]
+    best = load_model(out / "best.keras")
+    acc = float(np.mean(np.argmax(best.predict(train.x[idx].astype(np.float32), verbose=0), 1) == train.y[idx]))
+    assert acc == pytest.approx(float(best_row["val_accuracy"]), abs=1e-6)
+    assert "the test split only reports" in best_meta["selection"]
+
+
+@pytest.mark.parametrize("bad,match", [(dict(val_split=5), "every class"), (dict(val_split=-1), "not usable"),
+                                       (dict(val_split=240), "less than one batch")])
+def test_bad_validation_split_is_refused_before_work(bad, match):
+    with pytest.raises(TrainError, match=match):
+        TrainConfig(**TINY | bad)
 
 
 def test_existing_output_is_refused_unless_force(short_run, small_npz_dir):

@@ -97,6 +97,7 @@ def test_kill_then_resume_continues_epochs_optimizer_and_schedule(tmp_path, smal
     meta = json.loads((out / "model.keras.json").read_text())
     assert meta["epochs"] == 8 and meta["optimizer_steps"] == 8 * steps and meta["sessions"] == 2
     assert meta["recipe"]["limit_train"] == 320  # the saved recipe was used, not the CLI defaults
+    assert not (out / "best.keras").exists() and meta["best_epoch"] is None  # no --val-split: nothing chosen
 
     changed = subprocess.run(_cli("--resume", "--out", str(out), "--lr", "0.3", "--data", str(small_npz_dir)),
                              cwd=REPO, env=_env(), capture_output=True, text=True, timeout=60)

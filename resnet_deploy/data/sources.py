@@ -46,6 +46,7 @@ class Split:
     name: str
     x: np.ndarray  # uint8, (N, 32, 32, 3), RGB pixels 0..255
     y: np.ndarray  # int64, (N,), class ids 0..9
+    indices_sha256_16: str | None = None  # a sample drawn from a bigger split: its indices' fingerprint
 
     def __len__(self) -> int:
         return len(self.y)

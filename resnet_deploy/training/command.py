@@ -47,6 +47,9 @@ def train(
     limit_train: Annotated[Optional[int], typer.Option(help="Use only the first N training images (smoke runs).",
                                                        show_default=False)] = None,
     limit_test: Annotated[Optional[int], typer.Option(help="Use only the first N test images.", show_default=False)] = None,
+    val_split: Annotated[int, typer.Option(help="Hold out N class-balanced training images (seeded) as a "
+                                              "validation split: val_* columns and best.keras are measured on "
+                                              "it. 0: no split; model.keras is the last epoch either way.")] = 0,
     out: Annotated[Optional[Path], typer.Option("--out", help="Output folder. Default: runs/<arch>.",
                                                 show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Start afresh over an existing output folder.")] = False,

@@ -63,6 +63,7 @@ class TrainConfig:
     kd_weight: float = 0.5  # loss = (1 - w) * cross-entropy + w * T^2 * KL(teacher_T || student_T)
     limit_train: int | None = None  # first N training images (smoke runs)
     limit_test: int | None = None  # first N test images
+    val_split: int = 0  # N class-balanced training images held out to choose best.keras (0: no selection)
     out_dir: Path | None = None  # default runs/<arch>
     force: bool = False
     resume: bool = False
@@ -101,6 +102,18 @@ class TrainConfig:
             raise TrainError(f"--limit-train {self.limit_train} is smaller than one batch ({self.batch_size}).",
                              expected="at least one full batch of training images",
                              fix=f"pass --batch-size {self.limit_train} or less, or more training images")
+        if not isinstance(self.val_split, int) or isinstance(self.val_split, bool) or self.val_split < 0:
+            raise TrainError(f"--val-split {self.val_split!r} is not usable.",
+                             expected="0 (no validation split) or a number of training images, e.g. 5000")
+        if self.val_split and self.val_split < 10:
+            raise TrainError(f"--val-split {self.val_split} cannot hold every class.",
+                             expected="at least 10 images (one per class); a few thousand is usual",
+                             fix="pass --val-split 5000, or 0 to keep only the last epoch")
+        if self.val_split and self.limit_train is not None and self.limit_train - self.val_split < self.batch_size:
+            raise TrainError(f"--val-split {self.val_split} leaves less than one batch of the "
+                             f"{self.limit_train} training images to train on.",
+                             expected=f"--val-split at most {self.limit_train - self.batch_size}",
+                             fix="lower --val-split or raise --limit-train")
         if not (0 <= self.pad <= 16):
             raise TrainError(f"--pad {self.pad} is not usable.", expected="0 (off) to 16 pixels; 4 is standard")
         if not (0 <= self.cutout <= 32):

@@ -4,9 +4,10 @@ Order of work: check the output folder and the resume state, probe the devices a
 precision (on ``--resume``: the one the run has trained in) and data parallelism, load the
 teacher, load the data; only then build and train. Every bad option fails before a batch is trained.
 
-Selection note: the per-epoch ``val_*`` figures are measured on the test split, for monitoring.
-``model.keras`` is the model of the *last* epoch, not the best one, so its test accuracy is not
-inflated by choosing an epoch on the test set; ``best.keras`` is kept beside it for reference.
+Selection note: ``model.keras`` is the model of the *last* epoch. Nothing is ever chosen on the
+test split: with ``--val-split N`` the per-epoch ``val_*`` figures come from N class-balanced
+training images held out of training, and ``best.keras`` is the epoch with the best of them;
+without it, ``val_*`` are test-split figures for monitoring only and no ``best.keras`` is written.
 """
 
 from __future__ import annotations
@@ -28,8 +29,17 @@ OWNED = ("model.keras", "model.keras.json", "best.keras", "best.keras.json", "lo
 # writes .keras files through a ".tmp.keras" temporary (Keras insists on the suffix).
 TEMP_SUFFIXES = {"model.keras": SAVE_TEMP_SUFFIX, "best.keras": SAVE_TEMP_SUFFIX, "model.keras.json": None,
                  "best.keras.json": None, "log.csv": None, "curves.png": None}
-SELECTION_NOTE = ("val_* columns are measured on the test split for monitoring only; model.keras is the last "
-                  "epoch (not selected on the test set); best.keras is the epoch with the highest val_accuracy")
+SELECTION_NOTE = ("model.keras is the last epoch (nothing chosen on the test split); val_* columns are measured "
+                  "on the test split for monitoring only; no best.keras (no --val-split)")
+VAL_SELECTION_NOTE = ("model.keras is the last epoch; val_* columns are measured on {n} class-balanced training "
+                      "images held out of training (seed {seed}, indices sha256 {h}); best.keras is the epoch "
+                      "with the highest val_accuracy; the test split only reports")
+
+
+def selection_note(config: TrainConfig, val_hash: str | None) -> str:
+    if not config.val_split:
+        return SELECTION_NOTE
+    return VAL_SELECTION_NOTE.format(n=config.val_split, seed=config.seed, h=val_hash)
 
 
 @dataclass(frozen=True)
@@ -66,14 +76,14 @@ def train_model(config: TrainConfig, data=None, log: Callable[[str], None] | Non
         from resnet_deploy.training.distill import load_teacher
 
         load_teacher(config.teacher)  # fail now on a wrong teacher; it is loaded again in the device scope
-    train, test, source = _load_data(config, data)
+    train, val, test, source = _load_data(config, data)
     if not config.resume and config.force:
         _clean(out)
     if config.resume:
         for line in _recover(out):
             log(line)
     out.mkdir(parents=True, exist_ok=True)
-    return _run(config, out, state, dev, precision, replicas, train, test, source, log)
+    return _run(config, out, state, dev, precision, replicas, train, val, test, source, log)
 
 
 def _print(msg: str) -> None:
@@ -171,10 +181,30 @@ def _load_data(config: TrainConfig, data):
 
     ds = data if isinstance(data, Cifar10) else load_cifar10(data)  # a path, None, or data already loaded
     train, test = ds.train.take(config.limit_train), ds.test.take(config.limit_test)
+    val = None
+    if config.val_split:
+        train, val = _hold_out(train, config.val_split, config.seed)
     if len(train) < config.batch_size:
         raise TrainError(f"{len(train)} training images make no full batch of {config.batch_size}.",
                          fix=f"pass --batch-size {len(train)} or less")
-    return train, test, ds.source
+    return train, val, test, ds.source
+
+
+def _hold_out(train, n: int, seed: int):
+    """(rest, validation): ``n`` class-balanced training images drawn with ``seed``, and the others."""
+    import numpy as np
+
+    from resnet_deploy.data.sampler import class_balanced_indices, indices_hash
+    from resnet_deploy.data.sources import Split
+
+    if n >= len(train):
+        raise TrainError(f"--val-split {n} takes every one of the {len(train)} training images.",
+                         expected=f"fewer than {len(train)} images", fix="lower --val-split")
+    idx = class_balanced_indices(train.y, n, seed)
+    keep = np.ones(len(train), dtype=bool)
+    keep[idx] = False
+    val = Split("validation", train.x[idx], train.y[idx], indices_sha256_16=indices_hash(idx))
+    return Split(train.name, train.x[keep], train.y[keep]), val
 
 
 def _compile(config: TrainConfig, precision: str, steps_per_epoch: int):
@@ -202,7 +232,7 @@ def _compile(config: TrainConfig, precision: str, steps_per_epoch: int):
     return model, student
 
 
-def _run(config, out, state, dev, precision, replicas, train, test, source, log) -> TrainResult:
+def _run(config, out, state, dev, precision, replicas, train, val, test, source, log) -> TrainResult:
     import keras
 
     from resnet_deploy.models.builder import build_model, transfer_weights
@@ -220,33 +250,37 @@ def _run(config, out, state, dev, precision, replicas, train, test, source, log)
         keras.config.set_dtype_policy(precision)
         with distribution_scope(config.distribute, dev) as engine:
             model, student = _compile(config, precision, steps)
-            _log_header(log, config, dev, precision, engine, replicas, train, test, source, steps, student, out)
+            _log_header(log, config, dev, precision, engine, replicas, train, val, test, source, steps, student, out)
             if config.resume:
                 restore_last(out, model, state, student)
                 log(f"resuming after epoch {state.epoch}/{config.epochs} "
                     f"(optimizer step {state.iterations}, lr {_lr(model):.4g})")
             train_b = TrainBatches(train.x, train.y, config.batch_size, config.seed, config.pad, config.flip,
                                    config.cutout, epoch=state.epoch, workers=config.workers)
-            test_b = EvalBatches(test.x, test.y, config.batch_size, multiple=replicas)
+            monitor = val if val is not None else test
+            monitor_b = EvalBatches(monitor.x, monitor.y, config.batch_size, multiple=replicas)
+            note = selection_note(config, val.indices_sha256_16 if val is not None else None)
 
             def save_best(epoch: int, acc: float) -> None:
                 from resnet_deploy.models.io import base_metadata, save_model
 
+                if val is None:  # never choose on the test split
+                    return
                 transfer_weights(student, export_model)
                 meta = base_metadata(config.arch, config.width, config.stem) | {
-                    "epoch": epoch, "val_accuracy": acc, "selection": SELECTION_NOTE, "recipe": config.recipe()}
+                    "epoch": epoch, "val_accuracy": acc, "selection": note, "recipe": config.recipe()}
                 save_model(export_model, out / "best.keras", meta, force=True)
 
             state.sessions += 1
             state.precision = precision
             recorder = RunRecorder(out, state, config.epochs, steps, config.batch_size, save_best, log, student)
             verbose = 1 if config.verbose and sys.stdout.isatty() else 0
-            model.fit(train_b, epochs=config.epochs, initial_epoch=state.epoch, validation_data=test_b,
+            model.fit(train_b, epochs=config.epochs, initial_epoch=state.epoch, validation_data=monitor_b,
                       callbacks=[EpochSeeder(train_b), recorder], verbose=verbose)
             transfer_weights(student, export_model)
     finally:
         keras.config.set_dtype_policy(previous_policy)
-    return _finish(config, out, state, dev, precision, engine, replicas, export_model, train, test, source,
+    return _finish(config, out, state, dev, precision, engine, replicas, export_model, train, val, test, source,
                    time.perf_counter() - session_t0, log)
 
 
@@ -256,7 +290,7 @@ def _lr(model) -> float:
     return current_lr(model)
 
 
-def _log_header(log, config, dev, precision, engine, replicas, train, test, source, steps, student, out) -> None:
+def _log_header(log, config, dev, precision, engine, replicas, train, val, test, source, steps, student, out) -> None:
     aug = [f"reflect-pad {config.pad} + random crop"] if config.pad else []
     aug += ["horizontal flip"] if config.flip else []
     aug += [f"cutout {config.cutout}"] if config.cutout else []
@@ -266,7 +300,8 @@ def _log_header(log, config, dev, precision, engine, replicas, train, test, sour
     log(f"  device: {dev.describe()}")
     log(f"  precision: {precision} (logits and loss in float32); engine: "
         + (f"{engine} over {replicas} devices" if engine else "single device"))
-    log(f"  data: {len(train):,} train / {len(test):,} test images; batch {config.batch_size}, "
+    held = f" (+ {len(val):,} held out for validation)" if val is not None else ""
+    log(f"  data: {len(train):,} train{held} / {len(test):,} test images; batch {config.batch_size}, "
         f"{steps} steps/epoch, {config.epochs} epochs")
     log(f"  recipe: SGD{' nesterov' if config.nesterov else ''} momentum {config.momentum:g}, peak lr {config.peak_lr:.4g}, "
         f"{warm}{config.schedule} decay, weight decay {config.weight_decay:g} (L2), label smoothing "
@@ -295,7 +330,7 @@ def _timing(history: list[dict]) -> dict:
             "train_images_per_s": round(statistics.median(speeds), 1) if speeds else None}  # median over epochs
 
 
-def _finish(config, out, state, dev, precision, engine, replicas, export_model, train, test, source, session_s,
+def _finish(config, out, state, dev, precision, engine, replicas, export_model, train, val, test, source, session_s,
             log) -> TrainResult:
     from resnet_deploy.envinfo import library_versions, machine_info
     from resnet_deploy.fileio import sha256_file
@@ -308,9 +343,11 @@ def _finish(config, out, state, dev, precision, engine, replicas, export_model, 
         "train_images": len(train),
         "data_source": source,
         "epochs": state.epoch,
-        "best_epoch": state.best_epoch,
-        "best_val_accuracy": state.best_accuracy,
-        "selection": SELECTION_NOTE,
+        "best_epoch": state.best_epoch if val is not None else None,
+        "best_val_accuracy": state.best_accuracy if val is not None else None,
+        "validation": ({"split": "train", "images": len(val), "seed": config.seed, "class_balanced": True,
+                        "indices_sha256_16": val.indices_sha256_16} if val is not None else None),
+        "selection": selection_note(config, val.indices_sha256_16 if val is not None else None),
         "recipe": config.recipe(),
         "precision": precision,
         "distribution": {"mode": config.distribute, "engine": engine, "replicas": replicas},
@@ -324,15 +361,17 @@ def _finish(config, out, state, dev, precision, engine, replicas, export_model, 
         "params": int(export_model.count_params()),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "files": {"log": "log.csv", "curves": "curves.png" if (out / "curves.png").exists() else None,
-                  "best": "best.keras", "checkpoint": "checkpoints/last"},
+                  "best": "best.keras" if val is not None else None, "checkpoint": "checkpoints/last"},
     }
     if config.teacher is not None:
         meta["teacher"] = {"path": str(config.teacher), "sha256": sha256_file(config.teacher),
                            "temperature": config.kd_temperature, "weight": config.kd_weight}
     path = save_model(export_model, out / "model.keras", meta, force=True)
+    best = (f"best validation epoch {state.best_epoch} at {100 * (state.best_accuracy or 0):.2f}%; "
+            if val is not None else "")
     log(f"test accuracy {100 * acc:.2f}% on {len(test):,} images (float32 model of epoch {state.epoch}); "
-        f"best epoch {state.best_epoch} at {100 * (state.best_accuracy or 0):.2f}%; "
-        f"training {state.elapsed_s:.0f} s this run, session {session_s:.0f} s")
+        f"{best}training {state.elapsed_s:.0f} s this run, session {session_s:.0f} s")
     curves = ", curves.png" if meta["files"]["curves"] else ""
-    log(f"wrote {path} (+ {path.name}.json), best.keras, log.csv{curves}, checkpoints/last/")
+    best_file = ", best.keras" if val is not None else ""
+    log(f"wrote {path} (+ {path.name}.json){best_file}, log.csv{curves}, checkpoints/last/")
     return TrainResult(path, meta, acc, out, list(state.history))
