@@ -12,7 +12,7 @@ from resnet_deploy.cli import app
 
 def test_pipeline_runs_end_to_end(tmp_path, cifar_dir):
     out = tmp_path / "run"
-    args = ["pipeline", "--data", str(cifar_dir), "--out", str(out), "--arch", "resnet8", "--width", "0.25",
+    args = ["pipeline", "--train", "--data", str(cifar_dir), "--out", str(out), "--arch", "resnet8", "--width", "0.25",
             "--epochs", "1", "--limit-train", "1000", "--limit-test", "200", "--calib-samples", "50"]
     result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
