@@ -306,3 +306,33 @@ def test_a_loaded_dataset_passes_through(batches_dir):
     assert load_cifar10(test_only, splits=("test",)) is test_only
     with pytest.raises(DataError, match="train split was not loaded"):
         load_cifar10(test_only)
+
+
+def _npz_declaring(path: Path, shape: tuple) -> None:
+    """An .npz whose x.npy header declares ``shape`` while the file holds only a few bytes of data."""
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("x.npy", header.getvalue() + b"\0" * 1024)
+        y = io.BytesIO()
+        np.save(y, np.arange(10, dtype=np.uint8))
+        zf.writestr("y.npy", y.getvalue())
+
+
+@pytest.mark.parametrize("shape,match", [((2_100_000, 32, 32, 3), "GB"), ((10, 28, 28, 1), "(10, 28, 28, 1)")])
+def test_npz_headers_are_checked_before_any_array_is_read(tmp_path, shape, match):
+    """A small file declaring a 6 GB array (or images of the wrong shape) is refused from its header:
+    peak memory stays far below what the array would need."""
+    import resource
+
+    from resnet_deploy.data import load_cifar10
+
+    for split in ("train", "test"):
+        _npz_declaring(tmp_path / f"{split}.npz", shape)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    with pytest.raises(DataError, match=r"refused before reading") as exc:
+        load_cifar10(tmp_path)
+    assert match in exc.value.what and "np.savez" in exc.value.fix
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # < 200 MB grown

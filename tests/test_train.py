@@ -58,6 +58,13 @@ def test_bad_options_are_clear_errors(kwargs, words):
     assert words in str(info.value)
 
 
+def test_default_warmup_fits_short_runs_and_an_explicit_one_says_the_fix():
+    assert TrainConfig(epochs=1).warmup_epochs == 0.25 and TrainConfig(epochs=40).warmup_epochs == 2.0
+    with pytest.raises(TrainError) as info:
+        TrainConfig(epochs=1, warmup_epochs=2)
+    assert "--warmup-epochs 0.25" in info.value.fix
+
+
 def test_cli_rejects_bad_options_with_exit_code_2(tmp_path):
     for args, words in ((["--epochs", "-3"], "--epochs -3"),
                         (["--precision", "mixed_float16", "--arch", "resnet8"], "needs a GPU")):

@@ -8,8 +8,6 @@ CLASS_NAMES: tuple[str, ...] = (
 NUM_CLASSES = 10
 IMAGE_SHAPE = (32, 32, 3)  # height, width, channels (NHWC, RGB)
 
-TRAIN_SIZE = 50_000  # images in the official training split
-TEST_SIZE = 10_000  # images in the official test split
 PER_CLASS = {"train": 5_000, "test": 1_000}
 
 # Per-channel mean and standard deviation of the training split, in pixel units (0..255),

@@ -181,12 +181,37 @@ def _read_path(p: Path, splits, origin: str) -> Cifar10:
 # ----------------------------------------------------------------------------------------------
 # Readers
 # ----------------------------------------------------------------------------------------------
+MAX_NPZ_IMAGES = 1_000_000  # far above CIFAR-10's 60,000: a bound on what a file may make us allocate
+
+
+def check_npz_headers(f: Path, image_keys=("x", "jpeg_fill_x")) -> None:
+    """Read each array's header (shape, dtype) from the zip without decompressing any data, and refuse
+    arrays that cannot be CIFAR images or that would allocate more than ``MAX_NPZ_IMAGES`` images."""
+    import zipfile
+
+    limit = MAX_NPZ_IMAGES * 32 * 32 * 3
+    with zipfile.ZipFile(f) as zf:
+        for info in zf.infolist():
+            with zf.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                shape, _, dtype = (np.lib.format.read_array_header_1_0(member) if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0(member))
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            key = info.filename.removesuffix(".npy")
+            if nbytes > limit or (key in image_keys and len(shape) == 4 and tuple(shape[1:]) != (32, 32, 3)):
+                raise DataError(f"{f}: array {key!r} declares shape {tuple(shape)} {dtype} "
+                                f"({nbytes / 1e9:.2f} GB), refused before reading it.",
+                                expected=f"CIFAR-10 arrays: x uint8 (N,32,32,3) with N <= {MAX_NPZ_IMAGES:,}, y (N,)",
+                                fix="re-copy the file, or write it with np.savez(path, x=images, y=labels)")
+
+
 def _from_npz(folder: Path, splits) -> Cifar10:
     out: dict[str, Split | None] = {"train": None, "test": None}
     notes: list[str] = []
     for s in splits:
         f = folder / f"{s}.npz"
         try:
+            check_npz_headers(f)
             with np.load(f, allow_pickle=False) as z:
                 if "x" not in z.files or "y" not in z.files:
                     raise DataError(f"{f} has arrays {z.files}, not x and y.",

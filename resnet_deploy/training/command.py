@@ -29,7 +29,9 @@ def train(
     weight_decay: Annotated[float, typer.Option(help="L2 weight decay on conv/dense kernels (torch SGD convention).")] = 5e-4,
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the cross-entropy.")] = 0.1,
     schedule: Annotated[str, typer.Option(help="Decay after the warm-up: cosine or onecycle (linear).")] = "cosine",
-    warmup_epochs: Annotated[float, typer.Option(help="Linear warm-up length in epochs.")] = 2.0,
+    warmup_epochs: Annotated[Optional[float], typer.Option(
+        help="Linear warm-up length in epochs. Default: 2, or a quarter of a run shorter than 8 epochs.",
+        show_default=False)] = None,
     final_lr_fraction: Annotated[float, typer.Option(help="Learning rate at the end, as a fraction of the peak.")] = 0.0,
     pad: Annotated[int, typer.Option(help="Reflect-padding before the random 32x32 crop (0: no crop).")] = 4,
     flip: Annotated[bool, typer.Option(help="Random horizontal flips.")] = True,

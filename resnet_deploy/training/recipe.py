@@ -30,6 +30,7 @@ DISTRIBUTE = ("none", "data-parallel")
 BASE_BATCH = 128  # the learning rate below is per this many images (linear scaling rule)
 BASE_LR = 0.1  # peak learning rate at batch BASE_BATCH
 WARMUP_START = 0.1  # the warm-up starts at this fraction of the peak learning rate
+DEFAULT_WARMUP = 2.0  # epochs of linear warm-up when --warmup-epochs is not given
 
 # Fields that only steer where and how a run is written, not what it learns.
 RUN_FIELDS = ("out_dir", "force", "resume", "workers", "verbose")
@@ -50,7 +51,7 @@ class TrainConfig:
     weight_decay: float = 5e-4  # coupled L2 on conv/dense kernels (see module docstring)
     label_smoothing: float = 0.1
     schedule: str = "cosine"  # after the warm-up: cosine or linear (one-cycle) decay to final_lr_fraction
-    warmup_epochs: float = 2.0
+    warmup_epochs: float | None = None  # None: DEFAULT_WARMUP epochs, or a quarter of a run shorter than 8 epochs
     final_lr_fraction: float = 0.0
     pad: int = 4  # reflect-pad then random 32x32 crop; 0 disables
     flip: bool = True
@@ -84,6 +85,8 @@ class TrainConfig:
             object.__setattr__(self, "teacher", Path(self.teacher))
         if self.out_dir is not None:
             object.__setattr__(self, "out_dir", Path(self.out_dir))
+        if self.warmup_epochs is None and isinstance(self.epochs, int):  # so `train --epochs 1` just works
+            object.__setattr__(self, "warmup_epochs", min(DEFAULT_WARMUP, self.epochs / 4))
         self._check_ints()
         self._check_floats()
         self._check_choices()
@@ -134,7 +137,9 @@ class TrainConfig:
         if not (0 <= self.label_smoothing < 1):
             bad("--label-smoothing", self.label_smoothing, "a value in [0, 1); 0.1 is usual")
         if not (0 <= self.warmup_epochs <= self.epochs):
-            bad("--warmup-epochs", self.warmup_epochs, f"a value in [0, epochs={self.epochs}]")
+            bad("--warmup-epochs", self.warmup_epochs, f"a value in [0, epochs={self.epochs}]",
+                f"pass --warmup-epochs {min(DEFAULT_WARMUP, self.epochs / 4):g}, or leave it out (it then "
+                f"defaults to {DEFAULT_WARMUP:g} epochs, or a quarter of a shorter run)")
         if not (0 <= self.final_lr_fraction <= 1):
             bad("--final-lr-fraction", self.final_lr_fraction, "a fraction of the peak learning rate in [0, 1]")
         if not (math.isfinite(self.kd_temperature) and 0 < self.kd_temperature <= 100):
@@ -185,12 +190,6 @@ class TrainConfig:
         kwargs.update(overrides)
         return cls(**kwargs)
 
-    @classmethod
-    def smoke(cls, **overrides) -> "TrainConfig":
-        """A CPU smoke run: a tiny CIFAR ResNet, small batch, few epochs, float32."""
-        base = dict(arch="resnet8", width=0.5, epochs=5, batch_size=64, warmup_epochs=1, precision="float32")
-        base.update(overrides)
-        return cls(**base)
 
 
 def lr_at(step: float, peak: float, total_steps: int, warmup_steps: int, schedule: str = "cosine",
