@@ -12,8 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from resnet_deploy.bench.options import BenchOptions
-from resnet_deploy.bench.resolve import NO_MANIFEST_DEFAULTS
-from resnet_deploy.bench.runner import run_bench
+from resnet_deploy.bench.selection import NO_MANIFEST_DEFAULTS
+from resnet_deploy.bench.run import run_bench
 from resnet_deploy.cli import app
 
 # Quick timing settings: these tests check what is measured and reported, not how fast anything is.
@@ -115,7 +115,8 @@ def test_child_that_dies_without_a_result_is_reported_as_a_crash():
     import multiprocessing as mp
     import os
 
-    from resnet_deploy.bench.probe import _crash_error, _receive
+    from resnet_deploy.bench.child import _receive
+    from resnet_deploy.bench.results import crash_error as _crash_error
 
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
@@ -139,7 +140,7 @@ def test_cli_writes_table_json_markdown_plot_and_fails_gates(exported, small_npz
     assert "min-speedup" in res.output and "model_int8.tflite" in res.output and "1000x" in res.output
     assert "Latency and cost" in res.output and "model_fp32.onnx (base)" in res.output
     doc = json.loads(out["json"].read_text())
-    assert doc["schema_version"] == 1 and doc["data"]["images"] == 200 and doc["ok"] is False
+    assert doc["schema_version"] == 2 and doc["data"]["images"] == 200 and doc["ok"] is False
     assert {g["gate"] for g in doc["gates"] if not g["passed"]} == {"min-speedup"}
     assert {r["role"] for r in doc["results"]} == {"reference", "artifact", "baseline"}
     assert doc["machine"]["cpu"] and "onnxruntime" in doc["libraries"]
@@ -213,16 +214,23 @@ def test_a_hung_runtime_is_killed_after_the_timeout_and_a_fifo_is_refused(tmp_pa
     import os
     import time
 
-    from resnet_deploy.bench.probe import ProbeJob, probe
+    from resnet_deploy.bench.child import ChildWorker, WorkerFailed
+    from resnet_deploy.bench.measure import FileSpec
+    from resnet_deploy.data.preprocess import Preprocessing
 
     fifo = tmp_path / "hangs.tflite"
     os.mkfifo(fifo)
-    job = ProbeJob(path=fifo, threads=1, batch_sizes=(1,), warmup=0, runs=5, min_time_s=0, max_time_s=0.5,
-                   min_runs=5, noisy_cv=0.1, latency_images=None, eval_images=None, timeout_s=3)
+    worker = ChildWorker(FileSpec(path=fifo, preprocessing=Preprocessing.pixels().to_dict(), threads=1), timeout_s=3)
+    def open_it():
+        try:
+            return worker.call("open")
+        except WorkerFailed as exc:
+            return exc.error
+
     t0 = time.perf_counter()
-    out = _finishes_within(120, lambda: probe(job, isolate=True))
-    assert out["error"]["kind"] == "timeout" and "within 3 s" in out["error"]["what"] and out["error"]["fix"]
-    assert time.perf_counter() - t0 < 60
+    err = _finishes_within(120, open_it)
+    assert err["kind"] == "timeout" and "within 3 s" in err["what"] and err["fix"]
+    assert time.perf_counter() - t0 < 60 and not worker.proc.is_alive()
     # run_bench never reads such a file in the parent (hashing it would hang the whole run)
     report = _finishes_within(120, lambda: run_bench([fifo], BenchOptions(threads=1, **QUICK), data=test_split))
     assert "not a regular file" in report.result("hangs.tflite").error["what"]
@@ -231,13 +239,19 @@ def test_a_hung_runtime_is_killed_after_the_timeout_and_a_fifo_is_refused(tmp_pa
 def test_the_memory_figure_excludes_the_test_images_the_child_was_sent(exported):
     """60 MB of images arrive in the child before the artifact loads: they are in its baseline and
     peak, not in the ~0.1 MB model's figure."""
-    from resnet_deploy.bench.probe import ProbeJob, probe
+    from resnet_deploy.bench.child import ChildWorker
+    from resnet_deploy.bench.measure import FileSpec
+    from resnet_deploy.data.preprocess import Preprocessing
 
     images = np.zeros((20_000, 32, 32, 3), np.uint8)  # 61 MB, as the whole test split would be (31 MB)
-    job = ProbeJob(path=exported["tflite_fp32"], threads=1, batch_sizes=(1,), warmup=1, runs=5, min_time_s=0,
-                   max_time_s=0.5, min_runs=5, noisy_cv=0.1, latency_images=images, eval_images=None)
-    mem = probe(job, isolate=True)["memory"]
+    worker = ChildWorker(FileSpec(path=exported["tflite_fp32"], preprocessing=Preprocessing.pixels().to_dict(),
+                                  threads=1, latency_images=images))
+    try:
+        worker.call("open")
+        assert len(worker.call("series", 1, 5)) == 5
+        mem = worker.call("memory")
+    finally:
+        worker.close()
     mib = 2**20
     assert mem["rss_before_load_bytes"] > 60 * mib and mem["peak_rss_bytes"] >= mem["rss_before_load_bytes"]
     assert 0 < mem["artifact_rss_bytes"] < 30 * mib, mem
-    assert mem["rss_scope"].startswith("child process")

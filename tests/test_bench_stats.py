@@ -252,9 +252,9 @@ def test_memory_meter_counts_what_the_artifact_added_not_the_harness():
 def test_cost_table_shows_the_artifacts_own_memory_against_the_float_model():
     from resnet_deploy.bench.report import COST_COLUMNS, LEGEND, cost_row
 
-    mib = 2**20
+    mb = 10**6  # the report's unit, as everywhere in the project
     r = _result("q.tflite")
-    r.memory = {"peak_rss_bytes": 100 * mib, "rss_before_load_bytes": 98 * mib, "artifact_rss_bytes": 2 * mib}
+    r.memory = {"peak_rss_bytes": 100 * mb, "rss_before_load_bytes": 98 * mb, "artifact_rss_bytes": 2 * mb}
     r.vs_float = {"artifact_rss_ratio": 0.25}
     row = dict(zip(COST_COLUMNS, cost_row(r, 32)))
     assert row["mem"] == "2.0 MB" and row["mem ÷"] == "4.00x"  # not the 100 MB of the whole child
@@ -307,7 +307,7 @@ def test_per_file_timeout_is_generous_and_scales_with_the_work():
 
 
 def test_every_error_entry_says_what_expected_and_fix():
-    from resnet_deploy.bench.probe import _crash_error, _timeout_error, error_entry
+    from resnet_deploy.bench.results import crash_error as _crash_error, error_entry, timeout_error as _timeout_error
 
     entries = [_crash_error(Path("x.tflite"), -11), _timeout_error(Path("x.tflite"), 12.0),
                error_entry("unexpected KeyError", "boom", "a runtime that works", "report it", traceback="tb")]
@@ -335,7 +335,7 @@ def test_every_error_entry_says_what_expected_and_fix():
 def test_u8s8_saturation_warning_only_where_the_kernels_saturate(fmt, prec, cal, machine, flags, warned,
                                                                   monkeypatch):
     from resnet_deploy.artifact import Manifest, TensorSpec
-    from resnet_deploy.bench.resolve import u8s8_saturation_warning
+    from resnet_deploy.bench.selection import u8s8_saturation_warning
 
     m = Manifest(format=fmt, precision=prec, artifact="m." + fmt, sha256="0", size_bytes=1,
                  input=TensorSpec("image", [None, 32, 32, 3], "float32"),
@@ -356,7 +356,7 @@ def test_heartbeats_keep_a_slow_child_alive_and_silence_times_it_out():
     import multiprocessing as mp
     import threading
 
-    from resnet_deploy.bench.probe import PROGRESS, TIMED_OUT, _receive
+    from resnet_deploy.bench.child import PROGRESS, TIMED_OUT, _receive
 
     class Alive:
         def is_alive(self):

@@ -31,9 +31,13 @@ def bench(
                                                    show_default=False)] = None,
     large_batch: Annotated[int, typer.Option(help="The larger batch latency is measured at, besides batch 1.")] = 32,
     warmup: Annotated[int, typer.Option(help="Untimed runs before timing.")] = 10,
-    runs: Annotated[int, typer.Option(help="Timed runs (at least), per batch size.")] = 50,
+    runs: Annotated[int, typer.Option(help="Timed runs (at least) of each file, per batch size, over all rounds.")] = 50,
     min_time: Annotated[float, typer.Option(help="Keep timing for at least this many seconds.")] = 0.0,
-    max_time: Annotated[float, typer.Option(help="Stop timing after this many seconds (>= 5 runs).")] = 10.0,
+    max_time: Annotated[float, typer.Option(
+        help="Timing budget in seconds per file and batch size; the files are timed together in interleaved "
+             "rounds, which stop early once every series is steady (at least 3 rounds).")] = 10.0,
+    min_rounds: Annotated[int, typer.Option(help="Interleaved timing rounds at least (6 gives a 95% interval "
+                                                 "for each speed-up).")] = 6,
     accuracy: Annotated[bool, typer.Option("--accuracy/--no-accuracy", help="Run the test-set accuracy pass.")] = True,
     latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Measure latency and memory.")] = True,
     isolate: Annotated[bool, typer.Option(
@@ -41,7 +45,14 @@ def bench(
                                        "isolation) or all in this process.")] = True,
     baselines: Annotated[bool, typer.Option(
         "--baselines/--no-baselines", help="Add the FP32 sibling (same folder, same source model) of a quantized "
-                                           "artifact as its speed-up baseline.")] = True,
+                                           "artifact as its speed-up baseline (timed only: its parity with the "
+                                           "float model is in its manifest).")] = True,
+    allow_stale: Annotated[bool, typer.Option(
+        "--allow-stale", help="Bench artifacts whose manifest names another float model (sha256) than the "
+                              "reference: rows marked stale, their gates skipped. Without it they are errors.")] = False,
+    cache: Annotated[bool, typer.Option(
+        "--cache/--no-cache", help="Reuse the float model's test-set logits from the cache ($RESNET_DEPLOY_CACHE, "
+                                   "default ~/.cache/resnet-deploy) and store them there.")] = True,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON "
                                                                      "(docs/bench-report-schema.md).",
                                                       show_default=False)] = None,
@@ -54,16 +65,17 @@ def bench(
         "--max-drop", help="Gate: fail when an artifact's top-1 falls more than PP percentage points below the "
                            "float model.", show_default=False)] = None,
     min_speedup: Annotated[Optional[float], typer.Option(
-        "--min-speedup", help="Gate: fail when an INT8 or dynamic-range INT8 artifact is less than X times as fast "
-                              "(batch 1, p50) as the FP32 artifact of its runtime measured in the same run, or "
-                              "when that FP32 artifact is missing. FP32, FP16 (see --gate-fp16) and manifest-less "
+        "--min-speedup", help="Gate: fail when an INT8 or dynamic-range INT8 artifact's batch-1 speed-up over the "
+                              "FP32 artifact of its runtime (same source model, same run), judged at the low end "
+                              "of its interval over the timing rounds, is below X, or when that FP32 artifact "
+                              "is missing. FP32, FP16 (see --gate-fp16) and manifest-less "
                               "artifacts are not gated; the report lists them with the reason.",
         show_default=False)] = None,
     gate_fp16: Annotated[bool, typer.Option(
         "--gate-fp16", help="Hold FP16 artifacts to --min-speedup too (useful on GPUs; on CPUs FP16 runs at "
                             "about FP32 speed).")] = False,
     timeout: Annotated[Optional[float], typer.Option(
-        "--timeout", help="Seconds one file may go without progress (the load, one latency series, one "
+        "--timeout", help="Seconds one file may go without progress (the load, one timing block, one "
                           "accuracy chunk of 1,024 images) before its process is killed and the file reported as "
                           "an error (not with --in-process). Default: 300 + 3 x --max-time + 0.1 s per image of "
                           "a chunk (432 s with the defaults).",
@@ -77,12 +89,12 @@ def bench(
                            accuracy=accuracy, latency=latency, large_batch=large_batch, warmup=warmup, runs=runs,
                            min_time_s=min_time, max_time_s=max_time, isolate=isolate, baselines=baselines,
                            seed=seed, max_drop_pp=max_drop, min_speedup=min_speedup, gate_fp16=gate_fp16,
-                           timeout_s=timeout)
+                           timeout_s=timeout, min_rounds=min_rounds, allow_stale=allow_stale, cache=cache)
     check_outputs(json_path, markdown_path, plot_path, force, options)
     quiet_frameworks()
     from rich.console import Console
 
-    from resnet_deploy.bench.runner import run_bench
+    from resnet_deploy.bench.run import run_bench
 
     console = Console()
     with console.status("benchmarking") as status:

@@ -14,9 +14,13 @@ class BenchOptions:
     """Options of ``resnet-deploy bench`` (and of the library entry point ``run_bench``).
 
     Accuracy: the CIFAR-10 test split (``limit`` first images), predicted in batches of
-    ``batch_size``. Latency: ``warmup`` untimed runs, then timed runs until at least ``runs`` runs
-    *and* ``min_time_s`` seconds are done, stopping early once ``max_time_s`` is spent (but never
-    under ``MIN_TIMED_RUNS`` runs), at batch 1 and at ``large_batch``; ``threads`` for every runtime.
+    ``batch_size``; the float model's logits are cached (``cache``, ``cache_dir``). Latency: every file
+    at batch 1 and at ``large_batch`` (a "series" each) in interleaved rounds (``bench.rounds``):
+    ``warmup`` untimed calls per series, then rounds until every series is steady (its per-round
+    medians' interval narrower than ``steady_width`` of the median) and at least ``min_rounds`` rounds,
+    ``runs`` calls per series and ``min_time_s`` seconds are done, or until ``max_time_s`` per series
+    is spent (the budget of the whole timing phase is ``max_time_s`` times the number of series);
+    ``threads`` for every runtime.
     """
 
     reference: Path | None = None  # the float Keras model; default: the artifacts' manifests
@@ -41,8 +45,12 @@ class BenchOptions:
     min_speedup: float | None = None  # gate: batch-1 speed-up against the same-runtime FP32 artifact
     gate_fp16: bool = False  # also hold FP16 artifacts to min_speedup (on CPUs FP16 buys size, not speed)
     timeout_s: float | None = None  # per isolated file; None: derived from the work (file_timeout_s)
+    min_rounds: int = 6  # interleaved timing rounds at least (6: a 96.9 % interval for a median)
+    steady_width: float = 0.10  # a series (or a ratio) is steady when its interval is narrower than this share
+    allow_stale: bool = False  # bench artifacts exported from another float model (marked, not gated)
+    cache: bool = True  # read and write the float model's cached test-set logits
+    cache_dir: Path | None = None  # None: $RESNET_DEPLOY_CACHE or ~/.cache/resnet-deploy
 
-    MIN_TIMED_RUNS = 5
     SPEEDUP_GATED = ("int8", "dynamic_int8")  # precisions --min-speedup applies to (+ fp16 with gate_fp16)
     # The derived per-file timeout (time without progress): a fixed allowance for the runtime's import and
     # the load, one latency series with a safety factor, and a slow pace for one accuracy chunk.
@@ -54,11 +62,13 @@ class BenchOptions:
     def __post_init__(self):
         if self.threads is None:
             object.__setattr__(self, "threads", _usable_cores())
-        for name in ("reference", "data"):
+        for name in ("reference", "data", "cache_dir"):
             v = getattr(self, name)
             if v is not None:
                 object.__setattr__(self, name, Path(v))
-        _positive(self, "batch_size", "threads", "large_batch", "runs", "bootstrap")
+        _positive(self, "batch_size", "threads", "large_batch", "runs", "bootstrap", "min_rounds")
+        if not 0 < self.steady_width:
+            raise BenchError(f"steady_width must be positive, got {self.steady_width}.", expected="e.g. 0.10")
         if self.limit is not None and self.limit < 1:
             raise BenchError(f"--limit must be a positive number of images, got {self.limit}.",
                              fix="leave it out to use the whole test split")
@@ -95,9 +105,9 @@ class BenchOptions:
 
     def file_timeout_s(self, eval_images: int) -> float:
         """Seconds an isolated file may go without progress before its process is killed: ``timeout_s``
-        when given, else derived from the longest stage between two heartbeats (``probe._receive``): the
-        import and load, one latency series, one accuracy chunk (``probe.ACCURACY_CHUNK`` images at most)."""
-        from resnet_deploy.bench.probe import ACCURACY_CHUNK
+        when given, else derived from the longest stage between two heartbeats (``child._receive``): the
+        import and load, one timing block, one accuracy chunk (``measure.ACCURACY_CHUNK`` images at most)."""
+        from resnet_deploy.bench.measure import ACCURACY_CHUNK
 
         if self.timeout_s is not None:
             return float(self.timeout_s)
@@ -107,7 +117,7 @@ class BenchOptions:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for k in ("reference", "data"):
+        for k in ("reference", "data", "cache_dir"):
             d[k] = str(d[k]) if d[k] is not None else None
         return d
 

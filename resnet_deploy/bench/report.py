@@ -15,15 +15,19 @@ from resnet_deploy.fileio import atomic_path, write_json_atomic
 # Headers kept short so that both tables fit an 80-column CI log; the Markdown legend spells them out.
 ACCURACY_COLUMNS = ("artifact", "runtime", "prec", "top-1 %", "Δ top-1 pp [95% CI]", "McNemar p", "agree %",
                     "max |Δlogit|")
+PROBABILITY_HEADER = "max |Δprob|"  # the last accuracy column for a model whose outputs are probabilities
 COST_COLUMNS = ("artifact", "p50 ms", "p99 ms", "img/s b{B}", "× FP32", "× Keras", "size", "size ÷", "mem", "mem ÷",
                 "1st inf ms")
-LEGEND = ("p50/p99 ms: batch-1 latency percentiles; img/s b{B}: throughput at batch {B}; × FP32: batch-1 p50 "
-          "speed-up against the FP32 artifact of the same runtime measured in the same run; × Keras: the same "
-          "against the Keras float model; size ÷: the Keras file's size divided by the artifact's; mem: the memory "
+LEGEND = ("p50/p99 ms: batch-1 latency percentiles over all timed calls; img/s b{B}: throughput at batch {B}; "
+          "× FP32: batch-1 speed-up against the FP32 artifact of the same runtime and source model, the median over "
+          "interleaved timing rounds of the per-round ratio, with its interval in the detail below; × Keras: the "
+          "same against the Keras float model; size ÷: the Keras file's size divided by the artifact's; sizes and "
+          "memory in MB = 10^6 bytes; mem: the memory "
           "loading and running the file added to its process (peak RSS minus the RSS just before loading, so "
           "the harness, the runtime's import and the test images are not counted); mem ÷: the Keras model's mem "
           "divided by the artifact's; 1st inf ms: load + first batch-1 run; "
-          "⚠: noisy timing (coefficient of variation above the threshold).")
+          "⚠: noisy (a series whose per-round medians did not settle within the steadiness width, or a ratio "
+          "built on one or with a wide interval): not a finding.")
 
 
 # Cells ------------------------------------------------------------------------------------------
@@ -37,6 +41,8 @@ def accuracy_row(r: ArtifactResult) -> list[str]:
         change = f"{v['change_pp']:+.2f} [{lo:+.2f}, {hi:+.2f}]"
         mc, agree = f"{v['mcnemar_p']:.2g} ({v['losses']}↓{v['gains']}↑)", f"{100 * v['agreement']:.2f}"
         err = f"{v['logit_error']['max_abs']:.3g}"
+    elif r.role == "baseline":
+        change = mc = agree = err = "(speed only)"
     else:
         change = mc = agree = err = "–" if r.role != "reference" else "ref"
     return [_label(r), _runtime(r), r.precision, top1, change, mc, agree, err]
@@ -48,8 +54,7 @@ def cost_row(r: ArtifactResult, large: int) -> list[str]:
     b1 = r.latency.get("1") or {}
     bn = r.latency.get(str(large)) or {}
     base = r.vs_baseline
-    vs_base = "base" if r.format != "keras" and r.precision == "fp32" else \
-        (_x((base.get('speedup') or {}).get('1')) if base else "–")
+    vs_base = "base" if r.format != "keras" and r.precision == "fp32" else (_speedup(base) if base else "–")
     if r.role == "reference":
         vs_base = "ref"
     vf = r.vs_float or {}
@@ -59,7 +64,7 @@ def cost_row(r: ArtifactResult, large: int) -> list[str]:
         _ms(b1.get("p99_ms")),
         f"{bn['throughput_ips']:.0f}" + (" ⚠" if bn.get("noisy") else "") if "throughput_ips" in bn else "–",
         vs_base,
-        _x((vf.get("speedup") or {}).get("1")) if r.role != "reference" else "1.00x",
+        _speedup(vf) if r.role != "reference" else "1.00x",
         _bytes(r.size_bytes),
         _x(vf.get("size_reduction")) if r.role != "reference" else "1.00x",
         _bytes(r.memory.get("artifact_rss_bytes")),
@@ -79,7 +84,7 @@ def print_report(report: BenchReport, console=None) -> None:
     tables = []
     if report.options.get("accuracy"):
         tables.append((f"Accuracy on {report.data.get('images', 0):,} CIFAR-10 test images, against the Keras "
-                       "float model", ACCURACY_COLUMNS, [accuracy_row(r) for r in report.results]))
+                       "float model", accuracy_columns(report), [accuracy_row(r) for r in report.results]))
     if report.options.get("latency"):
         tables.append((f"Latency and cost, {report.options.get('threads')} threads", COST_COLUMNS,
                        [cost_row(r, large) for r in report.results]))
@@ -91,7 +96,7 @@ def print_report(report: BenchReport, console=None) -> None:
         for k, group in enumerate(groups):
             t = Table(title=title if k == 0 else None, box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
             for i in group:
-                left = i == 0 or (cols is ACCURACY_COLUMNS and i < 3)
+                left = i == 0 or (cols[1] == "runtime" and i < 3)
                 t.add_column(cols[i].format(B=large), justify="left" if left else "right",
                              min_width=width if i == 0 else None, overflow="fold")
             for row in rows:
@@ -136,7 +141,7 @@ def markdown(report: BenchReport) -> str:
            f"{report.created}; {report.data.get('images', 0):,} images of the CIFAR-10 {report.data.get('split') or '-'} "
            f"split ({report.data.get('source', '-')}); float reference: {report.reference.get('label') or 'none'}.", ""]
     if report.options.get("accuracy"):
-        out += ["## Accuracy", "", _md_table(ACCURACY_COLUMNS, [accuracy_row(r) for r in report.results]), ""]
+        out += ["## Accuracy", "", _md_table(accuracy_columns(report), [accuracy_row(r) for r in report.results]), ""]
         out += ["Intervals: top-1 Wilson 95%; change: paired bootstrap percentile interval; McNemar: exact "
                 "two-sided p on the images where exactly one model is right (↓ lost, ↑ gained).", ""]
         out += ["### Per-class accuracy (%)", "", _md_table(("class",) + tuple(r.label for r in report.results if r.accuracy),
@@ -150,16 +155,37 @@ def markdown(report: BenchReport) -> str:
     return "\n".join(out)
 
 
+def accuracy_columns(report: BenchReport) -> tuple[str, ...]:
+    """The accuracy table's header: the last column says Δprob for a model whose outputs are probabilities."""
+    if (report.reference or {}).get("output") == "probabilities":
+        return ACCURACY_COLUMNS[:-1] + (PROBABILITY_HEADER,)
+    return ACCURACY_COLUMNS
+
+
 def _latency_detail(report: BenchReport) -> str:
     rows = []
     for r in report.results:
         for bs, s in r.latency.items():
             if "mean_ms" in s:
-                rows.append([r.label, bs, str(s["runs"]), *(f"{s[k]:.3f}" for k in
-                             ("mean_ms", "std_ms", "min_ms", "p50_ms", "p90_ms", "p99_ms")),
+                lo, hi = s.get("round_median_interval_ms") or (math.nan, math.nan)
+                rows.append([r.label, bs, str(s["runs"]), str(s.get("rounds", "–")), *(f"{s[k]:.3f}" for k in
+                             ("mean_ms", "std_ms", "min_ms", "p50_ms", "p90_ms", "p99_ms")), f"[{lo:.3f}, {hi:.3f}]",
                              f"{s['throughput_ips']:,.1f}", f"{s['cv']:.3f}" + (" noisy" if s["noisy"] else "")])
-    cols = ("artifact", "batch", "runs", "mean ms", "std ms", "min ms", "p50 ms", "p90 ms", "p99 ms", "img/s", "cv")
-    return _md_table(cols, rows)
+    cols = ("artifact", "batch", "runs", "rounds", "mean ms", "std ms", "min ms", "p50 ms", "p90 ms", "p99 ms",
+            "round median ms [interval]", "img/s", "cv")
+    out = [_md_table(cols, rows), "", _speedup_detail(report)]
+    return "\n".join(out)
+
+
+def _speedup_detail(report: BenchReport) -> str:
+    rows = []
+    for r in report.results:
+        for against, v in (("FP32", r.vs_baseline), ("Keras", r.vs_float if r.role != "reference" else None)):
+            for bs, d in ((v or {}).get("speedup_detail") or {}).items():
+                rows.append([r.label, f"{v['label']} ({against})", bs, _x(d["value"]),
+                             f"[{d['interval'][0]:.2f}, {d['interval'][1]:.2f}]", f"{d['coverage']:.1%}",
+                             str(d["rounds"]), "noisy" if d["noisy"] else "steady"])
+    return _md_table(("artifact", "against", "batch", "speed-up", "interval", "coverage", "rounds", ""), rows)
 
 
 MEMORY_NOTE = ("before load: the process's RSS right before the file was loaded (Python, numpy, the runtime's "
@@ -221,7 +247,7 @@ def _md_table(cols, rows) -> str:
 
 
 def _label(r: ArtifactResult) -> str:
-    return r.label + {"reference": " (float)", "baseline": " (base)"}.get(r.role, "")
+    return r.label + {"reference": " (float)", "baseline": " (base)"}.get(r.role, "") + (" (STALE)" if r.stale else "")
 
 
 def _runtime(r: ArtifactResult) -> str:
@@ -243,14 +269,23 @@ def _x(v) -> str:
     return "–" if v is None else f"{v:.2f}x"
 
 
+def _speedup(v: dict | None) -> str:
+    """The batch-1 speed-up of a comparison, marked ⚠ when its series or its interval are noisy."""
+    d = ((v or {}).get("speedup_detail") or {}).get("1")
+    if d is None:
+        return _x(((v or {}).get("speedup") or {}).get("1"))
+    return _x(d["value"]) + (" ⚠" if d["noisy"] else "")
+
+
 def _pct(v) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
 
 
 def _bytes(n) -> str:
+    """Decimal units, as everywhere in the project: 1 MB = 10^6 bytes."""
     if n is None:
         return "–"
-    for unit, k in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
+    for unit, k in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
         if n >= k:
             return f"{n / k:.1f} {unit}"
     return f"{n} B"

@@ -1,4 +1,5 @@
-"""What a bench run found: one ``ArtifactResult`` per file and the ``BenchReport`` around them.
+"""What a bench run found: one ``ArtifactResult`` per file, the ``BenchReport`` around them, and the
+error entries a file that could not be measured carries instead of figures.
 
 ``BenchReport.to_dict()`` is the JSON document described in docs/bench-report-schema.md.
 """
@@ -6,11 +7,61 @@
 from __future__ import annotations
 
 import datetime as _dt
+import signal
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+from resnet_deploy.errors import ResnetDeployError
+
+SCHEMA_VERSION = 2
+
+
+# Error entries -----------------------------------------------------------------------------------
+def error_entry(kind: str, what: str, expected: str | None, fix: str | None, **extra) -> dict:
+    """One ``errors[]`` entry: ``kind``, ``message`` (what/expected/fix rendered as one text), ``what``,
+    ``expected``, ``fix`` (+ ``traceback`` for unexpected failures)."""
+    message = ResnetDeployError(what, expected, fix).render()
+    return {"kind": kind, "message": message, "what": what, "expected": expected, "fix": fix, **extra}
+
+
+def error_dict(exc: ResnetDeployError) -> dict:
+    """The ``errors[]`` entry of a user-facing error (its class name as ``kind``)."""
+    return error_entry(type(exc).__name__, exc.what, exc.expected, exc.fix)
+
+
+def crash_error(path: Path, exitcode: int | None) -> dict:
+    how = f"exit code {exitcode}"
+    if exitcode is not None and exitcode < 0:
+        try:
+            how = f"signal {signal.Signals(-exitcode).name}"
+        except ValueError:
+            pass
+    return error_entry("crash", f"The runtime crashed while benchmarking {path} ({how}).",
+                       "a runtime that loads and runs the artifact",
+                       "the file may be corrupt or built for another runtime version; re-export it")
+
+
+def timeout_error(path: Path, timeout_s: float | None) -> dict:
+    return error_entry("timeout", f"Benchmarking {path} made no progress within {timeout_s:g} s; its process "
+                                  "was killed.",
+                       "the load, each timing block and each accuracy chunk to finish within the per-file "
+                       "timeout",
+                       "the runtime may hang on this file (re-export it); if it is only slow, raise --timeout "
+                       "or lower --limit / --max-time")
+
+
+def unexpected_error(exc: BaseException, path, tb: str) -> dict:
+    """A runtime failing in a way nobody anticipated: the entry keeps the traceback."""
+    return error_entry("unexpected " + type(exc).__name__,
+                       f"{type(exc).__name__} while benchmarking {path}: {str(exc)[:500]}",
+                       "the runtime loads and runs the artifact",
+                       "see the traceback; if the file is fine, this is a bug of resnet-deploy or of the runtime",
+                       traceback=tb)
+
+
+# Results -----------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -24,15 +75,20 @@ class ArtifactResult:
     has_manifest: bool = False
     notes: list = field(default_factory=list)
     error: dict | None = None
+    stale: bool = False  # benched with --allow-stale although exported from another float model: not gated
     size_bytes: int | None = None
     sha256: str | None = None
     timing: dict = field(default_factory=dict)  # import_s, load_s, first_run_s, first_inference_s, accuracy_pass_s
     latency: dict = field(default_factory=dict)  # "1" / "32" -> stats (ms, images/s)
     memory: dict = field(default_factory=dict)  # artifact_rss_bytes, peak_rss_bytes, rss_before_load_bytes, ...
+    io: dict | None = None  # runner.io_spec(): preprocessing, input and output tensors
     accuracy: dict | None = None  # top1, interval, per_class, confusion_matrix
     vs_float: dict | None = None  # accuracy change + McNemar + agreement + logit error + ratios
     vs_baseline: dict | None = None  # ratios against the FP32 artifact of the same runtime
     logits: np.ndarray | None = field(default=None, repr=False)  # kept in memory, never written
+    # per batch size, the seconds of each call, one array per interleaved round (for the ratios; not written)
+    round_times: dict = field(default_factory=dict, repr=False)
+    supports_batch: bool = True
 
     @property
     def ok(self) -> bool:
@@ -43,7 +99,10 @@ class ArtifactResult:
         return s.get("p50_ms")
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "logits"}
+        return {k: v for k, v in self.__dict__.items() if k not in _IN_MEMORY_ONLY}
+
+
+_IN_MEMORY_ONLY = ("logits", "round_times", "supports_batch")
 
 
 @dataclass

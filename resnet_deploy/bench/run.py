@@ -1,8 +1,17 @@
 """``run_bench``: the library entry point of ``resnet-deploy bench`` (and of the end-to-end pipeline).
 
-Order of work: identify the files (format, manifest, precision), find the float reference and the
-FP32 baselines, load the test split, measure every file (each in its own child process unless
-``options.isolate`` is off), then compute the accuracy statistics and the ratios, and apply the gates.
+Order of work:
+
+1. which files take part (``selection``): identify each (format, manifest, sha256), find the float
+   reference and the FP32 baselines, refuse mismatched and stale files;
+2. the input contract (``contract``): one preprocessing for the reference, each artifact's own;
+3. open every file in its own worker (``child``; a child process unless ``options.isolate`` is off);
+4. time them all in interleaved rounds (``rounds``), read each one's memory;
+5. the test-set pass of the files that need one: the artifacts named; the reference unless its
+   logits are cached (``reference_cache``); never a baseline the tool added (its parity with the float
+   model was proven at export and is in its manifest);
+6. statistics, ratios with their intervals, gates (``compare``, ``gates``).
+
 A file that cannot be measured gets an error in its result; the others still get theirs.
 """
 
@@ -15,14 +24,19 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from resnet_deploy.bench import accuracy as acc
+from resnet_deploy.bench import reference_cache
+from resnet_deploy.bench.child import WorkerFailed, open_worker
+from resnet_deploy.bench.compare import fill_accuracy, fill_ratios, output_kind
+from resnet_deploy.bench.contract import file_preprocessing, resolve_contract
 from resnet_deploy.bench.gates import evaluate_gates, not_gated
+from resnet_deploy.bench.latency import summarize
+from resnet_deploy.bench.measure import FileSpec
 from resnet_deploy.bench.options import BenchOptions
-from resnet_deploy.bench.probe import ProbeJob, probe
-from resnet_deploy.bench.resolve import (Entry, add_baselines, assign_labels, error_dict, find_baseline, identify,
-                                         resolve_reference)
 from resnet_deploy.bench.results import ArtifactResult, BenchReport
-from resnet_deploy.data.constants import IMAGE_SHAPE, NUM_CLASSES
+from resnet_deploy.bench.rounds import RoundsPlan, SeriesFailed, interleaved_rounds, median_interval
+from resnet_deploy.bench.selection import (Entry, add_baselines, assign_labels, find_baseline, identify,
+                                           refuse_stale, resolve_reference)
+from resnet_deploy.data.constants import IMAGE_SHAPE
 from resnet_deploy.errors import BenchError
 
 Progress = Callable[[str], None]
@@ -35,7 +49,7 @@ def run_bench(artifact_paths: Iterable[str | os.PathLike], options: BenchOptions
     ``data``: a ``Split`` (test images), a ``Cifar10`` (its test split is used) or None (loaded from
     ``options.data``); ``options.limit`` applies either way. Never raises for one bad artifact: its
     result carries the error. Raises BenchError for a run that cannot start (no artifacts, two
-    float models, no data).
+    float models, artifacts that disagree about the preprocessing, no data).
 
     With ``options.isolate`` (the default) each file is measured in a ``multiprocessing`` spawn child,
     so a script calling this must keep its top-level code under ``if __name__ == "__main__":``.
@@ -43,36 +57,34 @@ def run_bench(artifact_paths: Iterable[str | os.PathLike], options: BenchOptions
     options = options or BenchOptions()
     say = progress or (lambda msg: None)
     started = time.perf_counter()
-    paths = [Path(p) for p in artifact_paths]
-    if not paths:
-        raise BenchError("No artifact to bench.", expected="one or more .tflite/.onnx/.keras paths",
-                         fix="resnet-deploy bench artifacts/*.tflite")
-    entries = _dedupe([identify(p, "artifact") for p in paths])
-    ref_path, ref_notes = resolve_reference(entries, options.reference)
-    entries = [e for e in entries if ref_path is None or not _same_file(e.path, ref_path)]
-    if ref_path is not None:
-        entries.insert(0, identify(ref_path, "reference"))
-    entries += add_baselines(entries, options.baselines)
-    assign_labels(entries)
+    entries, ref_path, ref_notes = _participants(artifact_paths, options)
+    contract = resolve_contract(entries, ref_path)
     split, data_info = _test_images(options, data) if options.accuracy else (None, _no_test_images(options))
     latency_images = _latency_images(split, options) if options.latency else None
-
-    results = []
-    for e in entries:
-        say(f"measuring {e.label} ({e.role})")
-        results.append(_measure(e, options, split, latency_images))
+    results = [_result(e) for e in entries]
+    cached = _cached_reference(entries, results, contract, split, options, ref_notes)
+    workers = _open_all(entries, results, contract, latency_images, options, split, cached, say)
+    try:
+        if options.latency:
+            _time_all(workers, results, options, say)
+        if split is not None:
+            _accuracy_passes(workers, results, split, say)
+    finally:
+        for w in workers.values():
+            w.close()
+    _store_reference(entries, results, contract, split, options, cached, ref_notes)
     reference = next((r for r in results if r.role == "reference" and r.ok), None)
     if ref_path is not None and reference is None:
         ref_notes.append("the float reference could not be measured (see its error): no float comparison")
-    _check_source_hashes(entries, ref_path, ref_notes)
+    kind = output_kind(reference.logits if reference is not None else None)
     for r, e in zip(results, entries):
         if r.ok:
-            _fill_accuracy(r, reference, split, options)
-            _fill_ratios(r, reference, _baseline_result(e, entries, results))
+            fill_accuracy(r, reference, split, options, kind)
+            fill_ratios(r, reference, _baseline_result(e, entries, results), options)
     report = BenchReport(
         machine=_machine(), libraries=_libraries(), options=options.to_dict(), data=data_info,
         reference={"label": reference.label if reference else None, "path": str(ref_path) if ref_path else None,
-                   "notes": ref_notes},
+                   "notes": ref_notes, "input_contract": contract.describe(), "output": kind},
         results=results)
     report.gates = evaluate_gates(report, options)
     report.not_gated = not_gated(report, options)
@@ -80,85 +92,164 @@ def run_bench(artifact_paths: Iterable[str | os.PathLike], options: BenchOptions
     return report
 
 
-def _measure(e: Entry, options: BenchOptions, split, latency_images) -> ArtifactResult:
-    """One file's result. Never raises for a problem of the file: it becomes the result's error (and
-    then only the file facts, ``size_bytes`` and ``sha256``, may be set besides it)."""
+def _participants(artifact_paths, options: BenchOptions) -> tuple[list[Entry], Path | None, list[str]]:
+    """The entries of the run (reference first, then the artifacts, then the baselines added)."""
+    paths = [Path(p) for p in artifact_paths]
+    if not paths:
+        raise BenchError("No artifact to bench.", expected="one or more .tflite/.onnx/.keras paths",
+                         fix="resnet-deploy bench artifacts/*.tflite")
+    entries = _dedupe([identify(p, "artifact") for p in paths])
+    ref_path, ref_notes = resolve_reference(entries, options.reference)
+    entries = [e for e in entries if ref_path is None or not _same_file(e.path, ref_path)]
+    ref_entry = identify(ref_path, "reference") if ref_path is not None else None
+    if ref_entry is not None:
+        entries.insert(0, ref_entry)
+    ref_notes += refuse_stale(entries, ref_entry if ref_entry and not ref_entry.error else None, options.allow_stale)
+    entries += add_baselines(entries, options.baselines and options.latency)
+    assign_labels(entries)
+    return entries, ref_path, ref_notes
+
+
+def _result(e: Entry) -> ArtifactResult:
     r = ArtifactResult(label=e.label, path=str(e.path), role=e.role, format=e.format, precision=e.precision,
-                       has_manifest=e.manifest is not None, notes=list(e.notes), error=e.error)
-    if r.error:
-        return r
-    try:
-        r.size_bytes, r.sha256 = _file_facts(e.path)
-    except BenchError as exc:
-        r.error = error_dict(exc)
-        return r
-    eval_images = split.x if split is not None else None
-    job = ProbeJob(path=e.path, threads=options.threads, batch_sizes=options.batch_sizes, warmup=options.warmup,
-                   runs=options.runs, min_time_s=options.min_time_s, max_time_s=options.max_time_s,
-                   min_runs=options.MIN_TIMED_RUNS, noisy_cv=options.noisy_cv, latency_images=latency_images,
-                   eval_images=eval_images, eval_batch_size=options.batch_size,
-                   timeout_s=options.file_timeout_s(0 if eval_images is None else len(eval_images)))
-    out = probe(job, isolate=options.isolate)
-    r.error = out.get("error")
-    if r.error:  # whatever was measured before the failure is not a result
-        return r
-    r.runtime, r.logits = out.get("runtime"), out.get("logits")
-    r.timing, r.latency, r.memory = out.get("timing", {}), out.get("latency", {}), out.get("memory", {})
-    if r.precision == "unknown" and (r.runtime or {}).get("input_dtype") in ("int8", "uint8"):
-        r.notes.append(f"integer input ({r.runtime['input_dtype']}): a full-integer model")
+                       has_manifest=e.manifest is not None, notes=list(e.notes), error=e.error, stale=e.stale,
+                       size_bytes=e.size_bytes if not e.error else None, sha256=e.sha256 if not e.error else None)
+    v = (e.manifest.validation or {}) if e.manifest else {}
+    if e.role == "baseline" and v.get("top1_agreement") is not None:
+        r.notes.append(f"no accuracy pass (a speed baseline): at export it agreed with the float model on "
+                       f"{v['top1_agreement']:.1%} of {v.get('samples')} test images, max |Δ| "
+                       f"{v.get('max_abs_logit_diff', float('nan')):.3g}")
     return r
 
 
-def _file_facts(path: Path) -> tuple[int, str]:
-    """Size and sha256 of an artifact; a BenchError for a file that cannot be read (never a hang on a
-    FIFO or a device, which are refused)."""
-    from resnet_deploy.artifact import file_facts
+def _open_all(entries, results, contract, latency_images, options, split, cached, say) -> dict:
+    """A worker per file that has work (latency, or an accuracy pass); a failure to open is that file's error."""
+    workers = {}
+    for i, (e, r) in enumerate(zip(entries, results)):
+        needs_pass = split is not None and _needs_accuracy_pass(e, cached is not None and cached["logits"] is not None)
+        if not r.ok or not (options.latency or needs_pass):
+            continue
+        say(f"loading {e.label} ({e.role})")
+        pre, note = file_preprocessing(e, contract)
+        if note:
+            r.notes.append(note)
+        spec = FileSpec(path=e.path, preprocessing=pre.to_dict(), threads=options.threads,
+                        eval_batch_size=options.batch_size, latency_images=latency_images,
+                        manifest_input=vars(e.manifest.input) if e.manifest else None)
+        worker = open_worker(spec, options.isolate, options.file_timeout_s(len(split) if needs_pass else 0))
+        try:
+            opened = worker.call("open")
+        except WorkerFailed as exc:
+            r.error = exc.error
+            continue
+        r.runtime, r.io, r.timing = opened["runtime"], opened["io"], opened["timing"]
+        r.supports_batch = opened["supports_batch"]
+        if r.precision == "unknown" and r.io["input"]["dtype"] in ("int8", "uint8"):
+            r.notes.append(f"integer input ({r.io['input']['dtype']}): a full-integer model")
+        r.memory = {"rss_scope": worker.rss_scope}
+        workers[i] = worker
+    return workers
 
-    if not (path.is_file() or path.is_dir()):
-        raise BenchError(f"{path} is not a regular file or folder.",
-                         expected="a .tflite/.onnx file, or a .keras file / SavedModel folder",
-                         fix="bench the exported file itself")
-    try:
-        f = file_facts(path)
-    except OSError as exc:
-        raise BenchError(f"{path} cannot be read: {exc.strerror or exc}.",
-                         expected="a readable artifact file",
-                         fix="check the file's permissions and that the disk is readable; re-export it") from exc
-    return f["size_bytes"], f["sha256"]
+
+def _needs_accuracy_pass(e: Entry, cache_hit: bool) -> bool:
+    if e.role == "baseline":
+        return False  # added for the speed ratio only: its export-time parity is in its manifest
+    return not (e.role == "reference" and cache_hit)
 
 
-def _fill_accuracy(r: ArtifactResult, reference: ArtifactResult | None, split, options: BenchOptions) -> None:
-    if r.logits is None or split is None:
+def _time_all(workers: dict, results: list[ArtifactResult], options: BenchOptions, say) -> None:
+    """Every open file at every batch size in interleaved rounds; then each one's memory."""
+    series = {}
+    for i, w in workers.items():
+        for bs in options.batch_sizes:
+            if bs > 1 and not results[i].supports_batch:
+                results[i].latency[str(bs)] = {"skipped": "the model has a fixed batch size of 1"}
+                continue
+            series[(i, bs)] = _series_fn(w, i, bs)
+    plan = RoundsPlan(warmup=options.warmup, min_runs=options.runs, min_time_s=options.min_time_s,
+                      budget_s=options.max_time_s * max(1, len(series)), min_rounds=options.min_rounds,
+                      steady_width=options.steady_width, confidence=options.confidence)
+    rounds = interleaved_rounds(series, plan, progress=say)
+    for (i, bs), err in rounds.failed.items():
+        if results[i].ok:
+            results[i].error = err
+            workers.pop(i, None)
+    for (i, bs), per_round in rounds.times.items():
+        r = results[i]
+        if not r.ok:
+            continue
+        r.latency[str(bs)] = series_stats(per_round, bs, rounds, (i, bs), options)
+        r.round_times[str(bs)] = per_round
+    for i, w in list(workers.items()):
+        try:
+            results[i].memory.update(w.call("memory"))
+        except WorkerFailed as exc:
+            results[i].error = exc.error
+            workers.pop(i)
+
+
+def series_stats(per_round: list, bs: int, rounds, key, options: BenchOptions) -> dict:
+    """``latency.summarize`` over all calls, plus the rounds: the per-round medians' interval and ``noisy``
+    when that interval is wider than ``options.steady_width`` of the median (``cv`` stays as information:
+    single calls of a sub-millisecond model scatter widely while their median holds still)."""
+    stats = summarize(np.concatenate(per_round), bs, options.noisy_cv)
+    est, lo, hi, coverage = median_interval([np.median(t) * 1e3 for t in per_round], options.confidence)
+    steady = est > 0 and (hi - lo) / est <= options.steady_width
+    return {**stats, "noisy": not steady, "warmup": rounds.warmup.get(key, 0), "rounds": len(per_round),
+            "round_median_ms": est, "round_median_interval_ms": [lo, hi], "interval_coverage": coverage,
+            "stopped": rounds.stopped}
+
+
+def _series_fn(worker, i, bs):
+    def run(n: int) -> np.ndarray:
+        try:
+            return worker.call("series", bs, n)
+        except WorkerFailed as exc:
+            raise SeriesFailed((i, bs), exc.error) from None
+    return run
+
+
+def _accuracy_passes(workers: dict, results: list[ArtifactResult], split, say) -> None:
+    for i, w in list(workers.items()):
+        r = results[i]
+        if not r.ok or r.role == "baseline" or r.logits is not None:
+            continue
+        say(f"test-set pass of {r.label} ({len(split):,} images)")
+        try:
+            out = w.call("logits", split.x)
+        except WorkerFailed as exc:
+            r.error = exc.error
+            workers.pop(i)
+            continue
+        r.logits = out["logits"]
+        r.timing["accuracy_pass_s"] = out["accuracy_pass_s"]
+
+
+def _cached_reference(entries, results, contract, split, options, notes) -> dict | None:
+    """The reference's cached test-split logits ({key, logits, path}) or None; sets them on its result."""
+    ref = next((i for i, e in enumerate(entries) if e.role == "reference" and not e.error), None)
+    if ref is None or split is None or not options.cache:
+        return None
+    key = reference_cache.cache_key(entries[ref].sha256, reference_cache.data_fingerprint(split.x, split.y),
+                                    contract.preprocessing, len(split))
+    logits = reference_cache.load(key, len(split), options.cache_dir)
+    if logits is None:
+        return {"key": key, "logits": None}
+    results[ref].logits = logits
+    path = reference_cache.cache_path(key, options.cache_dir)
+    results[ref].notes.append(f"test-set logits from the cache ({path}): no float pass this run")
+    notes.append(f"float logits read from the cache {path}")
+    return {"key": key, "logits": logits}
+
+
+def _store_reference(entries, results, contract, split, options, cached, notes) -> None:
+    ref = next((i for i, e in enumerate(entries) if e.role == "reference"), None)
+    if ref is None or cached is None or cached["logits"] is not None or not results[ref].ok:
         return
-    r.accuracy = acc.accuracy_summary(r.logits, split.y, NUM_CLASSES, options.confidence)
-    if reference is not None and reference.logits is not None and r is not reference:
-        r.vs_float = acc.compare_with_reference(r.logits, reference.logits, split.y, options.bootstrap,
-                                                options.confidence, options.seed)
-
-
-def _fill_ratios(r: ArtifactResult, reference: ArtifactResult | None, baseline: ArtifactResult | None) -> None:
-    if reference is not None and r is not reference:
-        r.vs_float = {**(r.vs_float or {}), "label": reference.label, **ratios(r, reference)}
-    if baseline is not None:
-        r.vs_baseline = {"label": baseline.label, **ratios(r, baseline)}
-
-
-def ratios(r: ArtifactResult, base: ArtifactResult) -> dict:
-    """Speed-up (base p50 / artifact p50, per batch size), throughput ratio, size reduction
-    (base bytes / artifact bytes), memory ratios and first-inference ratio (artifact / base)."""
-    out: dict = {"speedup": {}, "throughput_ratio": {}}
-    for bs, s in r.latency.items():
-        b = base.latency.get(bs) or {}
-        if "p50_ms" in s and "p50_ms" in b and s["p50_ms"] > 0:
-            out["speedup"][bs] = b["p50_ms"] / s["p50_ms"]
-            out["throughput_ratio"][bs] = s["throughput_ips"] / b["throughput_ips"]
-    out["size_reduction"] = _ratio(base.size_bytes, r.size_bytes)
-    out["peak_rss_ratio"] = _ratio(r.memory.get("peak_rss_bytes"), base.memory.get("peak_rss_bytes"))
-    out["artifact_rss_ratio"] = _ratio(r.memory.get("artifact_rss_bytes"), base.memory.get("artifact_rss_bytes"))
-    out["first_inference_ratio"] = _ratio(r.timing.get("first_inference_s"), base.timing.get("first_inference_s"))
-    if r.accuracy and base.accuracy:
-        out["top1_change_pp"] = 100.0 * (r.accuracy["top1"] - base.accuracy["top1"])
-    return out
+    if results[ref].logits is not None:
+        path = reference_cache.store(cached["key"], results[ref].logits, options.cache_dir)
+        if path is not None:
+            notes.append(f"float logits cached in {path} (--no-cache to bypass)")
 
 
 def _baseline_result(e: Entry, entries: list[Entry], results: list[ArtifactResult]) -> ArtifactResult | None:
@@ -199,18 +290,6 @@ def _latency_images(split, options: BenchOptions) -> np.ndarray:
     return np.random.default_rng(options.seed).integers(0, 256, (n, *IMAGE_SHAPE), dtype=np.uint8)
 
 
-def _check_source_hashes(entries: list[Entry], ref_path: Path | None, notes: list[str]) -> None:
-    if ref_path is None or not ref_path.is_file():
-        return
-    from resnet_deploy.fileio import sha256_file
-
-    sha = sha256_file(ref_path)
-    stale = [e.label for e in entries if e.role != "reference" and e.source_sha256 and e.source_sha256 != sha]
-    if stale:
-        notes.append(f"the float model's sha256 differs from the one recorded when {', '.join(stale)} "
-                     "were exported: it changed since; re-export or pass the original with --reference")
-
-
 def _dedupe(entries: list[Entry]) -> list[Entry]:
     out: list[Entry] = []
     for e in entries:
@@ -236,7 +315,3 @@ def _libraries() -> dict:
     from resnet_deploy.envinfo import library_versions
 
     return library_versions()
-
-
-def _ratio(num, den) -> float | None:
-    return float(num) / float(den) if num is not None and den not in (None, 0) else None

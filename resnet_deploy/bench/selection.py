@@ -1,5 +1,8 @@
-"""Which files a bench run measures: the artifacts given, their float reference (from the
-manifests or ``--reference``), and the FP32 sibling each quantized artifact is compared with.
+"""Which files take part in a bench run: the artifacts given, their float reference (from the
+manifests or ``--reference``), and the FP32 baseline each quantized artifact is compared with; and
+which of them are refused before anything runs: a file whose sha256 is not its manifest's (a file
+copied over another's name), an artifact exported from another float model than the reference
+(stale; ``--allow-stale`` benches it, marked and not gated).
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from resnet_deploy.artifact import Manifest, read_manifest
-from resnet_deploy.bench.probe import error_dict
+from resnet_deploy.bench.results import error_dict
 from resnet_deploy.config import Format, Precision
 from resnet_deploy.errors import BenchError, ResnetDeployError
 
@@ -30,6 +33,9 @@ class Entry:
     notes: list[str] = field(default_factory=list)
     error: dict | None = None  # set when the file cannot even be identified
     label: str = ""
+    size_bytes: int | None = None
+    sha256: str | None = None
+    stale: bool = False  # exported from another float model, benched anyway (--allow-stale)
 
     @property
     def source_sha256(self) -> str | None:
@@ -45,10 +51,19 @@ def identify(path: str | os.PathLike, role: str) -> Entry:
         if not p.exists():
             raise BenchError(f"{p} does not exist.", fix="check the path (export writes artifacts/<name>.tflite)")
         e.format = Format.from_path(p).value
+        e.size_bytes, e.sha256 = file_facts(p)
         if e.format == Format.KERAS.value:
             e.precision = Precision.FP32.value
             return e
         e.manifest = checked_manifest(p)
+        if e.manifest is not None and e.manifest.sha256 != e.sha256:
+            raise BenchError(f"{p} has sha256 {e.sha256[:16]}…, but its manifest {p.name}.json was written for a "
+                             f"file with sha256 {str(e.manifest.sha256)[:16]}… ({e.manifest.format} "
+                             f"{e.manifest.precision}).",
+                             expected="the file the manifest describes (export writes the two together)",
+                             fix="re-export it, or restore the file the manifest belongs to; a file copied over "
+                                 "another's name must not keep the other's manifest (delete it to bench the file "
+                                 "with defaults)")
     except ResnetDeployError as exc:
         e.error = error_dict(exc)
         return e
@@ -64,6 +79,49 @@ def identify(path: str | os.PathLike, role: str) -> Entry:
         if warning:
             e.notes.append(warning)
     return e
+
+
+def file_facts(path: Path) -> tuple[int, str]:
+    """Size and sha256 of a file; a BenchError for one that cannot be read (never a hang on a FIFO or a
+    device, which are refused before anything opens them)."""
+    from resnet_deploy import artifact
+
+    if not (path.is_file() or path.is_dir()):
+        raise BenchError(f"{path} is not a regular file or folder.",
+                         expected="a .tflite/.onnx file, or a .keras file / SavedModel folder",
+                         fix="bench the exported file itself")
+    try:
+        f = artifact.file_facts(path)
+    except OSError as exc:
+        raise BenchError(f"{path} cannot be read: {exc.strerror or exc}.",
+                         expected="a readable artifact file",
+                         fix="check the file's permissions and that the disk is readable; re-export it") from exc
+    return f["size_bytes"], f["sha256"]
+
+
+def refuse_stale(entries: list[Entry], reference: Entry | None, allow_stale: bool) -> list[str]:
+    """An artifact whose manifest names another source sha256 than the reference's becomes an error
+    (what/expected/fix); with ``allow_stale`` it is kept, marked ``stale``. Returns notes for the report."""
+    if reference is None or reference.sha256 is None:
+        return []
+    notes = []
+    for e in entries:
+        if e.role == "reference" or e.error or not e.source_sha256 or e.source_sha256 == reference.sha256:
+            continue
+        what = (f"{e.path.name} was exported from a float model with sha256 {e.source_sha256[:16]}…, but the "
+                f"reference {reference.path} has sha256 {reference.sha256[:16]}…")
+        if allow_stale:
+            e.stale = True
+            e.notes.append(f"STALE: {what}; benched because of --allow-stale, its gates are skipped")
+            notes.append(f"{e.path.name} is stale (--allow-stale): compared with a float model it was not "
+                         "exported from")
+            continue
+        e.error = error_dict(BenchError(
+            what + ": the model changed since the export, or the pair does not belong together.",
+            expected="artifacts exported from the float reference as it is now",
+            fix=f"re-export from {reference.path}, pass the model they were exported from with --reference, or "
+                "bench anyway with --allow-stale (rows marked stale, gates skipped)"))
+    return notes
 
 
 def u8s8_saturation_warning(manifest: Manifest, machine: str | None = None, flags=None) -> str | None:
@@ -190,13 +248,13 @@ def add_baselines(entries: list[Entry], search_folders: bool) -> list[Entry]:
 
 
 def find_baseline(e: Entry, entries: list[Entry]) -> Entry | None:
-    """The FP32 entry of the same format (preferring one from the same source model)."""
-    if e.format in (None, Format.KERAS.value) or e.precision == "fp32":
+    """The FP32 entry of the same format exported from the same float model (same source sha256): a
+    baseline from another model would measure two networks, not a quantization."""
+    if e.format in (None, Format.KERAS.value) or e.precision == "fp32" or not e.source_sha256:
         return None
     same = [b for b in entries if b is not e and b.error is None and b.format == e.format and b.precision == "fp32"
-            and b.role != "reference"]
-    matching = [b for b in same if e.source_sha256 and b.source_sha256 == e.source_sha256]
-    return (matching or same or [None])[0]
+            and b.role != "reference" and b.source_sha256 == e.source_sha256]
+    return (same or [None])[0]
 
 
 def assign_labels(entries: list[Entry]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,37 @@ def dequantize(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
     if not scale:
         return q.astype(np.float32)
     return (q.astype(np.float32) - zero_point) * np.float32(scale)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One model input or output as the engine sees it: shape (None for a dynamic dimension), dtype and,
+    for an integer tensor, its quantization (real = scale * (q - zero_point); scale 0: raw integers)."""
+
+    name: str
+    shape: tuple
+    dtype: str
+    scale: float | None = None
+    zero_point: int | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+
+@dataclass(frozen=True)
+class IOSpec:
+    """What a runner feeds its model and reads back (after Polygraphy's ``get_input_metadata``): the
+    preprocessing it applies to RGB pixels 0..255, and the engine's own input and output tensors."""
+
+    preprocessing: Preprocessing
+    input: TensorInfo
+    output: TensorInfo
+
+    def to_dict(self) -> dict:
+        return {"preprocessing": self.preprocessing.to_dict(), "input": self.input.to_dict(),
+                "output": self.output.to_dict()}
 
 
 class Runner(abc.ABC):
@@ -88,6 +120,16 @@ class Runner(abc.ABC):
     @property
     def supports_batch(self) -> bool:
         return True
+
+    def io_spec(self) -> IOSpec:
+        """The loaded model's input contract: preprocessing, input and output tensors (after load())."""
+        if not self._loaded:
+            raise RuntimeError(f"{type(self).__name__}.io_spec called before load() / with-block")
+        tensor_in, tensor_out = self._io_impl()
+        return IOSpec(self.preprocessing, tensor_in, tensor_out)
+
+    @abc.abstractmethod
+    def _io_impl(self) -> tuple[TensorInfo, TensorInfo]: ...
 
     @abc.abstractmethod
     def _load_impl(self) -> None: ...

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from resnet_deploy.errors import ResnetDeployError
-from resnet_deploy.runtimes.base import Runner, dequantize, quantize
+from resnet_deploy.runtimes.base import Runner, TensorInfo, dequantize, quantize
 
 
 class LiteRTRunner(Runner):
@@ -59,7 +59,18 @@ class LiteRTRunner(Runner):
             y = dequantize(y, scale, zp)
         return y
 
+    def _io_impl(self) -> tuple[TensorInfo, TensorInfo]:
+        return _tensor_info(self.input_detail), _tensor_info(self.output_detail)
+
     def describe(self) -> dict:
         d = self.input_detail
         return {"runtime": self.name, "threads": self.threads, "input_dtype": np.dtype(d["dtype"]).name,
                 "input_quantization": list(d["quantization"])}
+
+
+def _tensor_info(d: dict) -> TensorInfo:
+    dtype = np.dtype(d["dtype"])
+    scale, zp = d["quantization"] if np.issubdtype(dtype, np.integer) else (None, None)
+    shape = tuple(int(v) for v in d["shape"])
+    return TensorInfo(d["name"], shape, dtype.name, None if scale is None else float(scale),
+                      None if zp is None else int(zp))
