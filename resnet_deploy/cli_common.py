@@ -1,10 +1,25 @@
-"""Option types and helpers shared by every command module (cheap to import: no frameworks)."""
+"""Option types and helpers shared by every command module (cheap to import: no frameworks).
+
+Also the quiet terminal: the frameworks' start-up logs (absl/glog lines from TensorFlow's C++ core,
+the oneDNN notice, CUDA probing on a CPU machine), the TFLite converter's C++ prints and library
+warnings are kept out of the user's terminal unless ``resnet-deploy --verbose`` asks for them.
+TensorFlow 2.21 writes several of these lines to file descriptor 2 before any Python-level filter or
+``TF_CPP_MIN_LOG_LEVEL`` applies (they are logged before ``absl::InitializeLog``), so environment
+variables alone cannot hide them: ``FrameworkLogFilter`` redirects fd 2 itself and forwards every
+line that is not framework chatter.
+"""
 
 from __future__ import annotations
 
+import collections
 import functools
+import io
 import os
+import re
 import sys
+import tempfile
+import threading
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -23,10 +38,211 @@ DataOption = Annotated[
     ),
 ]
 
+VERBOSE_ENV = "RESNET_DEPLOY_VERBOSE"  # "1": let the frameworks' logs through (set by --verbose, inherited by children)
+
+# Libraries whose Python warnings are hidden in quiet mode (matched against the warning's module name).
+FRAMEWORK_MODULES = ("tensorflow", "tf_keras", "keras", "tf2onnx", "onnx", "onnxruntime", "ai_edge_litert",
+                     "tensorflow_model_optimization", "absl", "google.protobuf", "h5py", "jax", "torch")
+
+# One line each; a line of framework chatter matches one of these. Kept specific on purpose: anything
+# else written to stderr (the tool's own messages, a traceback, an unknown library error) still shows.
+FRAMEWORK_LOG_PATTERNS = tuple(re.compile(p) for p in (
+    r"^WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR",
+    r"^[IWE]\d{4} \d\d:\d\d:\d+\.\d+\s+\d+\s+\S+:\d+\] ",  # absl/glog C++ lines: I/W/E, not F (fatal)
+    r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IWE] \S+:\d+\] ",  # TSL's older C++ log format
+    r"^INFO: Created TensorFlow Lite \w+ delegate for CPU\.",  # LiteRT at interpreter creation
+    r"^INFO: Initialized TensorFlow Lite runtime\.",
+    r"^fully_quantize: \d+, inference_type: \d+",  # TFLite converter's C++ printf
+    r"(site|dist)-packages\S*\.py:\d+: \w*Warning: ",  # a library's Python warning (+ its source line)
+    r"^(DEBUG|INFO|WARNING):(absl|tensorflow|tf2onnx|keras|jax|h5py)[:.]",  # logging.basicConfig format
+    r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ - (DEBUG|INFO|WARNING) - (tf2onnx|onnx)",  # tf2onnx's logger
+    r"\[[VIW]:onnxruntime:",  # ONNX Runtime's own log
+))
+_WARNING_LINE = re.compile(r"\.py:\d+: \w*Warning: ")
+
+
+def is_framework_log(line: str) -> bool:
+    """True for one line of framework chatter (see ``FRAMEWORK_LOG_PATTERNS``)."""
+    return any(p.search(line) for p in FRAMEWORK_LOG_PATTERNS)
+
+
+def verbose_requested() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
 
 def quiet_frameworks() -> None:
-    """Silence TensorFlow's C++ start-up chatter (CUDA probing on CPU machines); call before importing it."""
+    """Set the frameworks' own log switches before they are imported (call before importing them).
+
+    C++ logging: ``TF_CPP_MIN_LOG_LEVEL`` (TensorFlow, LiteRT), gRPC and absl; Python: the libraries'
+    warnings and loggers. With ``--verbose`` (``RESNET_DEPLOY_VERBOSE=1``) nothing is changed. Lines
+    printed before these switches take effect are kept out by ``FrameworkLogFilter``.
+    """
+    if verbose_requested():
+        return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "2")
+    modules = "|".join(re.escape(m) for m in FRAMEWORK_MODULES)
+    warnings.filterwarnings("ignore", module=rf"({modules})(\.|$)")
+    import logging
+
+    for name in ("tensorflow", "absl", "tf2onnx", "h5py", "jax"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+class FrameworkLogFilter:
+    """Context manager: file descriptor 2 goes to a temporary file for the block; a thread forwards each
+    line that is not framework chatter (``is_framework_log``) to the real stderr as it arrives.
+
+    Works at the descriptor level, so it also catches C++ writes and child processes (bench's spawn
+    children inherit the descriptor). A file, not a pipe: a writer never blocks on it, even when the
+    C++ code that writes holds the GIL the forwarding thread needs. Hidden lines are counted and the
+    last ``keep`` of them kept (``hidden``, ``hidden_lines``), so an error message can say how to see them.
+    Nestable: an inner filter forwards into the outer one. Without ``os.pread`` (Windows) it does nothing.
+
+    Usage, around a conversion call in library code::
+
+        with FrameworkLogFilter():
+            converter.convert()
+    """
+
+    def __init__(self, keep: int = 200, poll_s: float = 0.05):
+        self.hidden = 0
+        self.hidden_lines: collections.deque[str] = collections.deque(maxlen=keep)
+        self._poll_s = poll_s
+        self._saved_fd: int | None = None
+        self._file = None
+        self._offset = 0
+        self._partial = b""
+        self._drop_source_line = False
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._terminal: io.TextIOBase | None = None
+
+    @property
+    def active(self) -> bool:
+        return self._saved_fd is not None
+
+    def __enter__(self) -> "FrameworkLogFilter":
+        if not hasattr(os, "pread"):
+            return self
+        try:
+            saved = os.dup(2)
+        except OSError:  # no stderr at all: nothing to filter
+            return self
+        _flush_python_stderr()
+        self._file = tempfile.TemporaryFile(prefix="resnet-deploy-stderr-")
+        os.dup2(self._file.fileno(), 2)
+        self._saved_fd = saved
+        self._thread = threading.Thread(target=self._pump, name="framework-log-filter", daemon=True)
+        self._thread.start()
+        _ACTIVE.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._saved_fd is None:
+            return
+        _flush_python_stderr()
+        os.dup2(self._saved_fd, 2)  # new writes go straight to the real stderr again
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.drain(final=True)
+        if self._terminal is not None:
+            self._terminal.flush()
+        os.close(self._saved_fd)
+        self._saved_fd = None
+        self._file.close()
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
+
+    def terminal(self) -> io.TextIOBase:
+        """A text stream on the real stderr (a terminal stays a terminal: Rich keeps its colours)."""
+        if self._terminal is None:
+            self._terminal = open(self._saved_fd, "w", closefd=False, encoding=sys.stderr.encoding or "utf-8",
+                                  errors="replace", buffering=1)
+        return self._terminal
+
+    def drain(self, final: bool = False) -> None:
+        """Forward everything written so far (the thread does this every ``poll_s``)."""
+        if self._file is None or self._saved_fd is None:
+            return
+        with self._lock:
+            while True:
+                chunk = os.pread(self._file.fileno(), 1 << 16, self._offset)
+                if not chunk:
+                    break
+                self._offset += len(chunk)
+                *lines, self._partial = (self._partial + chunk).split(b"\n")
+                for line in lines:
+                    self._line(line, b"\n")
+            if final and self._partial:
+                self._line(self._partial, b"")
+                self._partial = b""
+
+    def _pump(self) -> None:
+        while not self._stop.wait(self._poll_s):
+            self.drain()
+
+    def _line(self, raw: bytes, end: bytes) -> None:
+        text = raw.decode("utf-8", errors="replace").rstrip("\r")
+        if self._drop_source_line and text[:1].isspace():  # "  warnings.warn(" under a hidden warning
+            self._drop_source_line = False
+            self._hide(text)
+            return
+        self._drop_source_line = False
+        if is_framework_log(text):
+            self._drop_source_line = bool(_WARNING_LINE.search(text))
+            self._hide(text)
+            return
+        os.write(self._saved_fd, raw + end)
+
+    def _hide(self, text: str) -> None:
+        self.hidden += 1
+        self.hidden_lines.append(text)
+
+
+_ACTIVE: list[FrameworkLogFilter] = []
+
+
+def active_log_filter() -> FrameworkLogFilter | None:
+    """The outermost filter of this process, when one is on (the CLI's, without --verbose)."""
+    return _ACTIVE[0] if _ACTIVE else None
+
+
+def _flush_python_stderr() -> None:
+    try:
+        sys.stderr.flush()
+    except (AttributeError, ValueError, OSError):
+        pass
+
+
+def _error_stream():
+    """Where the tool's own error goes: the real terminal when the log filter holds fd 2 and Python's
+    stderr is that descriptor (so Rich still sees a terminal); else Python's stderr (e.g. a test runner's)."""
+    f = active_log_filter()
+    if f is None or not f.active:
+        return sys.stderr
+    try:
+        if sys.stderr.fileno() != 2:
+            return sys.stderr
+    except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
+        return sys.stderr
+    f.drain()  # earlier stderr lines first
+    return f.terminal()
+
+
+_BENIGN = re.compile(r"^(I\d{4} |INFO|WARNING: All log messages before absl)|cuInit|cuda|CUDA")
+
+
+def _hidden_hint() -> str:
+    """A pointer to --verbose when the hidden lines hold more than start-up notices (warnings, errors)."""
+    f = active_log_filter()
+    if f is None or not any(not _BENIGN.search(line) for line in f.hidden_lines):
+        return ""
+    return f"\n({f.hidden} line(s) of framework logs were hidden: `resnet-deploy --verbose COMMAND ...` shows them.)"
 
 
 def handle_errors(fn):
@@ -38,11 +254,13 @@ def handle_errors(fn):
             return fn(*args, **kwargs)
         except ResnetDeployError as exc:
             from rich.console import Console
+            from rich.markup import escape
 
-            Console(stderr=True).print(f"[bold red]error:[/] {exc.render()}", highlight=False)
+            Console(file=_error_stream(), stderr=True).print(
+                f"[bold red]error:[/] {escape(exc.render())}{escape(_hidden_hint())}", highlight=False)
             raise typer.Exit(exc.exit_code)
         except KeyboardInterrupt:
-            print("interrupted: nothing half-written was left behind", file=sys.stderr)
+            print("interrupted: nothing half-written was left behind", file=_error_stream())
             raise typer.Exit(130)
 
     return wrapper

@@ -1,0 +1,100 @@
+"""`resnet-deploy predict ARTIFACT IMAGE...`: top-k classes of images with any artifact.
+
+Thin: parses options, calls ``classify``, prints a line per image (or JSON with ``--json``). Inputs
+that cannot be read get an error each and the rest still run; the exit code is then 2 (as bench's
+for a file it cannot measure). No framework is imported at module level.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+
+from resnet_deploy.cli_common import quiet_frameworks
+
+
+def predict(
+    artifact: Annotated[Path, typer.Argument(
+        metavar="ARTIFACT", show_default=False,
+        help="A .tflite or .onnx artifact from export (with its <file>.json manifest), or a .keras model.")],
+    images: Annotated[List[Path], typer.Argument(
+        metavar="IMAGE", show_default=False,
+        help="PNG/JPEG files of any size, folders of them, or .npz files (x: N,H,W,3 uint8; optional y).")],
+    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Classes shown per image, most likely first.")] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout (for scripts).")] = False,
+    fit: Annotated[str, typer.Option(
+        help="Non-square images: crop (the centred square) or stretch (the whole image). Then "
+             "32x32: box filter when shrinking, bicubic when enlarging.")] = "crop",
+    limit: Annotated[Optional[int], typer.Option(help="Use only the first N images of each .npz.",
+                                                 show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per inference call.")] = 256,
+    threads: Annotated[Optional[int], typer.Option(help="Runtime threads. Default: the runtime's own.",
+                                                   show_default=False)] = None,
+) -> None:
+    """Classify images with an artifact: top-k classes, names and probabilities; accuracy for an .npz
+    with labels. Exit code 2 when an input or the artifact could not be used."""
+    quiet_frameworks()
+    from resnet_deploy.predict.core import classify
+    from resnet_deploy.predict.images import PredictError
+
+    result = classify(artifact, images, top_k=top_k, fit=fit, limit=limit, batch_size=batch_size, threads=threads)
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print_result(result)
+    for e in result.inputs.errors:  # one message per input, on stderr
+        _eprint(f"error: {e.error.render()}")
+    for note in result.inputs.notes:
+        _eprint(f"note: {note}")
+    failed = result.inputs.errors
+    if failed:
+        names = ", ".join(e.input for e in failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
+        raise PredictError(f"{len(failed)} of {len(failed) + _files(result)} input(s) could not be used: {names}.",
+                           expected="PNG or JPEG images, folders of them, or .npz files",
+                           fix="see the error lines above; the other inputs' predictions are printed")
+    if not len(result.inputs):
+        raise PredictError("No image to classify.", expected="at least one image, a folder with images or an .npz",
+                           fix="check the paths; folders are read one level deep")
+
+
+def _eprint(text: str) -> None:
+    """Print on stderr, each line wrapped to the terminal's width (continuations indented)."""
+    import shutil
+    import textwrap
+
+    width = max(shutil.get_terminal_size().columns, 40)
+    for line in text.splitlines():
+        print(textwrap.fill(line, width, subsequent_indent="  ", break_on_hyphens=False), file=sys.stderr)
+
+
+def _files(result) -> int:
+    return len(set(result.inputs.sources))
+
+
+def print_result(result) -> None:
+    from resnet_deploy.predict.images import RESIZE_METHOD
+
+    a = result.artifact
+    names = a.class_names
+    what = " ".join(x for x in (a.format, a.precision) if x)
+    print(f"{a.path.name} ({what}, {result.runtime or 'not run'}): top-{result.top_k} of {len(names)} classes")
+    print(f"  probabilities: {result.scores}")
+    print(f"  resize: {RESIZE_METHOD[result.fit]}")
+    if a.sidecar is None:
+        print("  no manifest beside the artifact: pixels 0..255 and CIFAR-10 class names assumed")
+    if not len(result.inputs):
+        return
+    width = min(max(len(n) for n in result.inputs.names), 28)
+    for i, name in enumerate(result.inputs.names):
+        shown = name if len(name) <= width else "…" + name[-(width - 1):]
+        cells = "  ".join(f"{names[c]} {result.probabilities[i, c]:.1%}" for c in result.top[i])
+        label = int(result.inputs.labels[i])
+        mark = "" if label < 0 else ("  ok" if result.top[i, 0] == label else f"  wrong, is {names[label]}")
+        print(f"{shown:<{width}}  {cells}{mark}")
+    for acc in result.accuracy:
+        print(f"accuracy on {acc['source']}: top-1 {acc['top1']:.2%} ({acc['top1_correct']:,}/{acc['images']:,}), "
+              f"top-{acc['k']} {acc['topk']:.2%} ({acc['topk_correct']:,}/{acc['images']:,})")
