@@ -372,6 +372,23 @@ def test_bad_validation_split_is_refused_before_work(bad, match):
         TrainConfig(**TINY | bad)
 
 
+@pytest.mark.parametrize("damaged", ["optimizer.npz", "weights.weights.h5"])
+def test_a_damaged_checkpoint_is_refused_on_resume_with_the_way_out(short_run, small_npz_dir, tmp_path, damaged):
+    import shutil
+
+    from resnet_deploy.training.trainer import train_model
+
+    out = tmp_path / "run"
+    shutil.copytree(short_run[0].out_dir, out)
+    f = out / "checkpoints" / "last" / damaged
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # a truncated copy
+    cfg = TrainConfig(**TINY, out_dir=out, cutout=8, teacher=short_run[0].metadata["teacher"]["path"], val_split=64,
+                      resume=True)
+    with pytest.raises(TrainError) as info:
+        train_model(cfg, data=small_npz_dir, log=lambda _: None)
+    assert "is damaged" in info.value.what and damaged in info.value.what and "--force" in info.value.fix
+
+
 def test_existing_output_is_refused_unless_force(short_run, small_npz_dir):
     from resnet_deploy.training.trainer import train_model
 

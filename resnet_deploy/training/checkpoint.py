@@ -5,7 +5,9 @@
     weights.weights.h5   the training model's weights (BatchNorm statistics included)
     optimizer.npz        every optimizer variable (iteration counter, momenta, loss scale)
     state.json           epochs done, best epoch, the history rows, the config, the resolved
-                         precision (dtype policy), elapsed time
+                         precision (dtype policy), elapsed time, and the sha256 of the two files
+                         above: ``--resume`` refuses a truncated or altered checkpoint with a clear
+                         message instead of an h5py/zip traceback
 
 A folder cannot replace a folder in one rename: ``atomic_path`` renames the previous ``last`` aside
 (``checkpoints/.last.old``), renames the new one in, then deletes the aside copy. A process killed
@@ -14,8 +16,8 @@ between those two renames leaves no ``last`` but a complete ``.last.old``: readi
 (``recover_checkpoint``).
 
 The iteration counter drives the learning-rate schedule, so restoring the optimizer restores the
-schedule position. ``<out>/best.keras`` is the float32 model of the best epoch so far (by test
-accuracy, see the trainer's note on selection), loadable on its own.
+schedule position. ``<out>/best.keras`` (only with ``--val-split``) is the float32 model of the best epoch so far
+on the validation images, loadable on its own.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ from pathlib import Path
 import numpy as np
 
 from resnet_deploy.errors import TrainError
-from resnet_deploy.fileio import atomic_path, existing_version, recover_replaced, remove_stale_temporaries
+from resnet_deploy.fileio import (atomic_path, existing_version, recover_replaced, remove_stale_temporaries,
+                                  sha256_file)
 
 LAST = Path("checkpoints") / "last"
+CHECKED_FILES = ("weights.weights.h5", "optimizer.npz")
 TMP_SUFFIX = ".tmp"  # of the temporary folder save_last writes before renaming it onto LAST
 
 
@@ -45,6 +49,7 @@ class RunState:
     history: list[dict] = field(default_factory=list)
     config: dict = field(default_factory=dict)
     optimizer_variables: list[str] = field(default_factory=list)
+    file_sha256: dict = field(default_factory=dict)  # weights and optimizer files, checked on --resume
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -82,6 +87,7 @@ def save_last(out_dir: Path, model, state: RunState, student=None) -> None:
         (student or model).save_weights(tmp / "weights.weights.h5")
         np.savez(tmp / "optimizer.npz", **{f"v{i:04d}": np.asarray(keras.ops.convert_to_numpy(v))
                                            for i, v in enumerate(variables)})
+        state.file_sha256 = {name: sha256_file(tmp / name) for name in CHECKED_FILES}
         (tmp / "state.json").write_text(json.dumps(state.to_dict(), indent=1, default=str) + "\n")
 
 
@@ -118,6 +124,7 @@ def read_state(out_dir: Path) -> RunState:
 def restore_last(out_dir: Path, model, state: RunState, student=None) -> None:
     """Load weights and optimizer variables written by ``save_last`` into a freshly compiled model."""
     folder = last_folder(out_dir)
+    verify_checkpoint(folder, state)
     opt = model.optimizer
     if not opt.built:  # before load_weights, which also fills a compiled model's built optimizer
         opt.build(model.trainable_variables)
@@ -135,6 +142,21 @@ def restore_last(out_dir: Path, model, state: RunState, student=None) -> None:
                 raise TrainError(f"Optimizer variable {v.path} has shape {value.shape} in the checkpoint, "
                                  f"{tuple(v.shape)} now.", fix="start afresh with --force")
             v.assign(value)
+
+
+def verify_checkpoint(folder: Path, state: RunState) -> None:
+    """Refuse a checkpoint whose files are missing or differ from the hashes recorded when it was written."""
+    for name in CHECKED_FILES:
+        f = folder / name
+        recorded = state.file_sha256.get(name)
+        if not f.exists():
+            raise TrainError(f"The checkpoint in {folder} has no {name}.", expected="a checkpoint written by train",
+                             fix="start afresh with --force (its epochs are lost), or restore the folder from a copy")
+        if recorded is not None and sha256_file(f) != recorded:
+            raise TrainError(f"The checkpoint file {f} is damaged: its sha256 differs from the one recorded when "
+                             f"it was written (a truncated copy or a disk error).",
+                             expected="the checkpoint files as train wrote them",
+                             fix="restore the folder from a copy, or start afresh with --force (its epochs are lost)")
 
 
 def _unprefixed(path: str) -> str:

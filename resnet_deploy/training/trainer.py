@@ -83,7 +83,13 @@ def train_model(config: TrainConfig, data=None, log: Callable[[str], None] | Non
         for line in _recover(out):
             log(line)
     out.mkdir(parents=True, exist_ok=True)
-    return _run(config, out, state, dev, precision, replicas, train, val, test, source, log)
+    try:
+        return _run(config, out, state, dev, precision, replicas, train, val, test, source, log)
+    except KeyboardInterrupt:
+        if (out / "checkpoints" / "last").exists():
+            log(f"interrupted after epoch {state.epoch}/{config.epochs}: continue with "
+                f"`resnet-deploy train --resume --out {out}`")
+        raise
 
 
 def _print(msg: str) -> None:
