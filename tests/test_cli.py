@@ -9,6 +9,7 @@ import time
 from typer.testing import CliRunner
 
 from resnet_deploy.cli import app
+from tests.test_predict import exported  # noqa: F401  (a fixture: the tiny model exported by the CLI)
 
 runner = CliRunner()
 
@@ -69,3 +70,101 @@ def test_data_command_missing_path(tmp_path):
     result = runner.invoke(app, ["data", "--data", str(tmp_path / "nope")])
     assert result.exit_code == 2
     assert "does not exist" in result.output and "Fix:" in result.output
+
+
+# A terminal a person can read -------------------------------------------------------------------------
+def _click_commands():
+    import typer
+
+    group = typer.main.get_command(app)
+    return group, group.commands
+
+
+def test_help_of_every_command_is_readable_at_80_columns():
+    """Every option name written whole (no cell-wrapped or cut names), no line over 80 columns."""
+    group, commands = _click_commands()
+    assert "predict" in commands
+    for name, cmd in [(None, group), *commands.items()]:
+        args = ([name] if name else []) + ["--help"]
+        result = runner.invoke(app, args, env={"COLUMNS": "80"})
+        assert result.exit_code == 0, result.output
+        text = result.stdout
+        too_long = [line for line in text.splitlines() if len(line) > 80]
+        assert not too_long, f"{name}: {too_long}"
+        assert "…" not in text and "│" not in text, f"{name}: truncated or boxed help"
+        for param in cmd.params:
+            for opt in [*param.opts, *param.secondary_opts]:
+                if opt.startswith("-"):
+                    assert opt in text, f"{name}: option {opt} not written whole"
+        if name is None:  # the command list: each command's summary on one line
+            for sub in commands:
+                line = next(line for line in text.splitlines() if line.strip().startswith(sub + " "))
+                assert not line.rstrip().endswith("..."), line
+
+
+# Lines the frameworks write on their own (TensorFlow 2.21, LiteRT, the TFLite converter, Python warnings),
+# written out here from what a bare run prints, not taken from the code under test.
+LIBRARY_LOG_LINES = (
+    r"absl::InitializeLog", r"^[IWE]\d{4} \d\d:\d\d:", r"oneDNN custom operations", r"cudart_stub",
+    r"cuInit", r"fully_quantize: \d", r"XNNPACK delegate", r"UserWarning", r"DeprecationWarning",
+    r"^\s+warnings\.warn\(",
+)
+
+
+def _library_lines(text: str) -> list[str]:
+    import re
+
+    return [line for line in text.splitlines() if any(re.search(p, line) for p in LIBRARY_LOG_LINES)]
+
+
+def _long_lines(text: str) -> list[int]:
+    return [len(line.rstrip()) for line in text.splitlines() if len(line.rstrip()) > 80]
+
+
+def test_export_bench_and_predict_keep_library_logs_out(exported, tiny_model_path, cifar_dir, tmp_path, capsys):
+    from tests.test_predict import run_cli
+
+    out_dir, export_proc = exported  # `resnet-deploy export --int8` at COLUMNS=80, without TF_CPP_MIN_LOG_LEVEL
+    bench = run_cli("bench", out_dir / "model_int8.tflite", "--limit", 32, "--runs", 3, "--warmup", 1,
+                    "--max-time", 0.5, "--no-cache", "--data", cifar_dir)
+    assert bench.returncode == 0, bench.stdout + bench.stderr
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(tmp_path / "black.png")
+    pred = run_cli("predict", tiny_model_path, tmp_path / "black.png")
+    assert pred.returncode == 0, pred.stdout + pred.stderr
+    for name, proc in (("export", export_proc), ("bench", bench), ("predict", pred)):
+        found = _library_lines(proc.stdout + "\n" + proc.stderr)
+        assert not found, f"{name} let library logs through: {found}"
+        with capsys.disabled():  # the tables belong to other modules: measured and shown, not asserted
+            print(f"\n{name}: lines over 80 columns (stdout): {_long_lines(proc.stdout) or 'none'}")
+    verbose = run_cli("--verbose", "predict", tiny_model_path, tmp_path / "black.png")
+    assert verbose.returncode == 0, verbose.stderr
+    assert _library_lines(verbose.stderr), "--verbose should let TensorFlow's start-up logs through"
+    assert pred.stdout.splitlines()[-1].split()[0].endswith("black.png")  # same predictions either way
+    assert pred.stdout == verbose.stdout
+
+
+def test_log_filter_hides_chatter_from_this_process_and_children_and_keeps_the_rest(tmp_path):
+    """fd-level: C-style writes to fd 2 and a child process's stderr both pass through the filter."""
+    script = tmp_path / "s.py"
+    script.write_text(
+        "import os, subprocess, sys\n"
+        "from resnet_deploy.cli_common import FrameworkLogFilter\n"
+        "noise = ('WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\\n'\n"
+        "         'I0000 00:00:1796016986.102594    4756 port.cc:153] oneDNN custom operations are on.\\n'\n"
+        "         'E0000 00:00:1796016989.094745    4756 cuda_platform.cc:52] failed call to cuInit: INTERNAL\\n'\n"
+        "         'fully_quantize: 0, inference_type: 6, input_inference_type: FLOAT32\\n'\n"
+        "         '/x/site-packages/tensorflow/lite/python/convert.py:846: UserWarning: Statistics...\\n'\n"
+        "         '  warnings.warn(\\n')\n"
+        "with FrameworkLogFilter() as f:\n"
+        "    os.write(2, (noise + 'real problem one\\n').encode())\n"
+        "    subprocess.run([sys.executable, '-c', 'import sys; sys.stderr.write(' + repr(noise + 'real two\\n')"
+        " + ')'], check=True)\n"
+        "    print('F0000 00:00:1.0 1 x.cc:1] fatal lines stay', file=sys.stderr)\n"
+        "print('hidden', f.hidden)\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == ["real problem one", "real two", "F0000 00:00:1.0 1 x.cc:1] fatal lines stay"]
+    assert proc.stdout.strip() == "hidden 12"

@@ -32,14 +32,20 @@ def run_cli(*args, **env) -> subprocess.CompletedProcess:
                           text=True, env=cli_env(**env), cwd=REPO, timeout=600)
 
 
+_EXPORTS: dict = {}  # one export per session, shared with test_cli's terminal test
+
+
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory, tiny_model_path, cifar_dir):
     """The tiny model exported by the CLI (FP32 + INT8, TFLite + ONNX), as a user at 80 columns runs it."""
-    out = tmp_path_factory.mktemp("exported")
-    proc = run_cli("export", tiny_model_path, "--int8", "--calib-samples", 20, "--validate-samples", 32,
-                   "--out", out, "--data", cifar_dir)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return out, proc
+    key = (str(tiny_model_path), str(cifar_dir))
+    if key not in _EXPORTS:
+        out = tmp_path_factory.mktemp("exported")
+        proc = run_cli("export", tiny_model_path, "--int8", "--calib-samples", 20, "--validate-samples", 32,
+                       "--out", out, "--data", cifar_dir)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        _EXPORTS[key] = (out, proc)
+    return _EXPORTS[key]
 
 
 @pytest.fixture(scope="module")
