@@ -60,3 +60,7 @@ class GateError(BenchError):
 
 class OutputExistsError(ResnetDeployError):
     """Refusing to overwrite an existing file or folder without --force."""
+
+
+class OutputLockedError(ResnetDeployError):
+    """Another run holds the output folder."""

@@ -172,3 +172,76 @@ def sidecar_path(path: str | os.PathLike) -> Path:
     """The JSON that travels with a model or artifact: ``model.keras`` -> ``model.keras.json``."""
     p = Path(path)
     return p.with_name(p.name + ".json")
+
+
+# ----------------------------------------------------------------------------------------------
+# One writer per output folder
+# ----------------------------------------------------------------------------------------------
+LOCK_PREFIX = ".resnet-deploy-lock."  # the lock file sits beside the folder: <parent>/.resnet-deploy-lock.<name>
+
+
+def lock_path(folder: str | os.PathLike) -> Path:
+    folder = Path(folder).absolute()
+    return folder.parent / f"{LOCK_PREFIX}{folder.name}"
+
+
+@contextlib.contextmanager
+def output_lock(folder: str | os.PathLike, command: str | None = None) -> Iterator[Path]:
+    """Hold an exclusive lock on ``folder`` (which may not exist yet) for the whole block.
+
+    An advisory ``fcntl.flock`` on a file beside the folder: a second run that wants the same folder
+    is refused with the holder's pid and command line. The kernel drops the lock when its process
+    dies, so a lock file a killed run left behind is recognised as free and simply taken over; the
+    file is removed when the block ends.
+    """
+    import sys
+
+    path = lock_path(folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = _acquire(path, folder)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "command": command or " ".join(sys.argv)}).encode())
+        os.fsync(fd)
+        try:
+            yield path
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()  # while still holding the lock: no one else can be between open and flock here
+    finally:
+        os.close(fd)
+
+
+def _acquire(path: Path, folder) -> int:
+    """Open and flock the lock file; retry when the file we locked was unlinked by a finishing holder
+    meanwhile (then it is no longer the file at ``path``, and a third run could lock that one)."""
+    import fcntl
+
+    from resnet_deploy.errors import OutputLockedError
+
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise OutputLockedError(
+                f"{folder} is in use by another run (pid {holder.get('pid', '?')}: {holder.get('command', '?')}).",
+                expected="one run at a time per output folder",
+                fix="wait for that run to finish, or choose another --out") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+def _read_holder(fd: int) -> dict:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        return json.loads(os.read(fd, 4096).decode() or "{}")
+    except (OSError, ValueError):
+        return {}

@@ -50,3 +50,60 @@ def test_json_sidecar_hash_and_overwrite_guard(tmp_path):
     with pytest.raises(OutputExistsError, match="--force"):
         check_can_write(p, force=False)
     check_can_write(p, force=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# One writer per output folder
+# ----------------------------------------------------------------------------------------------
+_HOLD = """
+import sys, time
+from resnet_deploy.fileio import output_lock
+with output_lock(sys.argv[1], "holder-command --out x"):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def _holder(folder):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(folder)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_second_writer_is_refused_with_the_holders_pid_and_command(tmp_path):
+    from resnet_deploy.errors import OutputLockedError
+    from resnet_deploy.fileio import lock_path, output_lock
+
+    proc = _holder(tmp_path / "out")
+    try:
+        with pytest.raises(OutputLockedError) as exc:
+            with output_lock(tmp_path / "out"):
+                pass
+        assert f"pid {proc.pid}" in exc.value.what and "holder-command" in exc.value.what
+        assert "another --out" in exc.value.fix
+    finally:
+        proc.kill()
+        proc.wait()
+    assert lock_path(tmp_path / "out").exists()  # killed: its lock file is left behind ...
+    with output_lock(tmp_path / "out") as held:  # ... and recognised as free (the kernel dropped the flock)
+        assert held.exists()
+    assert not lock_path(tmp_path / "out").exists() and not (tmp_path / "out").exists()
+
+
+def test_train_into_a_folder_another_run_holds_is_refused_before_any_work(tmp_path):
+    from typer.testing import CliRunner
+
+    from resnet_deploy.cli import app
+
+    proc = _holder(tmp_path / "run")
+    try:
+        result = CliRunner().invoke(app, ["train", "--arch", "resnet8", "--out", str(tmp_path / "run"),
+                                          "--data", str(tmp_path / "no-data")], env={"COLUMNS": "200"})
+    finally:
+        proc.kill()
+        proc.wait()
+    assert result.exit_code == 2 and "in use by another run" in result.output, result.output
+    assert not (tmp_path / "run").exists()

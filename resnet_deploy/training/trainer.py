@@ -57,9 +57,15 @@ def train_model(config: TrainConfig, data=None, log: Callable[[str], None] | Non
     ``data``: a path for ``data.load_cifar10`` (None: its default search), or a loaded ``Cifar10``.
     ``log``: where progress lines go (default: stdout).
     """
+    from resnet_deploy.fileio import output_lock
+
+    with output_lock(config.output_dir, "resnet-deploy train"):  # one writer per folder, for the whole run
+        return _train_locked(config, data, log or _print)
+
+
+def _train_locked(config: TrainConfig, data, log: Callable[[str], None]) -> TrainResult:
     from resnet_deploy.training.devices import probe_devices, replica_count, resolve_precision
 
-    log = log or _print
     out = config.output_dir
     state = _prepare_state(config, out)
     dev = probe_devices()
