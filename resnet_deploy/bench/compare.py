@@ -10,20 +10,8 @@ import numpy as np
 from resnet_deploy.bench import accuracy as acc
 from resnet_deploy.bench.results import ArtifactResult
 from resnet_deploy.bench.rounds import speedup_over_rounds
+from resnet_deploy.converters.validate import output_kind  # noqa: F401  (bench.run reads it from here)
 from resnet_deploy.data.constants import NUM_CLASSES
-
-PROBABILITY_TOLERANCE = 1e-3  # |row sum - 1| and the excursion below 0 / above 1 allowed of probabilities
-
-
-def output_kind(scores: np.ndarray | None, tolerance: float = PROBABILITY_TOLERANCE) -> str:
-    """"probabilities" when every row is a distribution (all in [0, 1], summing to 1: a softmax last
-    layer), else "logits". Judged on the float model's outputs, where rounding cannot blur it."""
-    if scores is None or not len(scores):
-        return "logits"
-    s = np.asarray(scores, np.float64)
-    in_range = s.min() >= -tolerance and s.max() <= 1 + tolerance
-    return "probabilities" if in_range and np.all(np.abs(s.sum(axis=1) - 1) <= tolerance) else "logits"
-
 
 def fill_accuracy(r: ArtifactResult, reference: ArtifactResult | None, split, options, kind: str) -> None:
     if r.logits is None or split is None:

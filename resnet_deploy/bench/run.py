@@ -157,8 +157,10 @@ def _needs_accuracy_pass(e: Entry, cache_hit: bool) -> bool:
     return not (e.role == "reference" and cache_hit)
 
 
-def _time_all(workers: dict, results: list[ArtifactResult], options: BenchOptions, say) -> None:
-    """Every open file at every batch size in interleaved rounds; then each one's memory."""
+def _time_all(workers: dict, results: list[ArtifactResult], options: BenchOptions, say,
+              clock=time.perf_counter) -> None:
+    """Every open file at every batch size in interleaved rounds; then each one's memory. ``clock`` is
+    the rounds' budget clock (a fake one in the drift test)."""
     series = {}
     for i, w in workers.items():
         for bs in options.batch_sizes:
@@ -169,7 +171,7 @@ def _time_all(workers: dict, results: list[ArtifactResult], options: BenchOption
     plan = RoundsPlan(warmup=options.warmup, min_runs=options.runs, min_time_s=options.min_time_s,
                       budget_s=options.max_time_s * max(1, len(series)), min_rounds=options.min_rounds,
                       steady_width=options.steady_width, confidence=options.confidence)
-    rounds = interleaved_rounds(series, plan, progress=say)
+    rounds = interleaved_rounds(series, plan, clock=clock, progress=say)
     for (i, bs), err in rounds.failed.items():
         if results[i].ok:
             results[i].error = err

@@ -2,9 +2,14 @@
 
 The artifact runs through the same runner ``bench`` uses (``runtimes.open_runner``) on a fixed set
 of test images; the figures (max/mean |logit difference|, top-1 agreement, top-1 accuracy of both)
-go into the manifest. FP32 artifacts must match within a tolerance relative to the logit scale, or
-the export fails; the other precisions are expected to drift and are judged by ``bench``, but a
-rough expectation is recorded beside their figures.
+go into the manifest. A model whose outputs are probabilities (a softmax last layer, detected on the
+float model's outputs by ``output_kind``) is recorded as such: ``output`` says
+"probabilities" and ``max_abs_prob_diff``/``mean_abs_prob_diff`` repeat the differences under their
+true name (the ``*_logit_diff`` keys stay, for readers of older manifests).
+
+FP32 artifacts must match within a tolerance relative to the logit scale, or the export fails; the
+other precisions are expected to drift and are judged by ``bench``, but a rough expectation is
+recorded beside their figures.
 """
 
 from __future__ import annotations
@@ -31,10 +36,26 @@ class Reference:
     source: str  # e.g. "test[:256]"
 
 
+PROBABILITY_TOLERANCE = 1e-3  # |row sum - 1| and the excursion below 0 / above 1 allowed of probabilities
+
+
+def output_kind(scores: np.ndarray | None, tolerance: float = PROBABILITY_TOLERANCE) -> str:
+    """"probabilities" when every row is a distribution (all in [0, 1], summing to 1: a softmax last
+    layer), else "logits". Judged on the float model's outputs, where rounding cannot blur it."""
+    if scores is None or not len(scores):
+        return "logits"
+    s = np.asarray(scores, np.float64)
+    in_range = s.min() >= -tolerance and s.max() <= 1 + tolerance
+    return "probabilities" if in_range and bool(np.all(np.abs(s.sum(axis=1) - 1) <= tolerance)) else "logits"
+
+
 def parity(logits: np.ndarray, ref: np.ndarray) -> dict:
     diff = np.abs(logits.astype(np.float64) - ref.astype(np.float64))
-    return {"max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean()),
-            "top1_agreement": float((logits.argmax(1) == ref.argmax(1)).mean())}
+    out = {"max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean()),
+           "top1_agreement": float((logits.argmax(1) == ref.argmax(1)).mean()), "output": output_kind(ref)}
+    if out["output"] == "probabilities":
+        out.update(max_abs_prob_diff=out["max_abs_logit_diff"], mean_abs_prob_diff=out["mean_abs_logit_diff"])
+    return out
 
 
 def fp32_limit(ref_logits: np.ndarray, tolerance: float) -> float:
@@ -62,11 +83,12 @@ def validate_artifact(path, preprocessing: Preprocessing, reference: Reference, 
         limit = fp32_limit(reference.logits, fp32_tolerance)
         fig.update(tolerance={"max_abs_logit_diff": limit}, passed=fig["max_abs_logit_diff"] <= limit)
         if not fig["passed"]:
+            what = "prob" if fig["output"] == "probabilities" else "logit"
             raise ExportError(
-                f"The FP32 artifact disagrees with the float model: max |logit diff| "
+                f"The FP32 artifact disagrees with the float model: max |{what} diff| "
                 f"{fig['max_abs_logit_diff']:.3g} > {limit:.3g}, top-1 agreement {fig['top1_agreement']:.1%} "
                 f"on {fig['samples']} test images.",
-                expected="an FP32 conversion that reproduces the Keras model's logits",
+                expected=f"an FP32 conversion that reproduces the Keras model's {fig['output']}",
                 fix="the converter changed the model's maths; check custom layers, or report this model")
     else:
         want = EXPECTED_AGREEMENT.get(precision)
