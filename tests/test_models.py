@@ -152,8 +152,16 @@ def test_save_and_load_round_trip_with_metadata(tmp_path, tiny_model_path):
     # a truncated file: clear error, and the original is untouched
     bad = tmp_path / "truncated.keras"
     bad.write_bytes(tiny_model_path.read_bytes()[:2000])
-    with pytest.raises(ModelError, match="Could not load"):
+    with pytest.raises(ModelError, match="not a complete .keras file") as exc:
         load_model(bad)
+    assert "File not found" not in str(exc.value) and "re-copy" in exc.value.fix
+    (tmp_path / "empty.keras").write_bytes(b"")
+    with pytest.raises(ModelError, match=r"is empty \(0 bytes\)"):
+        load_model(tmp_path / "empty.keras")
+    (tmp_path / "model_int8.tflite").write_bytes(b"TFL3")
+    with pytest.raises(ModelError, match="exported artifact, not a float model") as exc:
+        load_model(tmp_path / "model_int8.tflite")
+    assert "resnet-deploy bench" in exc.value.fix
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(ModelError, match="not a Keras model"):
         load_model(tmp_path / "notes.txt")
@@ -171,3 +179,28 @@ def test_load_rejects_wrong_io(tmp_path):
     save_model(m, tmp_path / "big.keras")
     with pytest.raises(ModelError, match="inputs of shape"):
         load_model(tmp_path / "big.keras")
+
+
+def test_two_input_models_and_unregistered_custom_layers_are_named(tmp_path):
+    import keras
+
+    from resnet_deploy.models.io import load_model
+
+    a, b = keras.Input((32, 32, 3)), keras.Input((32, 32, 3))
+    two = keras.Model([a, b], keras.layers.Dense(10)(keras.layers.Flatten()(keras.layers.Add()([a, b]))))
+    two.save(tmp_path / "two.keras")
+    with pytest.raises(ModelError, match="2 inputs and 1 outputs"):
+        load_model(tmp_path / "two.keras")
+
+    @keras.saving.register_keras_serializable(package="probe")
+    class VeryCustomScaleLayerWithALongName(keras.layers.Layer):
+        def call(self, x):
+            return x * 2.0
+
+    inp = keras.Input((32, 32, 3))
+    out = keras.layers.Dense(10)(keras.layers.Flatten()(VeryCustomScaleLayerWithALongName()(inp)))
+    keras.Model(inp, out).save(tmp_path / "custom.keras")
+    keras.saving.get_custom_objects().clear()  # as in a fresh process that never imported the class
+    with pytest.raises(ModelError) as exc:
+        load_model(tmp_path / "custom.keras")
+    assert "VeryCustomScaleLayerWithALongName" in exc.value.what and "register_keras_serializable" in exc.value.fix

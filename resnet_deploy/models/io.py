@@ -46,8 +46,8 @@ def save_model(model, path: str | os.PathLike, metadata: dict | None = None, for
     check_can_write(path, force, "model")
     with atomic_path(path, suffix=SAVE_TEMP_SUFFIX) as tmp:
         model.save(tmp)
-    if metadata is not None:
-        write_json_atomic(sidecar_path(path), metadata)
+        if metadata is not None:  # the sidecar is in place before the model takes its name: no model
+            write_json_atomic(sidecar_path(path), metadata)  # ever sits without its metadata
     return path
 
 
@@ -76,19 +76,57 @@ def load_model(path: str | os.PathLike, check_io: bool = True):
                                  expected="a .keras file, a .h5 file or a SavedModel folder")
             model = _load_saved_model(path, check_io)
         elif path.suffix in (".keras", ".h5", ".hdf5"):
+            _check_file_is_whole(path)
             model = keras.saving.load_model(path, compile=False, safe_mode=True)
         else:
-            raise ModelError(f"{path} is not a Keras model file.",
-                             expected="a .keras file, a .h5 file or a SavedModel folder")
+            raise _not_a_model(path)
     except ModelError:
         raise
     except Exception as exc:
-        raise ModelError(f"Could not load {path} as a Keras model: {type(exc).__name__}: {str(exc)[:400]}",
-                         expected="a complete .keras/.h5 file or SavedModel folder written by Keras",
-                         fix="check that the file is not truncated; re-save it with model.save('model.keras')") from exc
+        raise _load_error(path, exc) from exc
     if check_io:
         check_classifier_io(model, str(path))
     return model
+
+
+ARTIFACT_SUFFIXES = (".tflite", ".onnx")
+
+
+def _not_a_model(path: Path) -> ModelError:
+    if path.suffix in ARTIFACT_SUFFIXES:
+        return ModelError(f"{path} is an exported artifact, not a float model.",
+                          expected="the Keras model it came from (.keras, .h5 or a SavedModel folder)",
+                          fix=f"export from the .keras model; to measure this file use `resnet-deploy bench {path}`")
+    return ModelError(f"{path} is not a Keras model file.", expected="a .keras file, a .h5 file or a SavedModel folder")
+
+
+def _check_file_is_whole(path: Path) -> None:
+    """Say "empty" or "truncated" for what Keras would report as "File not found"."""
+    import zipfile
+
+    size = path.stat().st_size
+    if size == 0:
+        raise ModelError(f"{path} is empty (0 bytes).", expected="a model saved with model.save()",
+                         fix="re-copy the file, or save the model again")
+    if path.suffix == ".keras" and not zipfile.is_zipfile(path):
+        raise ModelError(f"{path} is not a complete .keras file ({size:,} bytes, no zip directory at its end: "
+                         "a truncated copy or another format).", expected="a .keras zip written by model.save()",
+                         fix="re-copy the whole file, or save the model again with model.save('model.keras')")
+
+
+def _load_error(path: Path, exc: Exception) -> ModelError:
+    import re
+
+    text = str(exc)
+    custom = re.search(r"(?:Could not locate (?:class|function)|Unknown layer:?)\s*'?([\w.]+)'?", text)
+    if custom:
+        return ModelError(f"{path} uses {custom.group(1)!r}, a custom class Keras cannot find "
+                          f"({type(exc).__name__}).", expected="a model built from Keras' own layers",
+                          fix=f"register {custom.group(1)} with @keras.saving.register_keras_serializable and import "
+                              "it before loading, or rebuild the model from built-in layers")
+    return ModelError(f"Could not load {path} as a Keras model: {type(exc).__name__}: {text[:400]}",
+                      expected="a complete .keras/.h5 file or SavedModel folder written by Keras",
+                      fix="check that the file is not truncated; re-save it with model.save('model.keras')")
 
 
 def _load_saved_model(path: Path, check_io: bool = True, endpoint: str = "serving_default"):
@@ -127,6 +165,11 @@ def _load_saved_model(path: Path, check_io: bool = True, endpoint: str = "servin
 
 
 def check_classifier_io(model, source: str) -> None:
+    n_in, n_out = len(model.inputs or []), len(model.outputs or [])
+    if n_in != 1 or n_out != 1:
+        raise ModelError(f"{source} has {n_in} inputs and {n_out} outputs.",
+                         expected="one image input and one class-score output",
+                         fix="wrap it as keras.Model(image_input, logits) with a single input and output")
     in_shape = tuple(model.inputs[0].shape[1:]) if model.inputs else None
     out_shape = tuple(model.outputs[0].shape[1:]) if model.outputs else None
     if in_shape != IMAGE_SHAPE:
