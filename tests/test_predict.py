@@ -273,24 +273,32 @@ def test_bad_options_and_artifacts_are_clear_errors(exported, tmp_path, test_png
     assert r.exit_code == 2 and "dtype float32" in flat(r.stderr) and "x.astype(np.uint8)" in flat(r.stderr)
 
 
-def _trained_demo_model() -> Path | None:
-    try:
-        from resnet_deploy.models.pretrained import resolve  # the lead's resolver, when it lands
+def _trained_demo_model() -> str | None:
+    """The demo ResNet20 by its pretrained name, else the training run's output, else None."""
+    from resnet_deploy.errors import ResnetDeployError
 
-        return Path(resolve("resnet20-cifar10"))
-    except Exception:
+    try:
+        from resnet_deploy.models.pretrained import resolve_model
+
+        resolve_model("resnet20-cifar10")
+        return "resnet20-cifar10"  # predict resolves the name itself
+    except (ImportError, ResnetDeployError):
         pass
     p = REPO / "runs" / "resnet20-cifar10" / "model.keras"
-    return p if p.exists() else None
+    return str(p) if p.exists() else None
 
 
-def test_trained_model_names_the_test_images(test_pngs):
-    """With a trained ResNet20, PNGs written from test images come back with their labels."""
+def test_trained_model_names_the_test_images(tmp_path, cifar):
+    """With the trained demo ResNet20, PNGs written from test images come back with their labels."""
     model = _trained_demo_model()
     if model is None:
-        pytest.skip("no trained ResNet20 yet (runs/resnet20-cifar10/model.keras or resnet_deploy.models.pretrained)")
-    paths, x, y = test_pngs
-    result = runner.invoke(app, ["predict", str(model), *map(str, paths), "--json"])
+        pytest.skip("no trained ResNet20 yet (pretrained resnet20-cifar10 or runs/resnet20-cifar10/model.keras)")
+    x, y = cifar.test.x[:50], cifar.test.y[:50].astype(np.int64)
+    for i, img in enumerate(x):
+        Image.fromarray(img).save(tmp_path / f"{i:02d}.png")  # the folder is read in name order
+    result = runner.invoke(app, ["predict", model, str(tmp_path), "--json", "-k", "1"])
     assert result.exit_code == 0, result.output
-    top1 = np.array([p["top"][0]["index"] for p in json.loads(result.stdout)["predictions"]])
-    assert (top1 == y).mean() >= 0.75, (top1, y)  # ResNet20 on CIFAR-10: about 90 % top-1
+    preds = json.loads(result.stdout)["predictions"]
+    assert len(preds) == 50
+    top1 = np.array([p["top"][0]["index"] for p in preds])
+    assert (top1 == y).mean() >= 0.7, (top1, y)  # the demo ResNet20 is right on about 9 test images in 10

@@ -20,7 +20,8 @@ from resnet_deploy.cli_common import quiet_frameworks
 def predict(
     artifact: Annotated[Path, typer.Argument(
         metavar="ARTIFACT", show_default=False,
-        help="A .tflite or .onnx artifact from export (with its <file>.json manifest), or a .keras model.")],
+        help="A .tflite or .onnx artifact from export (with its <file>.json manifest), a .keras model, or a "
+             "pretrained model's name (resnet-deploy models --pretrained).")],
     images: Annotated[List[Path], typer.Argument(
         metavar="IMAGE", show_default=False,
         help="PNG/JPEG files of any size, folders of them, or .npz files (x: N,H,W,3 uint8; optional y).")],

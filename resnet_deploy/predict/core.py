@@ -75,7 +75,7 @@ def artifact_info(path: str | os.PathLike) -> ArtifactInfo:
     from resnet_deploy.data.constants import CLASS_NAMES
     from resnet_deploy.fileio import sidecar_path
 
-    path = Path(path)
+    path = resolve_artifact(path)
     fmt = Format.from_path(path)
     if not path.exists():
         raise PredictError(f"The artifact {path} does not exist.",
@@ -99,6 +99,19 @@ def artifact_info(path: str | os.PathLike) -> ArtifactInfo:
         declared = _declared_output(meta)
     return ArtifactInfo(path, fmt.value, precision, list(names or CLASS_NAMES), declared,
                         side if side.exists() else None)
+
+
+ARTIFACT_SUFFIXES = (".tflite", ".onnx", ".keras", ".h5", ".hdf5")
+
+
+def resolve_artifact(spec: str | os.PathLike) -> Path:
+    """A path, or a pretrained model's short name (``resnet20-cifar10``) as the other commands take it."""
+    path = Path(spec)
+    if path.exists() or path.suffix.lower() in ARTIFACT_SUFFIXES:
+        return path
+    from resnet_deploy.models.pretrained import resolve_model
+
+    return Path(resolve_model(spec))  # a ModelError listing the pretrained names when it is none
 
 
 def _declared_output(meta: dict) -> str | None:
