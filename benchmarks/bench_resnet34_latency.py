@@ -38,7 +38,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from resnet_deploy.bench.options import BenchOptions
-    from resnet_deploy.bench.runner import run_bench
+    from resnet_deploy.bench import run_bench
     from resnet_deploy.data import load_cifar10
     from resnet_deploy.envinfo import library_versions, machine_info
 
@@ -90,7 +90,8 @@ def print_table(report, threads: int, seconds: float) -> None:
         b1, b32 = r.latency.get("1", {}), r.latency.get("32", {})
         sp = (r.vs_baseline or {}).get("speedup", {}).get("1")
         sk = (r.vs_float or {}).get("speedup", {}).get("1")
-        noisy = "noisy" if b1.get("noisy") else ""
+        lo_hi = (r.vs_baseline or {}).get("speedup_interval", {}).get("1")
+        noisy = ("noisy " if b1.get("noisy") else "") + (f"x FP32 in [{lo_hi[0]:.2f}, {lo_hi[1]:.2f}]" if lo_hi else "")
         print(f"{r.label:<28}{b1.get('p50_ms', float('nan')):>10.2f}{b1.get('p99_ms', float('nan')):>10.2f}"
               f"{(f'{sp:.2f}x' if sp else '-'):>9}{(f'{sk:.2f}x' if sk else '-'):>9}"
               f"{b32.get('throughput_ips', float('nan')):>11.0f}{r.size_bytes / 1e6:>9.2f}  {noisy}")
