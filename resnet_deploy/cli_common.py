@@ -59,6 +59,7 @@ FRAMEWORK_LOG_PATTERNS = tuple(re.compile(p) for p in (
     r"\[[VIW]:onnxruntime:",  # ONNX Runtime's own log
 ))
 _WARNING_LINE = re.compile(r"\.py:\d+: \w*Warning: ")
+MAX_WARNING_LINES = 20
 
 
 def is_framework_log(line: str) -> bool:
@@ -115,7 +116,7 @@ class FrameworkLogFilter:
         self._file = None
         self._offset = 0
         self._partial = b""
-        self._drop_source_line = False
+        self._warning_tail: list[bytes] | None = None  # lines after a hidden warning's first line, held
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -181,6 +182,8 @@ class FrameworkLogFilter:
             if final and self._partial:
                 self._line(self._partial, b"")
                 self._partial = b""
+            if final:
+                self._release_tail()
 
     def _pump(self) -> None:
         while not self._stop.wait(self._poll_s):
@@ -188,16 +191,32 @@ class FrameworkLogFilter:
 
     def _line(self, raw: bytes, end: bytes) -> None:
         text = raw.decode("utf-8", errors="replace").rstrip("\r")
-        if self._drop_source_line and text[:1].isspace():  # "  warnings.warn(" under a hidden warning
-            self._drop_source_line = False
-            self._hide(text)
-            return
-        self._drop_source_line = False
+        if self._warning_tail is not None:
+            # A Python warning is "file:line: XWarning: message", more message lines, then the indented
+            # source line ("  warnings.warn(msg)"). Hold the lines after a hidden warning's first line
+            # until that source line ends it; more than MAX_WARNING_LINES without it: they were not part
+            # of the warning, and are forwarded.
+            if text[:1].isspace():
+                for held in self._warning_tail:
+                    self._hide(held.decode("utf-8", errors="replace"))
+                self._warning_tail = None
+                self._hide(text)
+                return
+            if not is_framework_log(text) and len(self._warning_tail) < MAX_WARNING_LINES:
+                self._warning_tail.append(raw + end)
+                return
+            self._release_tail()
         if is_framework_log(text):
-            self._drop_source_line = bool(_WARNING_LINE.search(text))
+            if _WARNING_LINE.search(text):
+                self._warning_tail = []
             self._hide(text)
             return
         os.write(self._saved_fd, raw + end)
+
+    def _release_tail(self) -> None:
+        for held in self._warning_tail or ():
+            os.write(self._saved_fd, held)
+        self._warning_tail = None
 
     def _hide(self, text: str) -> None:
         self.hidden += 1
