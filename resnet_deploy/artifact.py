@@ -3,7 +3,8 @@
 It carries the recipe that made the artifact and everything a runtime needs to feed it the same
 images as the float model: format, precision, I/O dtypes and quantization parameters,
 preprocessing, class names, the source model and its sha256, the artifact's sha256 and size,
-the calibration recipe, the parity check's figures, tool and library versions.
+the calibration recipe, the parity check's figures, tool and library versions, and for accuracy-aware
+INT8 the record of how its calibration and float layers were chosen (``int8_accuracy``).
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ class Manifest:
     calibration: dict | None = None
     options: dict = field(default_factory=dict)  # converter options that made it
     validation: dict | None = None  # parity figures against the float model
+    # accuracy-aware INT8 / --analyze: validation split recipe and hash, calibration hash, the search's tries
+    # and winner, the per-layer error table, the float fallback layers, latency cost, budget met or not
+    int8_accuracy: dict | None = None
     tool: dict = field(default_factory=lambda: {"name": "resnet-deploy", "version": __version__})
     libraries: dict = field(default_factory=dict)
     machine: dict = field(default_factory=dict)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from resnet_deploy.data.preprocess import Preprocessing, preprocess
-from resnet_deploy.data.sampler import calibration_sample
+from resnet_deploy.data.sampler import calibration_sample, indices_hash
 from resnet_deploy.data.sources import Split
 
 
@@ -21,6 +21,7 @@ from resnet_deploy.data.sources import Split
 class Calibration:
     x: np.ndarray  # float32 model inputs (preprocessed), (n, 32, 32, 3)
     recipe: dict
+    indices: np.ndarray | None = None  # into the training split
 
     def __len__(self) -> int:
         return len(self.x)
@@ -36,11 +37,15 @@ class Calibration:
             yield [b]
 
 
-def build_calibration(train: Split, n: int, seed: int, spec: Preprocessing) -> Calibration:
-    sample = calibration_sample(train, n, seed)
+def build_calibration(train: Split, n: int, seed: int, spec: Preprocessing,
+                      exclude: np.ndarray | None = None) -> Calibration:
+    """The calibration sample, preprocessed; ``exclude``: training indices never drawn (the validation split)."""
+    sample = calibration_sample(train, n, seed, exclude=exclude)
     recipe = dict(sample.recipe)
+    if exclude is not None:
+        recipe["disjoint_from"] = f"validation split ({len(exclude)} training images, indices {indices_hash(exclude)})"
     recipe["preprocessing"] = spec.to_dict()
-    return Calibration(preprocess(sample.x, spec), recipe)
+    return Calibration(preprocess(sample.x, spec), recipe, sample.indices)
 
 
 def onnx_reader(calibration: Calibration, input_name: str, batch_size: int = 16):

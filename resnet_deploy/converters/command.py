@@ -41,6 +41,15 @@ def parse_preprocessing(input_range: Optional[str], mean: Optional[str], std: Op
     return Preprocessing(scale=scale, mean=triple(mean, "mean"), std=triple(std, "std"))
 
 
+def parse_counts(text: str) -> tuple[int, ...]:
+    """``"1000,3000"`` -> (1000, 3000), with a clear error for anything else."""
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ExportError(f"--search-calib-samples {text!r} is not a list of counts.",
+                          expected="whole numbers, comma-separated, e.g. 1000,3000") from None
+
+
 def export(
     model: Annotated[Path, typer.Argument(help="Float model: .keras (from train), Keras .h5, or a SavedModel folder.",
                                           show_default=False)],
@@ -67,6 +76,27 @@ def export(
     calib_method: Annotated[str, typer.Option(help="ONNX calibration: minmax, entropy or percentile.")] = "minmax",
     validate_samples: Annotated[int, typer.Option(help="Test images each artifact is checked on against the float model.")] = 256,
     fp32_tolerance: Annotated[float, typer.Option(help="FP32 max |logit diff| allowed, relative to the logit scale.")] = 1e-3,
+    accuracy_aware: Annotated[bool, typer.Option("--accuracy-aware", help=(
+        "INT8 chosen on evidence: a validation split of training images scores a time-bounded calibration search, "
+        "then the layers that lose most stay float until --int8-max-drop holds."))] = False,
+    int8_max_drop: Annotated[Optional[float], typer.Option(help=(
+        "Validation top-1 (pp) an INT8 file may lose against the float model; implies --accuracy-aware. "
+        "Default with --accuracy-aware: 0.10."), show_default=False)] = None,
+    val_samples: Annotated[int, typer.Option(help="Accuracy-aware INT8 / --analyze: class-balanced training images "
+                                                  "in the validation split (disjoint from calibration).")] = 5000,
+    val_seed: Annotated[int, typer.Option(help="Seed of the validation split.")] = 0,
+    search_time: Annotated[float, typer.Option(help="Seconds per INT8 file for the calibration search and the "
+                                                    "float fallback (the first try always runs).")] = 600.0,
+    search_calib_samples: Annotated[str, typer.Option(help="Calibration sizes the search tries beside "
+                                                           "--calib-samples, comma-separated.")] = "1000",
+    int8_max_float_layers: Annotated[int, typer.Option(help="The fallback tries at most this many layers in float.")] = 8,
+    int8_float_layers: Annotated[Optional[str], typer.Option(help=(
+        "Keras layers to keep in float in the INT8 files, comma-separated (names as --analyze prints them)."),
+        show_default=False)] = None,
+    analyze: Annotated[bool, typer.Option("--analyze", help=(
+        "Per-layer INT8 error analysis (TFLite QuantizationDebugger, ONNX Runtime qdq_loss_debug): prints the "
+        "layers ranked by error and writes the table into the manifest (int8_accuracy.analysis)."))] = False,
+    analysis_samples: Annotated[int, typer.Option(help="Validation images the per-layer analysis runs on.")] = 200,
     qat_epochs: Annotated[int, typer.Option(help="Quantization-aware fine-tuning epochs (tfmot); adds <stem>_int8_qat.tflite.")] = 0,
     qat_samples: Annotated[int, typer.Option(help="Training images used for QAT fine-tuning.")] = 2000,
     input_range: Annotated[Optional[str], typer.Option(help="Models without metadata: input range 0-255 or 0-1.", show_default=False)] = None,
@@ -84,7 +114,11 @@ def export(
         onnx_activation_type=onnx_activation_type, onnx_reduce_range=onnx_reduce_range,  # None: automatic
         calib_samples=calib_samples, calib_seed=calib_seed, calib_method=calib_method,
         validate_samples=validate_samples, fp32_tolerance=fp32_tolerance, qat_epochs=qat_epochs,
-        qat_samples=qat_samples, preprocessing=parse_preprocessing(input_range, mean, std))
+        qat_samples=qat_samples, preprocessing=parse_preprocessing(input_range, mean, std),
+        accuracy_aware=accuracy_aware, int8_max_drop=int8_max_drop, val_samples=val_samples, val_seed=val_seed,
+        search_time=search_time, search_calib_samples=parse_counts(search_calib_samples),
+        int8_max_float_layers=int8_max_float_layers, analyze=analyze, analysis_samples=analysis_samples,
+        int8_float_layers=tuple(n.strip() for n in (int8_float_layers or "").split(",") if n.strip()))
     from rich.console import Console
 
     console = Console()
@@ -93,6 +127,9 @@ def export(
         artifacts = export_model(model, options, data=data, progress=lambda m: (console.print(m, highlight=False),
                                                                              status.update(m)))
     _print_table(console, artifacts, time.perf_counter() - t0)
+    for a in artifacts:
+        if a.manifest.int8_accuracy:
+            _print_int8_accuracy(console, a)
 
 
 def _print_table(console, artifacts, seconds: float) -> None:
@@ -119,3 +156,33 @@ def _print_table(console, artifacts, seconds: float) -> None:
                   "top-1: accuracy on the same images; s: conversion seconds; input: dtype \\[scale,zero-point]")
     console.print(f"float model top-1 on the same images: {artifacts[0].manifest.validation['float_top1_accuracy']:.1%}; "
                   "manifests: <artifact>.json")
+
+
+def _print_int8_accuracy(console, artifact, top: int = 8) -> None:
+    """The accuracy-aware INT8 summary and the most sensitive layers of one INT8 artifact."""
+    from rich.table import Table
+
+    rec = artifact.manifest.int8_accuracy
+    val = rec["validation"]
+    console.print(f"[bold]{artifact.path.name}[/bold]: validation split {val['samples']} training images "
+                  f"(indices {val['indices_sha256_16']}), calibration indices {rec['calibration_indices_sha256_16']}, "
+                  f"disjoint: {rec['disjoint']}", highlight=False)
+    if "result" in rec:
+        res, search, fb = rec["result"], rec["search"], rec["fallback"]
+        console.print(f"  search: {len(search['tries'])} tries ({search['stopped']}); winner "
+                      f"{search['winner']}; float layers: {fb['float_layers'] or 'none'}", highlight=False)
+        if fb.get("latency"):
+            lat = fb["latency"]
+            console.print(f"  latency cost of the float layers (batch 1, 1 thread): {lat['all_int8_ms']:.3g} -> "
+                          f"{lat['with_float_layers_ms']:.3g} ms ({lat['ratio']:.2f}x)", highlight=False)
+        style = "green" if res["met_budget"] else "bold red"
+        console.print(f"  [{style}]{res['note']}[/{style}]; test: top-1 {artifact.manifest.validation['top1_accuracy']:.1%}"
+                      f", agreement {artifact.manifest.validation['top1_agreement']:.1%} on "
+                      f"{artifact.manifest.validation['samples']} images", highlight=False)
+    ana = rec["analysis"]
+    table = Table(title=f"most sensitive layers ({ana['score']}; {ana['images']})")
+    for col in ("rank", "layer", "op", "score"):
+        table.add_column(col, justify="right" if col in ("rank", "score") else "left", no_wrap=True)
+    for r in ana["layers"][:top]:
+        table.add_row(str(r["rank"]), str(r["layer"] or r["node"]), r["op"], f"{r['score']:.4g}")
+    console.print(table)

@@ -9,10 +9,14 @@ weights to 7 bits (``reduce_range``) on x86 CPUs without VNNI, where 8-bit weigh
 Runtime's VPMADDUBSW kernels (``onnx_rules``); ``options.onnx_activation_type`` and
 ``options.onnx_reduce_range`` override them. The manifest's ``calibration`` block records
 ``activation_type``, ``weight_type``, ``reduce_range``, who chose each (``chosen_by``) and why (``reason``).
+``OnnxInt8`` prepares the float graph once and quantizes it for each try of the accuracy-aware search;
+``options.int8_float_layers`` become ``nodes_to_exclude`` (those convolutions compute in float).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -66,49 +70,95 @@ def convert(model, out_path: Path, target, options, calibration=None) -> Convert
         onnx.save(half, str(out_path))
         settings.update(fp16="onnxruntime.transformers.float16.convert_float_to_float16", io="float32")
     elif p is Precision.INT8:
-        cal = _quantize(proto, Path(out_path), options, calibration)
+        cal = _quantize(model, proto, Path(out_path), options, calibration)
         settings.update(quant_format="QDQ", per_channel=options.onnx_per_channel,
                         activation_type=cal["activation_type"], weight_type=cal["weight_type"],
-                        reduce_range=cal["reduce_range"])
+                        reduce_range=cal["reduce_range"], float_layers=list(options.int8_float_layers))
     else:
         raise ExportError(f"ONNX has no {p.value} target here.", expected="fp32, fp16 or int8")
     onnx.checker.check_model(str(out_path))
     in_spec, out_spec = io_specs(out_path)
     ops = op_report(out_path)
-    if p is Precision.INT8 and ops["float_compute_ops"]:
-        raise ExportError(f"The INT8 ONNX model leaves {ops['float_compute_ops']} outside QDQ pairs.",
-                          expected="every Conv/Gemm/MatMul reading dequantized int8 tensors")
+    if p is Precision.INT8 and sorted(ops["float_compute_ops"]) != sorted(cal.get("nodes_to_exclude", [])):
+        raise ExportError(f"The INT8 ONNX model leaves {ops['float_compute_ops']} outside QDQ pairs "
+                          f"(layers to keep float: {list(options.int8_float_layers) or 'none'}).",
+                          expected="every Conv/Gemm/MatMul reading dequantized int8 tensors, except the layers "
+                                   "kept float on purpose", fix="report this model")
     return ConvertResult(in_spec, out_spec, settings, ops, cal)
 
 
-def _quantize(proto, out_path: Path, options, calibration) -> dict:
-    import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+class OnnxInt8:
+    """The float graph prepared once (``quant_pre_process`` into a temporary folder), then quantized for
+    any calibration sample, calibration method, per-channel choice and set of Keras layers kept in float
+    (``nodes_to_exclude``). A context manager: the temporary folder goes with it."""
 
-    from resnet_deploy.converters.calibration import onnx_reader
+    def __init__(self, proto, options, layer_index: dict):
+        import onnx
+        from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    if calibration is None:
-        raise ExportError("ONNX INT8 needs calibration images.", fix="pass --data with CIFAR-10")
-    q = options.onnx_int8()
-    types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
-    with tempfile.TemporaryDirectory(prefix="rd-onnx-") as tmp:
-        fp32, pre = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx"
+        self.options, self.index = options, layer_index
+        self._tmp = tempfile.TemporaryDirectory(prefix="rd-onnx-")
+        self.dir = Path(self._tmp.name)
+        fp32, self.pre = self.dir / "fp32.onnx", self.dir / "pre.onnx"
         onnx.save(proto, str(fp32))
-        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=False)
+        quant_pre_process(str(fp32), str(self.pre), skip_symbolic_shape=False)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._tmp.cleanup()
+
+    def compute_nodes(self) -> dict[str, str | None]:
+        """``{node name: Keras layer}`` for every Conv/Gemm/MatMul of the prepared graph."""
+        import onnx
+
+        from resnet_deploy.converters.int8_analysis import onnx_node_layer
+
+        return {n.name: onnx_node_layer(n, self.index) for n in onnx.load(str(self.pre)).graph.node
+                if n.op_type in ONNX_COMPUTE_OPS}
+
+    def quantize(self, out_path: Path, calibration, method: str, per_channel: bool, float_layers=()) -> dict:
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+        from resnet_deploy.converters.calibration import onnx_reader
+        from resnet_deploy.converters.int8_analysis import nodes_for_layers
+
+        if calibration is None:
+            raise ExportError("ONNX INT8 needs calibration images.", fix="pass --data with CIFAR-10")
+        q = self.options.onnx_int8()
+        types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+        exclude = nodes_for_layers(list(float_layers), self.compute_nodes(), self.index, "ONNX") if float_layers else []
         batch = even_batch(len(calibration))  # the histogram calibrators stack batches: sizes must match
-        quantize_static(str(pre), str(out_path), onnx_reader(calibration, INPUT_NAME, batch),
-                        quant_format=QuantFormat.QDQ, per_channel=options.onnx_per_channel,
-                        activation_type=types[q.activation_type], weight_type=types[q.weight_type],
-                        reduce_range=q.reduce_range,
-                        calibrate_method=getattr(CalibrationMethod, _CALIB[options.calib_method]))
-    weights = f"{q.weight_type} " + ("per-channel" if options.onnx_per_channel else "per-tensor")
-    return {"tool": "onnxruntime.quantization.quantize_static", "method": options.calib_method,
-            "activations": f"{q.activation_type} per-tensor",
-            "weights": weights + (" (7-bit range, reduce_range)" if q.reduce_range else ""),
-            **q.to_dict(),  # activation_type, weight_type, reduce_range, chosen_by, reason, cpu, scheme
-            "pre_process": "onnxruntime.quantization.shape_inference.quant_pre_process",
-            "reader_batch": batch, "sample": calibration.recipe}
+        with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print their progress
+            quantize_static(str(self.pre), str(out_path), onnx_reader(calibration, INPUT_NAME, batch),
+                            quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                            activation_type=types[q.activation_type], weight_type=types[q.weight_type],
+                            reduce_range=q.reduce_range, nodes_to_exclude=exclude,
+                            calibrate_method=getattr(CalibrationMethod, _CALIB[method]))
+        weights = f"{q.weight_type} " + ("per-channel" if per_channel else "per-tensor")
+        cal = {"tool": "onnxruntime.quantization.quantize_static", "method": method,
+               "activations": f"{q.activation_type} per-tensor",
+               "weights": weights + (" (7-bit range, reduce_range)" if q.reduce_range else ""),
+               **q.to_dict(),  # activation_type, weight_type, reduce_range, chosen_by, reason, cpu, scheme
+               "pre_process": "onnxruntime.quantization.shape_inference.quant_pre_process",
+               "reader_batch": batch, "sample": calibration.recipe}
+        if float_layers:
+            cal.update(float_layers=list(float_layers), nodes_to_exclude=exclude)
+        return cal
+
+    def analyze(self, qdq_path: Path, images) -> list[dict]:
+        from resnet_deploy.converters.int8_analysis import onnx_layer_errors
+
+        return onnx_layer_errors(self.pre, qdq_path, images, INPUT_NAME, self.index, self.dir)
+
+
+def _quantize(model, proto, out_path: Path, options, calibration) -> dict:
+    from resnet_deploy.converters.int8_analysis import keras_layer_index
+
+    with OnnxInt8(proto, options, keras_layer_index(model)) as q:
+        return q.quantize(out_path, calibration, options.calib_method, options.onnx_per_channel,
+                          options.int8_float_layers)
 
 
 def even_batch(n: int, cap: int = 16) -> int:

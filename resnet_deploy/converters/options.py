@@ -18,6 +18,7 @@ from resnet_deploy.data.preprocess import Preprocessing
 from resnet_deploy.errors import ExportError
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
+DEFAULT_MAX_DROP = 0.10  # accuracy-aware INT8: validation top-1 pp an INT8 file may lose
 EXPORT_FORMATS = (Format.TFLITE, Format.ONNX)
 
 __all__ = ["ACTIVATION_TYPES", "CALIB_METHODS", "EXPORT_FORMATS", "MAX_OPSET", "MIN_OPSET", "ExportOptions",
@@ -60,6 +61,18 @@ class ExportOptions:
     calib_method: str = "minmax"
     validate_samples: int = 256
     fp32_tolerance: float = 1e-3  # max |logit diff| allowed, relative to max(1, max |float logit|)
+    # Accuracy-aware INT8 (int8_search): a validation split of training images decides the calibration
+    # and which layers stay float; ``int8_max_drop`` (validation top-1 pp) turns it on, 0.10 by default
+    accuracy_aware: bool = False
+    int8_max_drop: float | None = None  # None: DEFAULT_MAX_DROP when accuracy_aware
+    val_samples: int = 5000  # class-balanced training images, disjoint from every calibration sample
+    val_seed: int = 0
+    search_time: float = 600.0  # seconds per INT8 target for the calibration search and the fallback
+    search_calib_samples: tuple[int, ...] = (1000,)  # tried beside calib_samples
+    int8_max_float_layers: int = 8  # the fallback tries at most this many layers in float
+    int8_float_layers: tuple[str, ...] = ()  # Keras layer names kept float by hand (a denylist)
+    analyze: bool = False  # per-layer INT8 error table in the manifest (also on with accuracy_aware)
+    analysis_samples: int = 200  # validation images the per-layer analysis runs on
     qat_epochs: int = 0
     qat_samples: int = 2000
     qat_learning_rate: float = 1e-4
@@ -95,9 +108,48 @@ class ExportOptions:
         _check(self.qat_epochs >= 0 and self.qat_samples >= 1 and self.qat_batch_size >= 1
                and self.qat_learning_rate > 0, "QAT settings are out of range.",
                "--qat-epochs >= 0, --qat-samples >= 1, a positive learning rate and batch size")
+        self._check_int8_accuracy()
         _check(not (self.int8_io and not self.int8 and not self.qat_epochs),
                "--int8-io was given without --int8.", "--int8-io together with --int8 (or --qat-epochs)",
                "add --int8")
+
+    def _check_int8_accuracy(self) -> None:
+        object.__setattr__(self, "int8_float_layers", tuple(self.int8_float_layers))
+        object.__setattr__(self, "search_calib_samples", tuple(int(n) for n in self.search_calib_samples))
+        d = self.int8_max_drop
+        _check(d is None or (isinstance(d, (int, float)) and 0 <= d < 100),
+               f"--int8-max-drop {d} is not a top-1 drop in percentage points.",
+               "a number from 0 to 100, e.g. 0.10 (the default): the validation top-1 an INT8 file may lose",
+               "pass --int8-max-drop 0.1, or leave it out for a plain INT8 export")
+        wants = [flag for flag, on in (("--int8-max-drop", d is not None), ("--accuracy-aware", self.accuracy_aware),
+                                       ("--int8-float-layers", bool(self.int8_float_layers)),
+                                       ("--analyze", self.analyze)) if on]
+        _check(not wants or self.int8, f"{' and '.join(wants)} given without an INT8 target.",
+               "--int8 (accuracy-aware INT8, its budget, float layers and the analysis apply to INT8 files only)",
+               "add --int8, or drop " + " and ".join(wants))
+        _check(not (self.int8_io and (self.int8_aware or self.int8_float_layers)),
+               "--int8-io cannot be combined with accuracy-aware INT8 or --int8-float-layers.",
+               "float input/output when layers may stay float (TFLite's selective quantization keeps float I/O)",
+               "drop --int8-io, or export a plain INT8 file with integer I/O")
+        _check(self.val_samples >= 10 and self.analysis_samples >= 1 and self.int8_max_float_layers >= 0
+               and self.search_time > 0 and all(n >= 1 for n in self.search_calib_samples),
+               "Accuracy-aware INT8 settings are out of range.",
+               "--val-samples >= 10, --analysis-samples >= 1, --int8-max-float-layers >= 0, a positive "
+               "--search-time and calibration sizes >= 1")
+
+    @property
+    def int8_aware(self) -> bool:
+        """Accuracy-aware INT8: asked for with ``accuracy_aware`` or by giving a budget."""
+        return bool(self.int8 and (self.accuracy_aware or self.int8_max_drop is not None))
+
+    @property
+    def max_drop(self) -> float:
+        """The validation top-1 budget in percentage points."""
+        return DEFAULT_MAX_DROP if self.int8_max_drop is None else float(self.int8_max_drop)
+
+    @property
+    def needs_validation_split(self) -> bool:
+        return bool(self.int8 and (self.int8_aware or self.analyze))
 
     # Plan ----------------------------------------------------------------------------------
     def targets(self) -> list[Target]:
@@ -128,6 +180,8 @@ class ExportOptions:
         d["formats"] = [f.value for f in self.formats]
         d["out_dir"] = str(self.out_dir) if self.out_dir else None
         d["preprocessing"] = self.preprocessing.to_dict() if self.preprocessing else None
+        d["int8_float_layers"] = list(self.int8_float_layers)
+        d["search_calib_samples"] = list(self.search_calib_samples)
         return d
 
 

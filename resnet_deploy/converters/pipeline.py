@@ -6,7 +6,9 @@ Order of work, so that bad input costs nothing and loses nothing:
    existing ones (artifact or manifest) unless ``force``;
 2. load the model safely (a non-model, truncated or non-CIFAR model is a ModelError, nothing written);
 3. resolve the preprocessing (model metadata, else options, else raw pixels) and load CIFAR-10;
-4. compute the float model's logits on the validation images and build the calibration sample;
+4. compute the float model's logits on the validation images and build the calibration sample (with
+   ``--accuracy-aware``/``--int8-max-drop``/``--analyze``, first an INT8 validation split of training images,
+   disjoint from calibration; ``int8_search`` then picks each INT8 file's calibration and float layers);
 5. per artifact: convert into a temporary file beside the final name, validate that file against the
    float logits (an FP32 mismatch fails the export and the temporary is removed), write its manifest
    (sha256 and size read from the temporary, which is the file that becomes final), and only then
@@ -27,7 +29,7 @@ from typing import Callable
 import numpy as np
 
 from resnet_deploy.artifact import Manifest, file_facts
-from resnet_deploy.config import Format
+from resnet_deploy.config import Format, Precision
 from resnet_deploy.converters import onnx as onnx_converter
 from resnet_deploy.converters import tflite as tflite_converter
 from resnet_deploy.converters.options import ExportOptions, Target
@@ -119,9 +121,16 @@ def export_model(model_path: str | os.PathLike, options: ExportOptions, data=Non
     needs_train = options.needs_calibration or options.qat_epochs > 0
     ds = load_cifar10(data, splits=("train", "test") if needs_train else ("test",))
     reference = _reference(model, ds.test, options.validate_samples, spec)
-    calibration = None
+    calibration, val = None, None
+    if options.needs_validation_split:
+        from resnet_deploy.converters.int8_search import build_validation
+
+        val = build_validation(model, ds.train, options, spec, with_logits=options.int8_aware)
+        say(f"INT8 validation split: {len(val.y)} training images, seed {options.val_seed}, "
+            f"indices {val.recipe['indices_sha256_16']} (decides INT8 settings; the test split only reports)")
     if options.needs_calibration:
-        calibration = build_calibration(ds.train, options.calib_samples, options.calib_seed, spec)
+        calibration = build_calibration(ds.train, options.calib_samples, options.calib_seed, spec,
+                                        exclude=None if val is None else val.indices)
         say(f"calibration: {len(calibration)} training images, seed {options.calib_seed}, "
             f"indices {calibration.recipe['indices_sha256_16']}")
     qat_model, qat_info = None, None
@@ -134,11 +143,30 @@ def export_model(model_path: str | os.PathLike, options: ExportOptions, data=Non
     for target, path in paths.items():
         src = qat_model if target.qat else model
         extra = {"qat": qat_info} if target.qat else {}
-        out.append(_export_one(src, path, target, options, calibration, reference, spec, common, extra))
+        opts, cal = options, calibration
+        if val is not None and target.precision is Precision.INT8 and not target.qat:
+            opts, cal, extra["int8_accuracy"] = _plan_int8(model, target, options, ds.train, spec, val, calibration, say)
+        out.append(_export_one(src, path, target, opts, cal, reference, spec, common, extra))
         v = out[-1].manifest.validation
         say(f"{path.name}: {out[-1].manifest.size_bytes / 1e6:.2f} MB, max |dlogit| {v['max_abs_logit_diff']:.3g}, "
             f"top-1 agreement {v['top1_agreement']:.1%}")
     return out
+
+
+def _plan_int8(model, target: Target, options: ExportOptions, train, spec: Preprocessing, val, calibration, say):
+    """Accuracy-aware INT8 (``int8_search.plan_int8``), or with ``--analyze`` alone the per-layer table of the
+    plain export. Returns the options and calibration to convert with, and the manifest's ``int8_accuracy``."""
+    from resnet_deploy.converters.int8_search import analysis_only, plan_int8
+
+    if options.int8_aware:
+        opts, cal, record = plan_int8(model, target.format, options, train, spec, val, say)
+    else:
+        opts, cal, record = options, calibration, analysis_only(model, target.format, options, train, spec, val,
+                                                                calibration)
+    record["calibration_indices_sha256_16"] = cal.recipe["indices_sha256_16"]
+    record["validation_indices_sha256_16"] = val.recipe["indices_sha256_16"]
+    record["disjoint"] = not np.intersect1d(val.indices, cal.indices).size  # checked, not assumed
+    return opts, cal, record
 
 
 def _reference(model, test, n: int, spec: Preprocessing):
@@ -216,8 +244,8 @@ def _manifest(final: Path, target: Target, options: ExportOptions, result, valid
     if result.input.scale is not None:
         opts["integer_input"] = (f"q = clip(round(x / {result.input.scale:g}) + {result.input.zero_point}) where x is "
                                  "the preprocessed input (raw pixels 0..255 for resnet-deploy models)")
-    opts.update(extra)
+    opts.update({k: v for k, v in extra.items() if k != "int8_accuracy"})
     fields = dict(common, source_model=source_relative_to(common["source_model"], final.parent))
     return Manifest(format=target.format.value, precision=target.precision.value, artifact=final.name,
                     input=result.input, output=result.output, calibration=result.calibration,
-                    options=opts, validation=validation, **facts, **fields)
+                    options=opts, validation=validation, int8_accuracy=extra.get("int8_accuracy"), **facts, **fields)

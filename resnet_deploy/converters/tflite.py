@@ -4,6 +4,11 @@
 ``TFLiteConverter.from_keras_model`` (it takes Keras 3 models and the tf_keras QAT twin alike) and
 returns its I/O specs and an op report read back from the flatbuffer: for INT8 targets, every
 CONV_2D / FULLY_CONNECTED must have integer inputs, or the conversion fails.
+
+Accuracy-aware INT8 and layers kept in float (``options.int8_float_layers``, chosen by hand or by the
+accuracy-aware fallback) go through ``TFLiteInt8``: TensorFlow's ``QuantizationDebugger`` calibrates once and re-quantizes with
+``denylisted_nodes`` (selective quantization), so those layers compute in float and every other
+conv/dense op stays integer; the op report must then list exactly those layers as float.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ def convert(model, out_path: Path, target, options, calibration=None) -> Convert
     elif p is Precision.DYNAMIC_INT8:
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
         settings.update(weights="int8", activations="float32 (dynamic-range)")
+    elif p is Precision.INT8 and (options.int8_float_layers or options.int8_aware):
+        return _convert_selective(model, out_path, target, options, calibration, settings)
     elif p is Precision.INT8:
         if calibration is None:
             raise ExportError("Full-integer INT8 needs calibration images.", fix="pass --data with CIFAR-10")
@@ -45,13 +52,7 @@ def convert(model, out_path: Path, target, options, calibration=None) -> Convert
             conv.inference_output_type = tf.int8
         settings.update(weights="int8 per-channel", activations="int8",
                         io="int8" if options.int8_io else "float32", qat=target.qat)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # Keras 3 prints the SavedModel it traces
-            data = conv.convert()
-    except Exception as exc:  # the converter raises ConverterError and friends
-        raise ExportError(f"TFLite conversion ({target.tag}) failed: {type(exc).__name__}: {str(exc)[:400]}",
-                          expected="a Keras model made of TFLite builtin ops",
-                          fix="check the model's layers; custom layers need a TFLite implementation") from exc
+    data = _run(conv.convert, target.tag)
     Path(out_path).write_bytes(data)
     in_spec, out_spec = io_specs(out_path)
     ops = op_report(out_path)
@@ -59,12 +60,92 @@ def convert(model, out_path: Path, target, options, calibration=None) -> Convert
         raise ExportError(f"The INT8 TFLite model still computes {ops['float_compute_ops']} in float.",
                           expected="every conv/dense op integer in a full-integer model",
                           fix="report this model; a layer the converter cannot quantize is in the way")
-    cal = None
-    if p is Precision.INT8:
-        cal = {"tool": "TFLite representative_dataset", "method": "minmax (TFLite default)",
-               "activations": "int8 per-tensor", "weights": "int8 per-channel (symmetric)",
-               "sample": calibration.recipe}
+    cal = _calibration_block(calibration) if p is Precision.INT8 else None
     return ConvertResult(in_spec, out_spec, settings, ops, cal)
+
+
+def _run(fn, tag: str):
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # Keras 3 prints the SavedModel it traces
+            return fn()
+    except ExportError:
+        raise
+    except Exception as exc:  # the converter raises ConverterError and friends
+        raise ExportError(f"TFLite conversion ({tag}) failed: {type(exc).__name__}: {str(exc)[:400]}",
+                          expected="a Keras model made of TFLite builtin ops",
+                          fix="check the model's layers; custom layers need a TFLite implementation") from exc
+
+
+def _calibration_block(calibration) -> dict:
+    return {"tool": "TFLite representative_dataset", "method": "minmax (TFLite default)",
+            "activations": "int8 per-tensor", "weights": "int8 per-channel (symmetric)",
+            "sample": calibration.recipe}
+
+
+class TFLiteInt8:
+    """One calibration of ``model`` (``QuantizationDebugger``), quantized again for any set of float layers.
+
+    Calibration is the slow part (about 20 s for a ResNet34); ``quantize(float_layers)`` only re-runs
+    TensorFlow's MLIR quantizer with ``denylisted_nodes``, in well under a second."""
+
+    def __init__(self, model, calibration):
+        import tensorflow as tf
+
+        from resnet_deploy.converters.int8_analysis import keras_layer_index
+
+        if calibration is None:
+            raise ExportError("Full-integer INT8 needs calibration images.", fix="pass --data with CIFAR-10")
+        conv = tf.lite.TFLiteConverter.from_keras_model(model)
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        conv.representative_dataset = calibration.representative_dataset
+        # float kernels allowed, so denylisted layers can run in float
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
+        self.calibration = calibration
+        self.index = keras_layer_index(model)
+        self.debugger = _run(lambda: tf.lite.experimental.QuantizationDebugger(
+            converter=conv, debug_dataset=lambda: iter(())), "int8 calibration")
+
+    def op_names(self) -> dict[str, str | None]:
+        """``{output tensor name: Keras layer}`` of the calibrated model's conv/dense ops (``denylisted_nodes``
+        takes those names)."""
+        from ai_edge_litert.interpreter import Interpreter
+
+        from resnet_deploy.converters.int8_analysis import layer_of
+
+        it = Interpreter(model_content=self.debugger.calibrated_model)
+        names = {t["index"]: t["name"] for t in it.get_tensor_details()}
+        return {names[op["outputs"][0]]: layer_of(names[op["outputs"][0]], self.index)
+                for op in it._get_ops_details() if op["op_name"] in TFLITE_COMPUTE_OPS}
+
+    def quantize(self, float_layers=()) -> bytes:
+        import tensorflow as tf
+
+        from resnet_deploy.converters.int8_analysis import nodes_for_layers
+
+        nodes = nodes_for_layers(list(float_layers), self.op_names(), self.index, "TFLite") if float_layers else None
+        self.debugger.options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=nodes)
+        return _run(self.debugger.get_nondebug_quantized_model, "int8 quantization")
+
+    def analyze(self, images: np.ndarray) -> list[dict]:
+        from resnet_deploy.converters.int8_analysis import tflite_layer_errors
+
+        return _run(lambda: tflite_layer_errors(self.debugger, images, self.index), "int8 analysis")
+
+
+def _convert_selective(model, out_path, target, options, calibration, settings) -> ConvertResult:
+    """Full-integer INT8 except ``options.int8_float_layers``, which compute in float."""
+    layers = list(options.int8_float_layers)
+    Path(out_path).write_bytes(TFLiteInt8(model, calibration).quantize(layers))
+    in_spec, out_spec = io_specs(out_path)
+    ops = op_report(out_path)
+    if len(ops["float_compute_ops"]) != len(layers):
+        raise ExportError(f"The INT8 TFLite model computes {ops['float_compute_ops']} in float; "
+                          f"{len(layers)} layer(s) were to stay float: {layers}.",
+                          expected="exactly the listed layers in float, every other conv/dense op integer",
+                          fix="list only conv/dense layers in --int8-float-layers (names from --analyze)")
+    settings.update(weights="int8 per-channel", activations="int8", io="float32", qat=target.qat,
+                    float_layers=layers, selective="tf.lite.experimental.QuantizationDebugger denylisted_nodes")
+    return ConvertResult(in_spec, out_spec, settings, ops, dict(_calibration_block(calibration), float_layers=layers))
 
 
 def _interpreter(path):

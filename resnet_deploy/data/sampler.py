@@ -1,4 +1,9 @@
-"""Seeded, class-balanced samples: calibration images come from the *training* split only."""
+"""Seeded, class-balanced samples: calibration images come from the *training* split only.
+
+Accuracy-aware INT8 adds a validation split, also drawn from the training split (the test split
+only reports): ``validation_split`` draws it first, and ``calibration_sample(..., exclude=...)``
+keeps the calibration images disjoint from it.
+"""
 
 from __future__ import annotations
 
@@ -68,9 +73,30 @@ class CalibrationSample:
         }
 
 
-def calibration_sample(train: Split, n: int, seed: int = 0) -> CalibrationSample:
+def calibration_sample(train: Split, n: int, seed: int = 0, exclude: np.ndarray | None = None) -> CalibrationSample:
+    """``n`` class-balanced training images; indices in ``exclude`` (the validation split) are never drawn."""
     if train.name != "train":
         raise DataError(f"Calibration must come from the training split, got {train.name!r}.",
                         fix="evaluation uses the test split; calibrate on training images")
+    n_excluded = 0 if exclude is None else len(exclude)
+    if n_excluded and n > len(train) - n_excluded:
+        raise DataError(f"Cannot draw {n} calibration images beside a validation split of {n_excluded}: the "
+                        f"training split has {len(train)} images.",
+                        expected=f"calibration + validation images <= {len(train)}",
+                        fix="lower --calib-samples or --val-samples")
+    idx = class_balanced_indices(train.y, n, seed, exclude=exclude)
+    return CalibrationSample(train.x[idx], train.y[idx], idx, seed)
+
+
+def validation_split(train: Split, n: int, seed: int = 0) -> CalibrationSample:
+    """The accuracy-aware INT8 validation split: ``n`` class-balanced *training* images drawn with ``seed``.
+    It is the only data that decides a setting; calibration samples are drawn disjoint from it."""
+    if train.name != "train":
+        raise DataError(f"The INT8 validation split must come from the training split, got {train.name!r}.",
+                        fix="the test split only reports; pass the training split")
+    if not 1 <= n < len(train):
+        raise DataError(f"Cannot draw a validation split of {n} from {len(train)} training images.",
+                        expected=f"1 to {len(train) - 1} images, leaving some for calibration",
+                        fix="choose --val-samples (a few thousand on the full CIFAR-10 training split)")
     idx = class_balanced_indices(train.y, n, seed)
     return CalibrationSample(train.x[idx], train.y[idx], idx, seed)

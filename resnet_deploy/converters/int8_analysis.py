@@ -1,0 +1,198 @@
+"""Per-layer INT8 error analysis with the libraries made for it, and the names that tie a converter's
+nodes to the Keras layers a user knows.
+
+- TFLite: ``tf.lite.experimental.QuantizationDebugger``. Its NumericVerify ops run each quantized op
+  beside its float twin *on the same (quantized) input*, so the error is the op's own, not what earlier
+  layers passed on. We rank by the relative RMSE ``rmse / std(float output)`` (``layer_direct_compare_metrics``)
+  and also record the debugger's ``rmse/scale`` (about 0.29 for pure rounding, 1/sqrt(12)).
+- ONNX: ``onnxruntime.quantization.qdq_loss_debug``: the float and the QDQ model run on the same images
+  with every activation saved, matched per tensor; the signal-to-quantization-noise ratio (SQNR, dB)
+  at each quantized tensor is the accumulated error, so a node's own share is the SQNR it *loses*
+  between its input and its output (``added_noise_db``), which is what we rank by.
+
+Both return rows ``{"layer", "node", "op", "score", ...}`` sorted most sensitive first; ``score`` is
+comparable within one table (higher = worse), not across formats.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+
+from resnet_deploy.errors import ExportError
+
+_COMPUTE_CLASSES = ("Conv2D", "DepthwiseConv2D", "Dense", "Conv2DTranspose", "SeparableConv2D")
+_SUFFIX = re.compile(r"_\d+$")
+
+
+# Keras layer names ------------------------------------------------------------------------------------
+def keras_layer_index(model) -> dict[str, tuple[str, str | None]]:
+    """``{layer name: (class name, name of the layer feeding it or None)}``."""
+    out = {}
+    for layer in model.layers:
+        src = None
+        try:
+            node = layer._inbound_nodes[0]
+            ins = node.input_tensors if hasattr(node, "input_tensors") else node.inbound_layers
+            ins = ins if isinstance(ins, (list, tuple)) else [ins]
+            if len(ins) == 1:
+                hist = getattr(ins[0], "_keras_history", None)
+                src = hist[0].name if hist else getattr(ins[0], "name", None)
+        except (AttributeError, IndexError, TypeError):
+            src = None
+        out[layer.name] = (type(layer).__name__, src)
+    return out
+
+
+def layer_of(node_name: str, index: dict) -> str | None:
+    """The Keras layer a converter's node comes from. A fused node names several layers (TFLite's
+    ``relu;conv`` ops, tf2onnx's Conv named after the folded BatchNormalization): the compute layer wins,
+    and a BatchNormalization stands for the convolution it was folded into."""
+    found = []
+    for seg in re.split(r"[/;:]", node_name):
+        for cand in (seg, _SUFFIX.sub("", seg)):
+            if cand in index and cand not in found:
+                found.append(cand)
+                break
+    if not found:
+        return None
+    for name in found:
+        if index[name][0] in _COMPUTE_CLASSES:
+            return name
+    for name in found:
+        cls, src = index[name]
+        if cls == "BatchNormalization" and src in index and index[src][0] in _COMPUTE_CLASSES:
+            return src
+    return found[-1]
+
+
+def onnx_node_layer(node, index: dict) -> str | None:
+    """The Keras layer of an ONNX node: from its name, else its weight's or its output's name
+    (``quant_pre_process`` may rename fused nodes ``Conv__135``; the tensors keep tf2onnx's names)."""
+    for name in (node.name, *node.input[1:2], *node.output[:1]):
+        layer = layer_of(name, index)
+        if layer:
+            return layer
+    return None
+
+
+def nodes_for_layers(layers, node_layer: dict, index: dict, where: str) -> list[str]:
+    """The converter's node names (``{node: layer}``) that belong to the Keras ``layers``; an unknown
+    layer is an error."""
+    by_layer: dict[str, list[str]] = {}
+    for n, layer in node_layer.items():
+        by_layer.setdefault(layer, []).append(n)
+    missing = [l for l in layers if l not in by_layer]
+    if missing:
+        known = sorted(l for l in by_layer if l and index.get(l, ("",))[0] in _COMPUTE_CLASSES)
+        raise ExportError(f"No {where} node comes from the layer(s) {missing}.",
+                          expected=f"Keras layer names of this model's compute layers, e.g. {', '.join(known[:6])}",
+                          fix="pass --int8-float-layers with names from the analysis table (--analyze)")
+    return [n for l in layers for n in by_layer[l]]
+
+
+# TFLite ---------------------------------------------------------------------------------------------------
+def _relative_rmse(f, q, scale, zero_point) -> float:
+    deq = (np.asarray(q, np.float32) - zero_point) * scale
+    f = np.asarray(f, np.float32)
+    return float(np.sqrt(np.mean((f - deq) ** 2)) / max(float(np.std(f)), 1e-12))
+
+
+def tflite_layer_errors(debugger, images: np.ndarray, index: dict) -> list[dict]:
+    """Per-op errors of a ``QuantizationDebugger`` on ``images`` (float, preprocessed), ranked."""
+    import tensorflow as tf
+
+    debugger.options = tf.lite.experimental.QuantizationDebugOptions(
+        layer_direct_compare_metrics={"relative_rmse": _relative_rmse})
+    debugger._data_gen = lambda: ([images[i:i + 1]] for i in range(len(images)))
+    debugger.run()
+    rows = []
+    for name, stats in debugger.layer_statistics.items():
+        node, _ = debugger._get_operand_name_and_index(name)
+        op = debugger._quant_interpreter._get_op_details(  # the op that wrote the verified tensor
+            debugger._defining_op[debugger._numeric_verify_op_details[name]["inputs"][0]])["op_name"]
+        scale = float(debugger._quant_interpreter._get_tensor_details(
+            debugger._numeric_verify_op_details[name]["inputs"][0], subgraph_index=0)
+            ["quantization_parameters"]["scales"][0])
+        rel = float(stats["relative_rmse"])
+        rows.append({"layer": layer_of(node, index), "node": node, "op": op, "score": round(rel, 6),
+                     "relative_rmse": round(rel, 6),
+                     "rmse_over_scale": round(math.sqrt(float(stats["mean_squared_error"])) / scale, 4)
+                     if scale else None, "max_abs_error": round(float(stats["max_abs_error"]), 6)})
+    return rank(rows)
+
+
+def rank(rows: list[dict]) -> list[dict]:
+    rows = sorted(rows, key=lambda r: -(r["score"] if np.isfinite(r["score"]) else 1e9))
+    for i, r in enumerate(rows, 1):
+        r["rank"] = i
+    return rows
+
+
+# ONNX -----------------------------------------------------------------------------------------------------
+def onnx_layer_errors(float_path, qdq_path, images: np.ndarray, input_name: str, index: dict,
+                      work_dir) -> list[dict]:
+    """Per compute node (Conv/Gemm/MatMul) of the float graph: SQNR of the float vs QDQ activations at its
+    input and output (``qdq_loss_debug``) and the noise it adds, ranked."""
+    import onnx
+    from onnxruntime.quantization.qdq_loss_debug import (collect_activations, compute_signal_to_quantization_noice_ratio,
+                                                         create_activation_matching,
+                                                         modify_model_output_intermediate_tensors)
+
+    from resnet_deploy.converters.base import ONNX_COMPUTE_OPS
+
+    acts = {}
+    for tag, path in (("float", float_path), ("qdq", qdq_path)):
+        aug = f"{work_dir}/{tag}_aug.onnx"
+        modify_model_output_intermediate_tensors(str(path), aug)
+        acts[tag] = collect_activations(aug, _Reader(images, input_name))
+    matched = create_activation_matching(acts["qdq"], acts["float"])
+    sqnr = {t: compute_signal_to_quantization_noice_ratio(m["float"], m["post_qdq"])
+            for t, m in matched.items() if m.get("float")}
+    graph = onnx.load(str(float_path)).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    rows = []
+    for n in graph.node:
+        if n.op_type not in ONNX_COMPUTE_OPS:
+            continue
+        s_in = _walk(n.input[0], sqnr, lambda t: [producer[t]] if t in producer else [], lambda m: m.input[:1])
+        s_out = _walk(n.output[0], sqnr, lambda t: consumers.get(t, []), lambda m: m.output[:1])
+        if s_out is None:
+            continue
+        added = (s_in if s_in is not None else 100.0) - s_out
+        rows.append({"layer": onnx_node_layer(n, index), "node": n.name, "op": n.op_type, "score": round(added, 3),
+                     "added_noise_db": round(added, 3), "sqnr_in_db": None if s_in is None else round(s_in, 3),
+                     "sqnr_out_db": round(s_out, 3)})
+    return rank(rows)
+
+
+_PASS_THROUGH = ("Relu", "Clip", "Transpose", "Reshape", "Squeeze", "Flatten", "BatchNormalization", "Identity")
+
+
+def _walk(tensor, sqnr: dict, step, follow, depth: int = 6):
+    """The SQNR at ``tensor``, or at the nearest matched tensor reached through pass-through ops."""
+    for _ in range(depth):
+        if tensor in sqnr:
+            return sqnr[tensor]
+        nxt = [m for m in step(tensor) if m.op_type in _PASS_THROUGH]
+        if len(nxt) != 1 or not follow(nxt[0]):
+            return None
+        tensor = follow(nxt[0])[0]
+    return None
+
+
+class _Reader:
+    """Iterable of ``{input: batch}`` dicts (what ``collect_activations`` reads)."""
+
+    def __init__(self, images: np.ndarray, input_name: str, batch: int = 50):
+        self.images, self.input_name, self.batch = images, input_name, batch
+
+    def __iter__(self):
+        for i in range(0, len(self.images), self.batch):
+            yield {self.input_name: self.images[i:i + self.batch]}
