@@ -204,3 +204,32 @@ def test_two_input_models_and_unregistered_custom_layers_are_named(tmp_path):
     with pytest.raises(ModelError) as exc:
         load_model(tmp_path / "custom.keras")
     assert "VeryCustomScaleLayerWithALongName" in exc.value.what and "register_keras_serializable" in exc.value.fix
+
+
+def test_a_saved_model_that_writes_files_is_refused_before_it_runs(tmp_path):
+    """TensorFlow's security guidance: a SavedModel is code. The op check reads the protobuf only."""
+    import tensorflow as tf
+
+    from resnet_deploy.models.builder import build_model
+    from resnet_deploy.models.io import load_model, saved_model_ops
+
+    build_model("resnet8", width=0.25).export(str(tmp_path / "good"), format="tf_saved_model", verbose=False)
+    assert {"Conv2D", "Relu"} <= saved_model_ops(tmp_path / "good")
+    assert load_model(tmp_path / "good").output_shape == (None, 10)  # a plain exported classifier passes
+
+    target = tmp_path / "written-by-the-model.txt"
+
+    class Writer(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.float32)])
+        def serve(self, x):
+            tf.io.write_file(str(target), "hello")
+            return {"logits": tf.reduce_mean(x, axis=[1, 2])[:, :1] * tf.ones([1, 10])}
+
+    w = Writer()
+    tf.saved_model.save(w, str(tmp_path / "evil"), signatures={"serving_default": w.serve})
+    with pytest.raises(ModelError, match="WriteFile") as exc:
+        load_model(tmp_path / "evil")
+    assert "--trust-model" in exc.value.fix and not target.exists()
+    model = load_model(tmp_path / "evil", trust=True)  # the user's explicit choice: it loads and runs
+    model.predict(np.zeros((1, 32, 32, 3), np.float32), verbose=0)
+    assert target.read_text() == "hello"

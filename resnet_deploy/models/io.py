@@ -62,8 +62,11 @@ def read_metadata(path: str | os.PathLike) -> dict | None:
                          fix="delete it (defaults are used) or restore it from the training run") from exc
 
 
-def load_model(path: str | os.PathLike, check_io: bool = True):
-    """Load a float Keras model (.keras, .h5 or SavedModel folder) safely and check its I/O."""
+def load_model(path: str | os.PathLike, check_io: bool = True, trust: bool = False):
+    """Load a float Keras model (.keras, .h5 or SavedModel folder) safely and check its I/O.
+
+    A SavedModel is a program: unless ``trust``, its serving function's ops are checked against
+    ``SAFE_OPS`` before any of it runs (``check_saved_model_ops``)."""
     import keras
 
     path = Path(path)
@@ -74,7 +77,7 @@ def load_model(path: str | os.PathLike, check_io: bool = True):
             if not (path / "saved_model.pb").exists():
                 raise ModelError(f"{path} is a folder without saved_model.pb.",
                                  expected="a .keras file, a .h5 file or a SavedModel folder")
-            model = _load_saved_model(path, check_io)
+            model = _load_saved_model(path, check_io, trust=trust)
         elif path.suffix in (".keras", ".h5", ".hdf5"):
             _check_file_is_whole(path)
             model = keras.saving.load_model(path, compile=False, safe_mode=True)
@@ -129,12 +132,14 @@ def _load_error(path: Path, exc: Exception) -> ModelError:
                       fix="check that the file is not truncated; re-save it with model.save('model.keras')")
 
 
-def _load_saved_model(path: Path, check_io: bool = True, endpoint: str = "serving_default"):
+def _load_saved_model(path: Path, check_io: bool = True, endpoint: str = "serving_default", trust: bool = False):
     """A Keras model wrapping a SavedModel's serving signature (``TFSMLayer``). The signature's input is
     read first, so a SavedModel for other images fails with the same "takes inputs of shape" error as the
     other formats instead of an error from inside the wrapped graph."""
     import keras
 
+    if not trust:
+        check_saved_model_ops(path, endpoint)  # before anything of it runs
     layer = keras.layers.TFSMLayer(str(path), call_endpoint=endpoint)
     args, kwargs = layer.call_endpoint_fn.structured_input_signature
     specs = [*args, *kwargs.values()]
@@ -162,6 +167,58 @@ def _load_saved_model(path: Path, check_io: bool = True, endpoint: str = "servin
     elif isinstance(out, (list, tuple)):
         out = out[0]
     return keras.Model(inp, out, name=path.name)
+
+
+# Pure tensor ops a classifier's serving function may contain. Anything else (file I/O, printing,
+# Python callbacks, queues, network, random-access to the host) is refused unless the user trusts the model.
+SAFE_OPS = frozenset("""
+    Abs Add AddN AddV2 ArgMax ArgMin AvgPool AvgPool3D BatchMatMul BatchMatMulV2 BatchMatMulV3 BiasAdd
+    BroadcastArgs BroadcastTo Cast Ceil ClipByValue ConcatV2 Const Conv2D Conv3D Cos Cumsum
+    DepthwiseConv2dNative DisableCopyOnRead Div DivNoNan Einsum Elu Equal Erf Exp ExpandDims Fill Floor
+    FloorDiv FloorMod FusedBatchNorm FusedBatchNormV3 GatherV2 Greater GreaterEqual Identity IdentityN
+    L2Loss LeakyRelu Less LessEqual Log Log1p LogSoftmax LogicalAnd LogicalNot LogicalOr MatMul Max
+    MaxPool MaxPool3D MaxPoolV2 Maximum Mean Min Minimum MirrorPad Mul Neg NoOp NotEqual OnesLike Pack
+    Pad PadV2 PartitionedCall Placeholder Pow Prod Range Rank ReadVariableOp RealDiv Reciprocal Relu
+    Relu6 Reshape ResizeBilinear ResizeNearestNeighbor Round Rsqrt Select SelectV2 Selu Shape ShapeN
+    Sigmoid Sign Sin Size Slice Softmax Softplus Softsign Split SplitV Sqrt Square SquaredDifference
+    Squeeze StatefulPartitionedCall StopGradient StridedSlice Sub Sum Tanh Tile Transpose Unpack
+    VarHandleOp ZerosLike
+""".split())
+
+
+def saved_model_ops(path: Path, endpoint: str = "serving_default") -> set[str]:
+    """The op types ``endpoint`` can run: its output nodes and every function they call, transitively,
+    read from saved_model.pb as a protobuf (nothing is loaded or executed)."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    sm = saved_model_pb2.SavedModel()
+    sm.ParseFromString((path / "saved_model.pb").read_bytes())
+    graph = sm.meta_graphs[0]
+    if endpoint not in graph.signature_def:
+        raise ModelError(f"{path} has no {endpoint!r} signature (it has {sorted(graph.signature_def)}).",
+                         expected="a SavedModel exported for serving", fix="export it with model.export(path)")
+    nodes = {n.name: n for n in graph.graph_def.node}
+    library = {f.signature.name: f for f in graph.graph_def.library.function}
+    ops, seen, todo = set(), set(), [nodes[t.name.split(":")[0]] for t in graph.signature_def[endpoint].outputs.values()]
+    while todo:
+        node = todo.pop()
+        ops.add(node.op)
+        for attr in node.attr.values():
+            for name in [attr.func.name] + [f.name for f in attr.list.func]:
+                if name and name not in seen and name in library:
+                    seen.add(name)
+                    todo.extend(library[name].node_def)
+    return ops
+
+
+def check_saved_model_ops(path: Path, endpoint: str = "serving_default") -> None:
+    unsafe = sorted(saved_model_ops(path, endpoint) - SAFE_OPS)
+    if unsafe:
+        raise ModelError(f"{path} is a SavedModel whose {endpoint!r} function runs ops that are not pure tensor "
+                         f"math: {', '.join(unsafe)}. A SavedModel is a program; it was not run.",
+                         expected="convolutions, matmuls, activations, pooling, normalisation and shape ops only",
+                         fix="if you trust where the model comes from, pass --trust-model; otherwise export it "
+                             "again as a .keras file from its source code")
 
 
 def check_classifier_io(model, source: str) -> None:
