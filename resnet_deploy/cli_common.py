@@ -153,6 +153,7 @@ class FrameworkLogFilter:
         self.drain(final=True)
         if self._terminal is not None:
             self._terminal.flush()
+            self._terminal = None
         os.close(self._saved_fd)
         self._saved_fd = None
         self._file.close()
