@@ -40,7 +40,9 @@ def ratios(r: ArtifactResult, base: ArtifactResult, options) -> dict:
         s = speedup_over_rounds(base.round_times.get(bs) or [], rounds, options.confidence)
         if s is None:
             continue
-        noisy = s["relative_width"] > options.steady_width or _noisy(r, bs) or _noisy(base, bs)
+        # noisy: a wide interval, too few rounds for the confidence asked, or a series that did not settle
+        noisy = (s["relative_width"] > options.steady_width or s["coverage"] < options.confidence
+                 or _noisy(r, bs) or _noisy(base, bs))
         out["speedup"][bs] = s["value"]
         out["speedup_interval"][bs] = s["interval"]
         out["speedup_detail"][bs] = {**s, "noisy": bool(noisy)}
