@@ -11,7 +11,7 @@ import pytest
 
 from resnet_deploy.bench import accuracy as acc
 from resnet_deploy.bench.gates import evaluate_gates, gate_error, not_gated
-from resnet_deploy.bench.latency import summarize, timed_runs
+from resnet_deploy.bench.latency import summarize
 from resnet_deploy.bench.options import BenchOptions
 from resnet_deploy.bench.results import ArtifactResult, BenchReport
 from resnet_deploy.errors import BenchError, GateError
@@ -113,16 +113,51 @@ def test_summarize_known_times():
         summarize(np.array([]), 1)
 
 
-def test_timed_runs_respects_runs_min_time_and_budget():
-    calls = []
-    times, warm = timed_runs(lambda: calls.append(1), warmup=3, runs=7)
-    assert warm == 3 and len(times) == 7 and len(calls) == 10
-    t0 = time.perf_counter()
-    times, _ = timed_runs(lambda: None, warmup=0, runs=1, min_time_s=0.05)
-    assert time.perf_counter() - t0 >= 0.05 and len(times) > 1  # min duration beats the run count
-    times, _ = timed_runs(lambda: time.sleep(0.01), warmup=0, runs=10_000, max_time_s=0.05, min_runs=3)
-    assert 3 <= len(times) < 20  # the budget stops a long count, never under min_runs
-    assert np.all(times >= 0.009)
+def _fake_series(clock, cost_s, jitter=None):
+    """n calls of ``cost_s`` seconds each on a fake clock (times scaled by ``jitter(call index)``)."""
+    count = [0]
+
+    def run(n):
+        out = []
+        for _ in range(n):
+            t = cost_s * (jitter(count[0]) if jitter else 1.0)
+            count[0] += 1
+            clock[0] += t
+            out.append(t)
+        return np.array(out)
+    return run
+
+
+def test_rounds_stop_when_steady_after_the_minimums_or_at_the_budget():
+    from resnet_deploy.bench.rounds import RoundsPlan, interleaved_rounds
+
+    clock = [0.0]
+    now = lambda: clock[0]  # noqa: E731
+    plan = RoundsPlan(warmup=2, min_runs=60, budget_s=50.0, min_rounds=6, block_s=0.1)
+    steady = interleaved_rounds({"a": _fake_series(clock, 0.01), "b": _fake_series(clock, 0.002)}, plan, clock=now)
+    assert steady.stopped == "steady" and steady.rounds == 6  # constant times: steady as soon as allowed
+    assert steady.warmup == {"a": 2, "b": 2}
+    assert all(len(t) == 10 for t in steady.times["a"])  # blocks of block_s / per-call time
+    assert sum(map(len, steady.times["b"])) >= 60
+    # a series that never settles (its block medians alternate 1x / 3x) runs until the budget
+    clock[0] = 0.0
+    wobbly = _fake_series(clock, 0.01, jitter=lambda i: 1.0 if (i // 10) % 2 else 3.0)
+    out = interleaved_rounds({"a": wobbly, "b": _fake_series(clock, 0.002)}, plan, clock=now)
+    assert out.stopped == "budget" and out.elapsed_s >= plan.budget_s and out.rounds > 6
+
+
+def test_a_failing_series_is_dropped_and_the_others_go_on():
+    from resnet_deploy.bench.rounds import RoundsPlan, SeriesFailed, interleaved_rounds
+
+    clock = [0.0]
+    good = _fake_series(clock, 0.01)
+
+    def bad(n):
+        raise SeriesFailed("bad", {"kind": "crash"})
+
+    out = interleaved_rounds({"good": good, "bad": bad}, RoundsPlan(warmup=1, min_runs=10, budget_s=5),
+                             clock=lambda: clock[0])
+    assert out.failed == {"bad": {"kind": "crash"}} and "bad" not in out.times and out.rounds >= 6
 
 
 # Options ---------------------------------------------------------------------------------------

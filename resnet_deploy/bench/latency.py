@@ -1,48 +1,16 @@
-"""Timing and memory: warm-up, then timed runs until a run count and a minimum duration are met
-(bounded by a time budget), summarised as mean/std/min/p50/p90/p99, throughput and a noise flag.
+"""Timing statistics and memory: a series of call times summarised as mean/std/min/p50/p90/p99,
+throughput and a coefficient of variation (the series themselves come from ``bench.rounds``), and the
+memory one artifact adds to its process (``MemoryMeter``).
 
-Pure Python + numpy; the engines are reached through a zero-argument callable.
+Pure Python + numpy.
 """
 
 from __future__ import annotations
 
 import resource
 import sys
-import time
-from typing import Callable
 
 import numpy as np
-
-
-def timed_runs(fn: Callable[[], object], warmup: int, runs: int, min_time_s: float = 0.0,
-               max_time_s: float = 10.0, min_runs: int = 5) -> tuple[np.ndarray, int]:
-    """Call ``fn`` ``warmup`` times untimed, then time it until at least ``runs`` calls *and*
-    ``min_time_s`` seconds are done; stop early once ``max_time_s`` is spent and ``min_runs``
-    calls are timed. Warm-up stops after half of ``max_time_s`` (at least one call).
-
-    Returns (seconds per call, warm-up calls made).
-    """
-    clock = time.perf_counter
-    start = clock()
-    done_warmup = 0
-    for _ in range(warmup):
-        fn()
-        done_warmup += 1
-        if clock() - start > max_time_s / 2:
-            break
-    times: list[float] = []
-    start = clock()
-    while True:
-        t0 = time.perf_counter_ns()
-        fn()
-        times.append((time.perf_counter_ns() - t0) / 1e9)
-        elapsed = clock() - start
-        n = len(times)
-        if n >= runs and elapsed >= min_time_s:
-            break
-        if elapsed >= max_time_s and n >= min_runs:
-            break
-    return np.asarray(times, np.float64), done_warmup
 
 
 def summarize(times_s: np.ndarray, batch: int, noisy_cv: float = 0.10) -> dict:
