@@ -179,9 +179,20 @@ def test_npz_with_labels_prints_accuracy(exported, cifar, tmp_path):
     assert text.exit_code == 0, text.output
     top1_10 = int((logits[:10].argmax(1) == y[:10]).sum())
     assert f"top-1 {top1_10 / 10:.2%} ({top1_10}/10)" in text.stdout
-    rows = [line for line in text.stdout.splitlines() if line.startswith(str(tmp_path / "t.npz")[:10])
-            or "t.npz[" in line]
+    rows = [line for line in text.stdout.splitlines() if "t.npz[" in line]
     assert len(rows) == 10
+    assert sum(row.endswith("  ok") for row in rows) == top1_10
+
+
+def test_text_output_fits_80_columns_even_with_all_classes(exported, cifar, tmp_path, monkeypatch):
+    out_dir, _ = exported
+    np.savez(tmp_path / "t.npz", x=cifar.test.x[:6], y=cifar.test.y[:6])
+    monkeypatch.chdir(tmp_path)
+    for k in ("1", "3", "10"):
+        r = runner.invoke(app, ["predict", str(out_dir / "model_fp32.onnx"), "t.npz", "-k", k], env={"COLUMNS": "80"})
+        assert r.exit_code == 0, r.output
+        assert max(len(line) for line in r.stdout.splitlines()) <= 80, r.stdout
+        assert r.stdout.count("%") == 6 * int(k) + 2  # every probability shown, + the accuracy line's two
 
 
 def test_softmax_output_is_not_applied_twice(tmp_path, test_pngs):
@@ -199,7 +210,7 @@ def test_softmax_output_is_not_applied_twice(tmp_path, test_pngs):
     result = runner.invoke(app, ["predict", str(path), *map(str, paths[:4]), "--json", "-k", "10"])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
-    assert "own probabilities" in doc["scores"]
+    assert doc["scores"] == "the model's own (every output row sums to 1)"
     for i, pred in enumerate(doc["predictions"]):
         got = np.zeros(10)
         for t in pred["top"]:

@@ -72,6 +72,18 @@ def _eprint(text: str) -> None:
         print(textwrap.fill(line, width, subsequent_indent="  ", break_on_hyphens=False), file=sys.stderr)
 
 
+def _pack(cells: list[str], width: int, indent: str) -> list[str]:
+    """Cells on lines of at most ``width`` characters (after ``indent``), two spaces apart, never split."""
+    lines, cur = [], ""
+    for cell in cells:
+        if cur and len(cur) + 2 + len(cell) > width:
+            lines.append(indent + cur)
+            cur = cell
+        else:
+            cur = f"{cur}  {cell}" if cur else cell
+    return lines + [indent + cur] if cur else lines
+
+
 def _files(result) -> int:
     return len(set(result.inputs.sources))
 
@@ -89,13 +101,19 @@ def print_result(result) -> None:
         print("  no manifest beside the artifact: pixels 0..255 and CIFAR-10 class names assumed")
     if not len(result.inputs):
         return
+    import shutil
+
+    columns = shutil.get_terminal_size().columns
     width = min(max(len(n) for n in result.inputs.names), 28)
     for i, name in enumerate(result.inputs.names):
         shown = name if len(name) <= width else "…" + name[-(width - 1):]
-        cells = "  ".join(f"{names[c]} {result.probabilities[i, c]:.1%}" for c in result.top[i])
+        cells = [f"{names[c]} {result.probabilities[i, c]:.1%}" for c in result.top[i]]
         label = int(result.inputs.labels[i])
         mark = "" if label < 0 else ("  ok" if result.top[i, 0] == label else f"  wrong, is {names[label]}")
-        print(f"{shown:<{width}}  {cells}{mark}")
+        line = f"{shown:<{width}}  {'  '.join(cells)}{mark}"
+        if len(line) > columns:  # too wide (long names, a large --top-k): the name, then classes indented
+            line = "\n".join([name + mark, *_pack(cells, columns - 4, indent="    ")])
+        print(line)
     for acc in result.accuracy:
         print(f"accuracy on {acc['source']}: top-1 {acc['top1']:.2%} ({acc['top1_correct']:,}/{acc['images']:,}), "
               f"top-{acc['k']} {acc['topk']:.2%} ({acc['topk_correct']:,}/{acc['images']:,})")

@@ -146,12 +146,12 @@ def looks_like_probabilities(out: np.ndarray) -> bool:
 def to_probabilities(out: np.ndarray, declared: str | None) -> tuple[np.ndarray, str]:
     """(probabilities, how they were obtained)."""
     if declared == "logits":
-        return softmax(out), "softmax of the model's logits (as its sidecar states)"
+        return softmax(out), "softmax of the logits (the sidecar says logits)"
     if declared == "probabilities":
-        return np.asarray(out, np.float64), "the model's own probabilities (as its sidecar states)"
+        return np.asarray(out, np.float64), "the model's own (the sidecar says probabilities)"
     if looks_like_probabilities(out):
-        return np.asarray(out, np.float64), "the model's own probabilities (every output row sums to 1)"
-    return softmax(out), "softmax of the model's outputs (logits: the rows do not sum to 1)"
+        return np.asarray(out, np.float64), "the model's own (every output row sums to 1)"
+    return softmax(out), "softmax of the outputs (rows do not sum to 1: logits)"
 
 
 def top_k_indices(probs: np.ndarray, k: int) -> np.ndarray:
