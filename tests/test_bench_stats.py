@@ -342,9 +342,9 @@ def test_per_file_timeout_is_generous_and_scales_with_the_work():
 
 
 def test_every_error_entry_says_what_expected_and_fix():
-    from resnet_deploy.bench.results import crash_error as _crash_error, error_entry, timeout_error as _timeout_error
+    from resnet_deploy.bench.results import crash_error, error_entry, timeout_error
 
-    entries = [_crash_error(Path("x.tflite"), -11), _timeout_error(Path("x.tflite"), 12.0),
+    entries = [crash_error(Path("x.tflite"), -11), timeout_error(Path("x.tflite"), 12.0),
                error_entry("unexpected KeyError", "boom", "a runtime that works", "report it", traceback="tb")]
     for e in entries:
         assert {"kind", "message", "what", "expected", "fix"} <= set(e) and e["what"] in e["message"]

@@ -81,9 +81,9 @@ def test_sidecar_less_model_gets_the_preprocessing_declared_at_export(flags, to_
     pred = _plain_predictions(model, to_input(test_split.x))
     raw = _plain_predictions(model, test_split.x.astype(np.float32))
     assert np.mean(pred == raw) < 0.9  # the test can fail: on raw pixels the model predicts otherwise
-    (fp32, int8) = export_model(path, ExportOptions(formats=("tflite",), int8=True, calib_samples=50,
-                                                    validate_samples=64, preprocessing=parse_preprocessing(*flags)),
-                                data=small_npz_dir)
+    (_, int8) = export_model(path, ExportOptions(formats=("tflite",), int8=True, calib_samples=50,
+                                                 validate_samples=64, preprocessing=parse_preprocessing(*flags)),
+                             data=small_npz_dir)
     report = run_bench([int8.path], BenchOptions(isolate=False, threads=1, latency=False, **QUICK), data=test_split)
     assert report.ok, report.to_dict()["errors"]
     ref, q = report.result("foreign.keras"), report.result("foreign_int8.tflite")
@@ -120,10 +120,9 @@ def _copy_run(src: dict[str, Path], dest: Path) -> dict[str, Path]:
 
 
 def test_an_artifact_from_another_float_model_is_refused_unless_allowed(tiny_export, tmp_path, test_split):
-    from tests.conftest import tiny_model
-
     from resnet_deploy.fileio import sha256_file
     from resnet_deploy.models.io import save_model
+    from tests.conftest import tiny_model
 
     run = _copy_run(tiny_export, tmp_path / "run")
     old_sha = sha256_file(run["model"])

@@ -5,13 +5,12 @@ model returns (logits, or probabilities from a softmax last layer).
 
 from __future__ import annotations
 
-import numpy as np
-
 from resnet_deploy.bench import accuracy as acc
 from resnet_deploy.bench.results import ArtifactResult
 from resnet_deploy.bench.rounds import speedup_over_rounds
 from resnet_deploy.converters.validate import output_kind  # noqa: F401  (bench.run reads it from here)
 from resnet_deploy.data.constants import NUM_CLASSES
+
 
 def fill_accuracy(r: ArtifactResult, reference: ArtifactResult | None, split, options, kind: str) -> None:
     if r.logits is None or split is None:

@@ -34,7 +34,7 @@ class RoundsPlan:
     budget_s: float = 20.0  # stop once this is spent (and the hard minimums are met)
     min_rounds: int = 6  # fewest rounds for a 95 % interval of a median (1 - 2 / 2**6 = 96.9 %)
     hard_min_rounds: int = 3  # never fewer, budget or not
-    block_s: float = 0.2  # target duration of one series' block of calls in a round
+    block_s: float = 0.1  # target duration of one series' block of calls in a round
     max_block: int = 1000  # most calls in one block
     steady_width: float = 0.10  # a series is steady when its median's interval is narrower than this share
     confidence: float = 0.95
