@@ -360,7 +360,7 @@ def test_qat_runs_end_to_end_and_is_integer(tmp_path, trained_path, small_npz_di
     info = qat.options["qat"]
     assert info["epochs"] == 1 and info["samples"] == 200 and len(info["history"]["loss"]) == 1
     assert info["split"] == "train" and info["left_float_for_converter"] == ["normalize"]
-    assert qat.validation["top1_agreement"] >= 0.7  # one epoch at lr 1e-4 keeps the float model's answers
+    assert qat.validation["top1_agreement"] >= 0.7  # one epoch at lr 1e-5, BatchNorm frozen: the float model's answers
     assert os.environ.get("TF_USE_LEGACY_KERAS") in (None, "0")  # tfmot's switch did not leak
 
 

@@ -145,6 +145,28 @@ def test_validation_split_is_disjoint_from_calibration_and_test_and_hashed(aware
             assert {t["per_channel"] for t in tries} == {True, False}
 
 
+def test_qat_is_judged_beside_ptq_and_written_only_when_it_wins(tmp_path, outlier_path, small_npz_dir):
+    from resnet_deploy.data.sampler import class_balanced_indices, indices_hash
+    from resnet_deploy.data.sources import load_cifar10
+
+    opts = ExportOptions(formats=("tflite",), int8=True, accuracy_aware=True, qat_epochs=1, qat_samples=200,
+                         search_calib_samples=(), **SMALL, out_dir=tmp_path)
+    arts = {a.path.name: a for a in export_model(outlier_path[0], opts, data=small_npz_dir)}
+    ptq = arts["outlier_int8.tflite"].manifest.int8_accuracy
+    qat = ptq["qat"]
+    assert qat["ptq"]["val_top1"] == ptq["result"]["val_top1"]
+    assert qat["margin_pp"] == pytest.approx(100 * (qat["qat"]["val_top1"] - qat["ptq"]["val_top1"]), abs=1e-3)
+    assert qat["winner"] == ("qat" if qat["margin_pp"] > 0 else "ptq")
+    assert ("outlier_int8_qat.tflite" in arts) == (qat["winner"] == "qat")
+    assert (tmp_path / "outlier_int8_qat.tflite").exists() == (qat["winner"] == "qat")
+    # fine-tuned from the float model's BatchNorm statistics, on training images outside the validation split
+    tune = qat["fine_tuning"]
+    assert tune["batchnorm"]["frozen_at_float_statistics"] == 9 and tune["learning_rate"] == 1e-5
+    train = load_cifar10(small_npz_dir).train
+    val = class_balanced_indices(train.y, SMALL["val_samples"], seed=0)
+    assert tune["indices_sha256_16"] == indices_hash(class_balanced_indices(train.y, 200, seed=1, exclude=val))
+
+
 def test_validation_scores_are_what_the_float_logits_say():
     from resnet_deploy.converters.int8_search import ValidationSet, score
 

@@ -99,6 +99,7 @@ def export(
     analysis_samples: Annotated[int, typer.Option(help="Validation images the per-layer analysis runs on.")] = 200,
     qat_epochs: Annotated[int, typer.Option(help="Quantization-aware fine-tuning epochs (tfmot); adds <stem>_int8_qat.tflite.")] = 0,
     qat_samples: Annotated[int, typer.Option(help="Training images used for QAT fine-tuning.")] = 2000,
+    qat_lr: Annotated[float, typer.Option(help="QAT learning rate (Adam; low, so the fine-tuning stays near the float model).")] = 1e-5,
     input_range: Annotated[Optional[str], typer.Option(help="Models without metadata: input range 0-255 or 0-1.", show_default=False)] = None,
     mean: Annotated[Optional[str], typer.Option(help="Models without metadata: per-channel mean R,G,B in pixel units.", show_default=False)] = None,
     std: Annotated[Optional[str], typer.Option(help="Models without metadata: per-channel std R,G,B in pixel units.", show_default=False)] = None,
@@ -114,7 +115,7 @@ def export(
         onnx_activation_type=onnx_activation_type, onnx_reduce_range=onnx_reduce_range,  # None: automatic
         calib_samples=calib_samples, calib_seed=calib_seed, calib_method=calib_method,
         validate_samples=validate_samples, fp32_tolerance=fp32_tolerance, qat_epochs=qat_epochs,
-        qat_samples=qat_samples, preprocessing=parse_preprocessing(input_range, mean, std),
+        qat_samples=qat_samples, qat_learning_rate=qat_lr, preprocessing=parse_preprocessing(input_range, mean, std),
         accuracy_aware=accuracy_aware, int8_max_drop=int8_max_drop, val_samples=val_samples, val_seed=val_seed,
         search_time=search_time, search_calib_samples=parse_counts(search_calib_samples),
         int8_max_float_layers=int8_max_float_layers, analyze=analyze, analysis_samples=analysis_samples,

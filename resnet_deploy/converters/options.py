@@ -75,7 +75,7 @@ class ExportOptions:
     analysis_samples: int = 200  # validation images the per-layer analysis runs on
     qat_epochs: int = 0
     qat_samples: int = 2000
-    qat_learning_rate: float = 1e-4
+    qat_learning_rate: float = 1e-5  # low: QAT starts from the float model and should stay near it
     qat_batch_size: int = 64
     preprocessing: Preprocessing | None = None  # for models without metadata
 

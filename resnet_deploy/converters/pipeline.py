@@ -137,15 +137,25 @@ def export_model(model_path: str | os.PathLike, options: ExportOptions, data=Non
     if options.qat_epochs:
         from resnet_deploy.converters.qat import qat_finetune
 
-        qat_model, qat_info = qat_finetune(model, metadata, ds.train, spec, options, say)
+        qat_model, qat_info = qat_finetune(model, metadata, ds.train, spec, options, say,
+                                           exclude=None if val is None else val.indices)
     common = _common_manifest_fields(model_path, metadata, spec, spec_source)
     out = []
     for target, path in paths.items():
         src = qat_model if target.qat else model
         extra = {"qat": qat_info} if target.qat else {}
         opts, cal = options, calibration
+        if target.qat and qat_info.get("judged", {}).get("keep") is False:
+            left = " (the existing file of that name is left as it was)" if path.exists() else ""
+            say(f"{path.name}: not written{left}: {qat_info['judged']['note']}")
+            continue
         if val is not None and target.precision is Precision.INT8 and not target.qat:
             opts, cal, extra["int8_accuracy"] = _plan_int8(model, target, options, ds.train, spec, val, calibration, say)
+            if qat_model is not None and target.format is Format.TFLITE and options.int8_aware:
+                judged = _judge_qat(qat_model, options, cal, val, extra["int8_accuracy"], say)
+                judged["fine_tuning"] = {k: qat_info[k] for k in ("samples", "indices_sha256_16", "learning_rate",
+                                                                  "batchnorm", "disjoint_from_validation")}
+                qat_info["judged"] = extra["int8_accuracy"]["qat"] = judged
         out.append(_export_one(src, path, target, opts, cal, reference, spec, common, extra))
         v = out[-1].manifest.validation
         say(f"{path.name}: {out[-1].manifest.size_bytes / 1e6:.2f} MB, max |dlogit| {v['max_abs_logit_diff']:.3g}, "
@@ -167,6 +177,29 @@ def _plan_int8(model, target: Target, options: ExportOptions, train, spec: Prepr
     record["validation_indices_sha256_16"] = val.recipe["indices_sha256_16"]
     record["disjoint"] = not np.intersect1d(val.indices, cal.indices).size  # checked, not assumed
     return opts, cal, record
+
+
+def _judge_qat(qat_model, options: ExportOptions, calibration, val, ptq: dict, say) -> dict:
+    """Score the QAT INT8 TFLite file on the validation split beside the accuracy-aware PTQ one; QAT is
+    kept only when its validation top-1 is higher (a tie keeps PTQ, the simpler file)."""
+    import tempfile
+
+    from resnet_deploy.converters.int8_search import predict_tflite, score
+
+    with tempfile.TemporaryDirectory(prefix="rd-qat-") as tmp:
+        path = Path(tmp) / "qat.tflite"
+        tflite_converter.convert(qat_model, path, Target(Format.TFLITE, Precision.INT8, qat=True), options, calibration)
+        q = score(predict_tflite(path, val.x), val)
+    p = ptq["result"]
+    margin = round(100 * (q["val_top1"] - p["val_top1"]), 4)
+    keep = margin > 0
+    note = (f"QAT won on the validation split: top-1 {100 * q['val_top1']:.2f} % against PTQ's "
+            f"{100 * p['val_top1']:.2f} % ({margin:+.2f} pp)" if keep else
+            f"PTQ won on the validation split: QAT top-1 {100 * q['val_top1']:.2f} % against PTQ's "
+            f"{100 * p['val_top1']:.2f} % ({margin:+.2f} pp); the QAT file is not kept")
+    say(note)
+    return {"keep": keep, "winner": "qat" if keep else "ptq", "margin_pp": margin, "note": note,
+            "qat": q, "ptq": {k: p[k] for k in ("val_top1", "val_drop_pp", "val_agreement")}}
 
 
 def _reference(model, test, n: int, spec: Preprocessing):

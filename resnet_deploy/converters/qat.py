@@ -7,6 +7,12 @@ BatchNormalization, ReLU, Add, pooling and Dense layer is annotated for quantiza
 representative dataset: tfmot has no quantize config for it). The annotated model is fine-tuned for
 a few epochs on a class-balanced, seeded subset of the *training* split, preprocessed like
 evaluation, and handed to the TFLite converter like any other model.
+
+Fine-tuning starts from the float model and stays close to it: a low learning rate (1e-5 by default) and
+the BatchNormalization layers frozen at the float model's statistics (``trainable=False``: tf_keras then
+normalises with the moving mean/variance and never updates them, so small QAT batches cannot drag them
+away). With accuracy-aware INT8 the fine-tuning images are drawn outside the validation split, and the
+pipeline judges the QAT file on that split beside the PTQ one and writes it only when it wins.
 """
 
 from __future__ import annotations
@@ -58,6 +64,16 @@ def tf_keras_twin(model, metadata: dict | None):
     return twin
 
 
+def freeze_batchnorm(twin) -> list[str]:
+    """Keep every BatchNormalization at the float model's statistics during QAT; returns their names."""
+    frozen = []
+    for layer in twin.layers:
+        if type(layer).__name__ == "BatchNormalization":
+            layer.trainable = False
+            frozen.append(layer.name)
+    return frozen
+
+
 def quantize_annotated(twin):
     """tfmot's QAT model of ``twin``: supported layers annotated, the input Normalization left float."""
     tfmot = _import_tfmot()
@@ -78,13 +94,17 @@ def quantize_annotated(twin):
 
 
 def qat_finetune(model, metadata: dict | None, train, spec: Preprocessing, options,
-                 say: Callable[[str], None] = lambda m: None):
-    """Fine-tune ``model`` quantization-aware; returns (tf_keras QAT model, recipe dict for the manifest)."""
+                 say: Callable[[str], None] = lambda m: None, exclude: np.ndarray | None = None):
+    """Fine-tune ``model`` quantization-aware; returns (tf_keras QAT model, recipe dict for the manifest).
+    ``exclude``: training indices never used (the INT8 validation split)."""
     import tf_keras
 
     twin = tf_keras_twin(model, metadata)
+    frozen = freeze_batchnorm(twin)
     qat_model, tfmot_version = quantize_annotated(twin)
-    idx = class_balanced_indices(train.y, min(options.qat_samples, len(train)), seed=options.calib_seed + 1)
+    pool = len(train) - (0 if exclude is None else len(exclude))
+    idx = class_balanced_indices(train.y, min(options.qat_samples, pool), seed=options.calib_seed + 1,
+                                 exclude=exclude)
     x, y = preprocess(train.x[idx], spec), train.y[idx]
     tf_keras.utils.set_random_seed(options.calib_seed)
     qat_model.compile(optimizer=tf_keras.optimizers.Adam(options.qat_learning_rate),
@@ -98,6 +118,8 @@ def qat_finetune(model, metadata: dict | None, train, spec: Preprocessing, optio
         "epochs": options.qat_epochs, "samples": int(len(idx)), "split": "train",
         "indices_sha256_16": indices_hash(idx), "seed": options.calib_seed + 1,
         "optimizer": "Adam", "learning_rate": options.qat_learning_rate, "batch_size": options.qat_batch_size,
+        "batchnorm": {"frozen_at_float_statistics": len(frozen), "layers": frozen},
+        "disjoint_from_validation": exclude is not None,
         "left_float_for_converter": [l.name for l in twin.layers if type(l).__name__ == "Normalization"],
         "history": {k: [round(float(v), 5) for v in vals] for k, vals in hist.history.items()},
         "seconds": round(seconds, 2),

@@ -39,7 +39,7 @@ def convert(model, out_path: Path, target, options, calibration=None) -> Convert
     elif p is Precision.DYNAMIC_INT8:
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
         settings.update(weights="int8", activations="float32 (dynamic-range)")
-    elif p is Precision.INT8 and (options.int8_float_layers or options.int8_aware):
+    elif p is Precision.INT8 and (options.int8_float_layers or options.int8_aware) and not target.qat:
         return _convert_selective(model, out_path, target, options, calibration, settings)
     elif p is Precision.INT8:
         if calibration is None:
