@@ -158,6 +158,29 @@ def test_a_file_copied_over_another_name_is_refused_and_baselines_share_the_sour
     assert find_baseline(q, [q, base]) is None
 
 
+def test_artifacts_that_declare_different_preprocessing_are_an_error_naming_them(tiny_export, tmp_path):
+    import json
+
+    from resnet_deploy.bench.contract import resolve_contract
+    from resnet_deploy.bench.selection import identify
+    from resnet_deploy.errors import BenchError
+
+    run = _copy_run(tiny_export, tmp_path / "run")
+    side = Path(str(run["int8"]) + ".json")
+    m = json.loads(side.read_text())
+    m["preprocessing"] = {"scale": 1 / 255, "mean": None, "std": None}
+    side.write_text(json.dumps(m))
+    entries = [identify(run["fp32"], "artifact"), identify(run["int8"], "artifact")]
+    for e in entries:
+        e.label = e.path.name
+    with pytest.raises(BenchError) as info:
+        resolve_contract(entries, run["model"])
+    assert "model_fp32.tflite" in info.value.what and "model_int8.tflite" in info.value.what
+    assert info.value.fix
+    # alone, the artifact's declaration is the reference's contract
+    assert resolve_contract(entries[1:], run["model"]).preprocessing.scale == pytest.approx(1 / 255)
+
+
 # Interleaved rounds under drift -------------------------------------------------------------------
 class FakeClock:
     def __init__(self):

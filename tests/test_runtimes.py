@@ -119,3 +119,42 @@ def test_onnx_runner_rounds_and_saturates_integer_input(tmp_path, dtype, onnx_ty
     with open_runner(path, threads=1) as r:
         got = r.predict_preprocessed(x)
     np.testing.assert_array_equal(got[0, 0, 0], [info.min, 13, info.max])  # a bare cast wraps these around
+
+
+def test_io_spec_reports_the_engines_own_tensors(tmp_path, tiny_model_path, images):
+    """``io_spec()`` is what the engine says, read here straight from the Interpreter and the session."""
+    import onnxruntime as ort
+    import tensorflow as tf
+    from ai_edge_litert.interpreter import Interpreter
+
+    from resnet_deploy.data.preprocess import Preprocessing
+    from resnet_deploy.models.io import load_model
+
+    model = load_model(tiny_model_path)
+    conv = tf.lite.TFLiteConverter.from_keras_model(model)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.representative_dataset = lambda: ([images[i:i + 1].astype(np.float32)] for i in range(10))
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    conv.inference_input_type = conv.inference_output_type = tf.int8
+    path = tmp_path / "q.tflite"
+    path.write_bytes(conv.convert())
+    bare = Interpreter(model_path=str(path))
+    (d,) = bare.get_input_details()
+    with open_runner(path, preprocessing=Preprocessing.unit_range()) as r:
+        spec = r.io_spec()
+    assert spec.input.dtype == "int8" and spec.output.dtype == "int8"
+    assert (spec.input.scale, spec.input.zero_point) == (pytest.approx(d["quantization"][0]), d["quantization"][1])
+    assert spec.input.shape[1:] == (32, 32, 3) and spec.output.shape[-1] == 10
+    assert spec.preprocessing == Preprocessing.unit_range()
+    with open_runner(tiny_model_path) as r:
+        k = r.io_spec()
+    assert k.input.shape == (None, 32, 32, 3) and k.output.shape == (None, 10) and k.input.scale is None
+    onnx_path = tmp_path / "m.onnx"
+    import tf2onnx
+
+    tf2onnx.convert.from_keras(model, output_path=str(onnx_path))
+    sess_in = ort.InferenceSession(str(onnx_path)).get_inputs()[0]
+    with open_runner(onnx_path) as r:
+        o = r.io_spec()
+    assert o.input.name == sess_in.name and o.input.dtype == "float32" and o.input.shape[1:] == (32, 32, 3)
+    assert o.to_dict()["input"]["shape"][0] is None
