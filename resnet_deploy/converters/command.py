@@ -163,6 +163,9 @@ def _print_int8_accuracy(console, artifact, top: int = 8) -> None:
     """The accuracy-aware INT8 summary and the most sensitive layers of one INT8 artifact."""
     from rich.table import Table
 
+    from rich.console import Console
+
+    console = Console(width=max(console.width, 110))
     rec = artifact.manifest.int8_accuracy
     val = rec["validation"]
     console.print(f"[bold]{artifact.path.name}[/bold]: validation split {val['samples']} training images "
@@ -170,12 +173,16 @@ def _print_int8_accuracy(console, artifact, top: int = 8) -> None:
                   f"disjoint: {rec['disjoint']}", highlight=False)
     if "result" in rec:
         res, search, fb = rec["result"], rec["search"], rec["fallback"]
-        console.print(f"  search: {len(search['tries'])} tries ({search['stopped']}); winner "
-                      f"{search['winner']}; float layers: {fb['float_layers'] or 'none'}", highlight=False)
+        w = search["winner"]
+        console.print(f"  search: {len(search['tries'])} tries ({search['stopped']}); winner: {w['calib_samples']} "
+                      f"calibration images, {w['method']}, {'per-channel' if w['per_channel'] else 'per-tensor'} "
+                      f"(validation agreement {w['val_agreement']:.2%}); float layers: "
+                      f"{', '.join(fb['float_layers']) or 'none'}", highlight=False)
         if fb.get("latency"):
             lat = fb["latency"]
-            console.print(f"  latency cost of the float layers (batch 1, 1 thread): {lat['all_int8_ms']:.3g} -> "
-                          f"{lat['with_float_layers_ms']:.3g} ms ({lat['ratio']:.2f}x)", highlight=False)
+            console.print(f"  latency cost of the fallback's float layers (batch 1, 1 thread): "
+                          f"{lat['before_fallback_ms']:.3g} -> {lat['after_fallback_ms']:.3g} ms ({lat['ratio']:.2f}x)",
+                          highlight=False)
         style = "green" if res["met_budget"] else "bold red"
         console.print(f"  [{style}]{res['note']}[/{style}]; test: top-1 {artifact.manifest.validation['top1_accuracy']:.1%}"
                       f", agreement {artifact.manifest.validation['top1_agreement']:.1%} on "

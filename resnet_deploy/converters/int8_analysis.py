@@ -68,6 +68,16 @@ def layer_of(node_name: str, index: dict) -> str | None:
     return found[-1]
 
 
+def tflite_op_layer(tensor_name: str, op: str, index: dict) -> str | None:
+    """The Keras layer of a TFLite op from its output tensor's name; the model's output op carries only
+    ``StatefulPartitionedCall:0``, so a FULLY_CONNECTED op without a name is the model's only Dense layer."""
+    layer = layer_of(tensor_name, index)
+    if layer is None and op == "FULLY_CONNECTED":
+        dense = [n for n, (cls, _) in index.items() if cls == "Dense"]
+        layer = dense[0] if len(dense) == 1 else None
+    return layer
+
+
 def onnx_node_layer(node, index: dict) -> str | None:
     """The Keras layer of an ONNX node: from its name, else its weight's or its output's name
     (``quant_pre_process`` may rename fused nodes ``Conv__135``; the tensors keep tf2onnx's names)."""
@@ -117,7 +127,7 @@ def tflite_layer_errors(debugger, images: np.ndarray, index: dict) -> list[dict]
             debugger._numeric_verify_op_details[name]["inputs"][0], subgraph_index=0)
             ["quantization_parameters"]["scales"][0])
         rel = float(stats["relative_rmse"])
-        rows.append({"layer": layer_of(node, index), "node": node, "op": op, "score": round(rel, 6),
+        rows.append({"layer": tflite_op_layer(node, op, index), "node": node, "op": op, "score": round(rel, 6),
                      "relative_rmse": round(rel, 6),
                      "rmse_over_scale": round(math.sqrt(float(stats["mean_squared_error"])) / scale, 4)
                      if scale else None, "max_abs_error": round(float(stats["max_abs_error"]), 6)})

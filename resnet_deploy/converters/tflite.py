@@ -110,11 +110,11 @@ class TFLiteInt8:
         takes those names)."""
         from ai_edge_litert.interpreter import Interpreter
 
-        from resnet_deploy.converters.int8_analysis import layer_of
+        from resnet_deploy.converters.int8_analysis import tflite_op_layer
 
         it = Interpreter(model_content=self.debugger.calibrated_model)
         names = {t["index"]: t["name"] for t in it.get_tensor_details()}
-        return {names[op["outputs"][0]]: layer_of(names[op["outputs"][0]], self.index)
+        return {names[op["outputs"][0]]: tflite_op_layer(names[op["outputs"][0]], op["op_name"], self.index)
                 for op in it._get_ops_details() if op["op_name"] in TFLITE_COMPUTE_OPS}
 
     def quantize(self, float_layers=()) -> bytes:
