@@ -21,6 +21,7 @@ import re
 
 import numpy as np
 
+from resnet_deploy.converters.base import ONNX_COMPUTE_OPS
 from resnet_deploy.errors import ExportError
 
 _COMPUTE_CLASSES = ("Conv2D", "DepthwiseConv2D", "Dense", "Conv2DTranspose", "SeparableConv2D")
@@ -147,20 +148,8 @@ def onnx_layer_errors(float_path, qdq_path, images: np.ndarray, input_name: str,
     """Per compute node (Conv/Gemm/MatMul) of the float graph: SQNR of the float vs QDQ activations at its
     input and output (``qdq_loss_debug``) and the noise it adds, ranked."""
     import onnx
-    from onnxruntime.quantization.qdq_loss_debug import (collect_activations, compute_signal_to_quantization_noice_ratio,
-                                                         create_activation_matching,
-                                                         modify_model_output_intermediate_tensors)
 
-    from resnet_deploy.converters.base import ONNX_COMPUTE_OPS
-
-    acts = {}
-    for tag, path in (("float", float_path), ("qdq", qdq_path)):
-        aug = f"{work_dir}/{tag}_aug.onnx"
-        modify_model_output_intermediate_tensors(str(path), aug)
-        acts[tag] = collect_activations(aug, _Reader(images, input_name))
-    matched = create_activation_matching(acts["qdq"], acts["float"])
-    sqnr = {t: compute_signal_to_quantization_noice_ratio(m["float"], m["post_qdq"])
-            for t, m in matched.items() if m.get("float")}
+    sqnr = _onnx_sqnr(float_path, qdq_path, images, input_name, work_dir)
     graph = onnx.load(str(float_path)).graph
     producer = {o: n for n in graph.node for o in n.output}
     consumers: dict[str, list] = {}
@@ -180,6 +169,33 @@ def onnx_layer_errors(float_path, qdq_path, images: np.ndarray, input_name: str,
                      "added_noise_db": round(added, 3), "sqnr_in_db": None if s_in is None else round(s_in, 3),
                      "sqnr_out_db": round(s_out, 3)})
     return rank(rows)
+
+
+def _onnx_sqnr(float_path, qdq_path, images: np.ndarray, input_name: str, work_dir, chunk: int = 25) -> dict:
+    """SQNR (dB) of the QDQ model's activations against the float model's, per quantized tensor, over
+    ``images``. Activations are collected ``chunk`` images at a time and reduced to sums of squares, so a
+    ResNet34's activations never sit in memory for all images at once."""
+    from onnxruntime.quantization.qdq_loss_debug import (collect_activations, create_activation_matching,
+                                                         modify_model_output_intermediate_tensors)
+
+    aug = {}
+    for tag, path in (("float", float_path), ("qdq", qdq_path)):
+        aug[tag] = f"{work_dir}/{tag}_aug.onnx"
+        modify_model_output_intermediate_tensors(str(path), aug[tag])
+    signal: dict[str, float] = {}
+    noise: dict[str, float] = {}
+    for i in range(0, len(images), chunk):
+        part = _Reader(images[i:i + chunk], input_name)
+        acts = {tag: collect_activations(path, part) for tag, path in aug.items()}
+        for t, m in create_activation_matching(acts["qdq"], acts["float"]).items():
+            if not m.get("float"):
+                continue
+            f = np.concatenate([a.ravel() for a in m["float"]]).astype(np.float64)
+            q = np.concatenate([a.ravel() for a in m["post_qdq"]]).astype(np.float64)
+            signal[t] = signal.get(t, 0.0) + float(f @ f)
+            noise[t] = noise.get(t, 0.0) + float((f - q) @ (f - q))
+    eps = np.finfo(np.float64).eps
+    return {t: 10 * math.log10(max(signal[t], eps) / max(noise[t], eps)) for t in signal}
 
 
 _PASS_THROUGH = ("Relu", "Clip", "Transpose", "Reshape", "Squeeze", "Flatten", "BatchNormalization", "Identity")
