@@ -242,3 +242,63 @@ def test_cli_analyze_prints_the_ranking_and_manual_float_layers_apply(tmp_path, 
              "100", "--out", tmp_path / "c", "--data", small_npz_dir)
     assert r.exit_code == 2 and "no_such_layer" in r.output and "stage1_block1_conv1" in r.output, r.output
     assert not (tmp_path / "c" / "outlier_int8.onnx").exists()
+
+
+class _ScriptedTrier:
+    """Stands in for int8_search._Trier: each set of float layers has a scripted (top-1, agreement)."""
+
+    def __init__(self, scores: dict, analysis: list[dict]):
+        self.scores, self.analysis, self.rows = scores, analysis, []
+        self.train = np.zeros(1000)
+
+    def run(self, setting, float_layers=(), phase="search"):
+        top1, agree = self.scores[(setting["calib_samples"], setting["method"], tuple(float_layers))]
+        row = {"phase": phase, **setting, "float_layers": list(float_layers), "val_top1": top1,
+               "val_drop_pp": round(100 * (0.9 - top1), 4), "val_agreement": agree, "file": f"f{len(self.rows)}"}
+        self.rows.append(row)
+        return row
+
+    def analyze(self, row, n):
+        return self.analysis
+
+
+def _fallback(monkeypatch, scores, analysis, **kw):
+    from resnet_deploy.config import Format
+    from resnet_deploy.converters import int8_search
+
+    monkeypatch.setattr(int8_search, "latency_ms", lambda path, fmt, x: 2.0 if path == "f0" else 3.0)
+    val = int8_search.ValidationSet(np.zeros((10, 1)), np.zeros(10, int), np.arange(10), np.eye(10)[[0] * 9 + [1]], {})
+    opts = ExportOptions(int8=True, accuracy_aware=True, search_calib_samples=(), **kw)
+    trier = _ScriptedTrier(scores, analysis)
+    return int8_search._search_and_fallback(trier, Format.TFLITE, opts, val, __import__("time").perf_counter(),
+                                            lambda m: None), trier
+
+
+ANALYSIS = [{"layer": "a", "op": "CONV_2D"}, {"layer": "add", "op": "ADD"}, {"layer": "c", "op": "CONV_2D"},
+            {"layer": "d", "op": "FULLY_CONNECTED"}]
+
+
+def test_fallback_keeps_only_layers_that_raise_agreement_and_says_when_the_budget_is_not_met(monkeypatch):
+    s = {(300, "minmax", ()): (0.88, 0.95), (300, "minmax", ("a",)): (0.885, 0.96),
+         (300, "minmax", ("a", "c")): (0.89, 0.955), (300, "minmax", ("a", "d")): (0.887, 0.97)}
+    rec, trier = _fallback(monkeypatch, s, ANALYSIS, int8_max_drop=0.1)
+    # the ADD row is never tried (no float twin); c lowered agreement and was dropped; d was kept
+    assert [r["float_layers"] for r in trier.rows] == [[], ["a"], ["a", "c"], ["a", "d"]]
+    assert rec["fallback"]["float_layers"] == ["a", "d"] and rec["fallback"]["tries"] == 3
+    assert rec["result"]["met_budget"] is False and "NO INT8 tflite file met the budget" in rec["result"]["note"]
+    assert rec["result"]["val_drop_pp"] == pytest.approx(1.3)  # the best kept, though over budget
+    assert rec["fallback"]["latency"]["ratio"] == pytest.approx(1.5)
+
+
+def test_fallback_stops_at_the_budget_and_at_its_limits(monkeypatch):
+    s = {(300, "minmax", ()): (0.88, 0.95), (300, "minmax", ("a",)): (0.8995, 0.99)}
+    rec, trier = _fallback(monkeypatch, s, ANALYSIS, int8_max_drop=0.1)
+    assert len(trier.rows) == 2 and rec["result"]["met_budget"] is True and rec["fallback"]["float_layers"] == ["a"]
+    rec, trier = _fallback(monkeypatch, s, ANALYSIS, int8_max_drop=0.1, int8_max_float_layers=0)
+    assert len(trier.rows) == 1 and rec["result"]["met_budget"] is False and rec["fallback"]["latency"] is None
+    s[(300, "minmax", ())] = (0.9, 0.99)  # within the budget from the start: nothing stays float
+    rec, trier = _fallback(monkeypatch, s, ANALYSIS, int8_max_drop=0.0)
+    assert len(trier.rows) == 1 and rec["fallback"]["needed"] is False and rec["result"]["met_budget"] is True
+    s[(300, "minmax", ())] = (0.88, 0.95)
+    rec, trier = _fallback(monkeypatch, s, ANALYSIS, int8_max_drop=0.1, search_time=1e-9)
+    assert len(trier.rows) == 1 and "time budget" in rec["search"]["stopped"]  # the first try always runs
