@@ -12,12 +12,18 @@ import pytest
 from typer.testing import CliRunner
 
 from resnet_deploy.bench.options import BenchOptions
-from resnet_deploy.bench.selection import NO_MANIFEST_DEFAULTS
 from resnet_deploy.bench.run import run_bench
+from resnet_deploy.bench.selection import NO_MANIFEST_DEFAULTS
 from resnet_deploy.cli import app
 
 # Quick timing settings: these tests check what is measured and reported, not how fast anything is.
 QUICK = dict(warmup=1, runs=5, max_time_s=0.5, large_batch=8, bootstrap=200)
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    """The float logits cache of each test in its own folder, never the user's."""
+    monkeypatch.setenv("RESNET_DEPLOY_CACHE", str(tmp_path / "cache"))
 
 
 @pytest.fixture(scope="session")
@@ -63,6 +69,15 @@ def test_quantized_artifact_alone_finds_its_reference_and_fp32_baseline(exported
         stats = q.latency[key]
         assert stats["min_ms"] <= stats["p50_ms"] <= stats["p90_ms"] <= stats["p99_ms"] <= stats["max_ms"]
     assert q.vs_baseline["size_reduction"] > 1.3  # int8 weights
+    # the speed-up is the median over the interleaved rounds of the per-round ratio of medians
+    base = report.result("model_fp32.tflite")
+    per_round = [np.median(b) / np.median(a) for a, b in zip(q.round_times["1"], base.round_times["1"])]
+    assert q.vs_baseline["speedup"]["1"] == pytest.approx(float(np.median(per_round)))
+    lo, hi = q.vs_baseline["speedup_interval"]["1"]
+    assert min(per_round) <= lo <= q.vs_baseline["speedup"]["1"] <= hi <= max(per_round)
+    # the baseline the tool added serves the ratio only: no accuracy pass, its export parity quoted
+    assert base.accuracy is None and "accuracy_pass_s" not in base.timing
+    assert any("at export it agreed" in n for n in base.notes)
     assert q.timing["first_inference_s"] > 0 and q.memory["peak_rss_bytes"] > 0
     assert "shared" in q.memory["rss_scope"]
 
