@@ -26,6 +26,12 @@ def _find_cifar() -> Path | None:
     return None
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _bench_cache(tmp_path_factory):
+    """No test writes into the user's cache of float logits (bench.reference_cache)."""
+    os.environ["RESNET_DEPLOY_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture(scope="session")
 def cifar_dir() -> Path:
     p = _find_cifar()

@@ -55,7 +55,7 @@ def _fake_result(tmp_path, error):
 def test_pipeline_fails_after_writing_the_report_when_an_artifact_could_not_be_benched(tmp_path, monkeypatch):
     """The main job must not exit 0 when bench recorded an error: exit 2 (as `bench`), report still written."""
     import resnet_deploy.pipeline.job as pipeline_mod
-    from resnet_deploy.bench.probe import _crash_error
+    from resnet_deploy.bench.results import crash_error as _crash_error
 
     out = tmp_path / "run"
     monkeypatch.setattr(pipeline_mod, "run_pipeline",

@@ -117,7 +117,9 @@ def _answer(session: FileSession, request: str, args: tuple, progress):
 
 
 def _child_main(spec: FileSpec, conn) -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from resnet_deploy.cli_common import quiet_frameworks
+
+    quiet_frameworks()  # honours --verbose; also the libraries' Python warnings in the child
     session = FileSession(spec, reset_peak=True)
     heartbeat = lambda stage: conn.send((PROGRESS, stage))  # noqa: E731
     try:

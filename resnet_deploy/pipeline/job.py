@@ -54,7 +54,7 @@ def run_pipeline(options: PipelineOptions, data=None, log: Callable[[str], None]
     the bench report. A file bench could not measure does not raise here (its error is in the report, and
     ``ok`` is False): ``write_reports`` writes the report, then raises (``pipeline_error``)."""
     from resnet_deploy.bench.options import BenchOptions
-    from resnet_deploy.bench.runner import run_bench
+    from resnet_deploy.bench import run_bench
     from resnet_deploy.converters.options import ExportOptions
     from resnet_deploy.converters.pipeline import export_model
     from resnet_deploy.data.sources import load_cifar10
