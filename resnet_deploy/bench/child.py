@@ -13,7 +13,6 @@ A failed request raises ``WorkerFailed`` with the file's error entry; the worker
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import time
 import traceback
 
