@@ -475,7 +475,8 @@ def bad_models(tmp_path_factory, trained_path):
 
 
 @pytest.mark.parametrize("name, message", [
-    ("notes.keras", "Could not load"), ("truncated.keras", "Could not load"), ("missing.keras", "does not exist"),
+    ("notes.keras", "is not a complete .keras file"), ("truncated.keras", "is not a complete .keras file"),
+    ("missing.keras", "does not exist"),
     ("mnist.keras", "takes inputs of shape"), ("five.keras", "outputs shape"),
     ("mnist_savedmodel", "takes inputs of shape (28, 28, 1)"),
 ])

@@ -138,6 +138,7 @@ class _Trier:
         self.tflite: dict[int, object] = {}  # calibrated TFLiteInt8 per sample size
         self.onnx = None
         self.rows: list[dict] = []
+        self.made = 0
 
     def calibration(self, n: int):
         if n not in self.calibrations:
@@ -145,22 +146,26 @@ class _Trier:
                                                      exclude=self.val.indices)
         return self.calibrations[n]
 
-    def path(self, setting: dict, float_layers) -> Path:
-        return self.work / f"try{len(self.rows)}.{self.fmt.value}"
-
-    def run(self, setting: dict, float_layers=(), phase: str = "search") -> dict:
-        t0 = time.perf_counter()
-        out = self.path(setting, float_layers)
-        cal = self.calibration(setting["calib_samples"])
+    def make(self, setting: dict, float_layers=()) -> tuple[Path, object]:
+        """One INT8 file for ``setting`` with ``float_layers`` kept float, in the temporary folder."""
+        out = self.work / f"try{self.made}.{self.fmt.value}"
+        self.made += 1
+        n = setting["calib_samples"]
+        cal = self.calibration(n)
         if self.fmt is Format.TFLITE:
             from resnet_deploy.converters.tflite import TFLiteInt8
 
-            n = setting["calib_samples"]
-            if n not in self.tflite:
+            if n not in self.tflite:  # calibrate once per sample; float layers only re-quantize
                 self.tflite[n] = TFLiteInt8(self.model, cal)
             out.write_bytes(self.tflite[n].quantize(float_layers))
         else:
             self.onnx_quantizer().quantize(out, cal, setting["method"], setting["per_channel"], float_layers)
+        return out, cal
+
+    def run(self, setting: dict, float_layers=(), phase: str = "search") -> dict:
+        """``make`` and score on the validation split; the row is kept in ``rows``."""
+        t0 = time.perf_counter()
+        out, cal = self.make(setting, float_layers)
         t1 = time.perf_counter()
         logits = (predict_tflite if self.fmt is Format.TFLITE else predict_onnx)(out, self.val.x)
         row = {"phase": phase, **setting, "calib_indices_sha256_16": cal.recipe["indices_sha256_16"],
@@ -208,32 +213,44 @@ def plan_int8(model, fmt: Format, options, train, spec, val: ValidationSet,
     return chosen, trier.calibration(best["calib_samples"]), record
 
 
-def _search_and_fallback(trier: _Trier, fmt: Format, options, val: ValidationSet, t_start: float, say) -> dict:
-    budget_s, max_drop = options.search_time, options.max_drop
-    out_of_time = lambda: time.perf_counter() - t_start > budget_s  # noqa: E731
+def _search(trier: _Trier, fmt: Format, options, val: ValidationSet, out_of_time, say) -> tuple[dict, str]:
+    """Try the calibration candidates (the first always runs); the winner has the highest validation agreement."""
     stopped = "searched every candidate"
-    manual = list(options.int8_float_layers)
     for setting in candidates(fmt, options, available=len(trier.train) - len(val.indices)):
         if trier.rows and out_of_time():
-            stopped = f"time budget ({budget_s:g} s) reached after {len(trier.rows)} tries"
+            stopped = f"time budget ({options.search_time:g} s) reached after {len(trier.rows)} tries"
             break
-        r = trier.run(setting, manual)
+        r = trier.run(setting, list(options.int8_float_layers))
         say(f"{fmt.value} INT8 try {len(trier.rows)}: {_describe(r)}")
-    winner = max(trier.rows, key=lambda r: (r["val_agreement"], r["val_top1"]))
-    analysis = trier.analyze(winner, options.analysis_samples)
-    best, kept, fallback_tries = winner, list(manual), 0
+    return max(trier.rows, key=lambda r: (r["val_agreement"], r["val_top1"])), stopped
+
+
+def _fallback(trier: _Trier, fmt: Format, options, winner: dict, analysis: list[dict], out_of_time, say):
+    """Greedy: the next layer of the ranking in float while over budget; kept only when agreement rises.
+    Returns (best row, tries, the reason it stopped early or None)."""
+    best, kept, tries = winner, list(options.int8_float_layers), 0
     # only conv/dense layers can be kept float (an ADD or a pooling op has no float twin to fall back to)
     ranked = [l for l in dict.fromkeys(r["layer"] for r in analysis if r["op"] in COMPUTE_OPS) if l and l not in kept]
-    while best["val_drop_pp"] > max_drop and ranked and fallback_tries < options.int8_max_float_layers:
+    while best["val_drop_pp"] > options.max_drop and ranked and tries < options.int8_max_float_layers:
         if out_of_time():
-            stopped = f"time budget ({budget_s:g} s) reached during the fallback"
-            break
+            return best, tries, f"time budget ({options.search_time:g} s) reached during the fallback"
         layer = ranked.pop(0)
-        fallback_tries += 1
+        tries += 1
         r = trier.run(_setting(winner), kept + [layer], phase="fallback")
         say(f"{fmt.value} INT8 fallback: {layer} in float -> {_describe(r)}")
         if r["val_agreement"] > best["val_agreement"]:  # a float layer must earn its latency
             best, kept = r, kept + [layer]
+    return best, tries, None
+
+
+def _search_and_fallback(trier: _Trier, fmt: Format, options, val: ValidationSet, t_start: float, say) -> dict:
+    max_drop = options.max_drop
+    out_of_time = lambda: time.perf_counter() - t_start > options.search_time  # noqa: E731
+    winner, stopped = _search(trier, fmt, options, val, out_of_time, say)
+    analysis = trier.analyze(winner, options.analysis_samples)
+    best, fallback_tries, early = _fallback(trier, fmt, options, winner, analysis, out_of_time, say)
+    stopped = early or stopped
+    manual = list(options.int8_float_layers)
     met = best["val_drop_pp"] <= max_drop
     n_float = len(best["float_layers"])
     note = (f"{fmt.value} INT8: validation top-1 change {-best['val_drop_pp']:+.2f} pp, within the budget (a loss "
@@ -251,7 +268,7 @@ def _search_and_fallback(trier: _Trier, fmt: Format, options, val: ValidationSet
     return {
         "budget_pp": max_drop, "validation": val.recipe, "float_val_top1": round(val.float_top1, 6),
         "selection": "highest validation agreement with the float model, then validation top-1",
-        "search": {"time_budget_s": budget_s, "stopped": stopped, "tries": tries,
+        "search": {"time_budget_s": options.search_time, "stopped": stopped, "tries": tries,
                    "winner": _setting(winner) | {k: winner[k] for k in ("val_top1", "val_drop_pp", "val_agreement")}},
         "analysis": {"images": f"validation[:{min(options.analysis_samples, len(val.x))}]", **_analysis_tool(fmt),
                      "layers": analysis},
@@ -265,30 +282,18 @@ def _search_and_fallback(trier: _Trier, fmt: Format, options, val: ValidationSet
 
 def analysis_only(model, fmt: Format, options, train, spec, val: ValidationSet, calibration) -> dict:
     """``--analyze`` on a plain INT8 export: the per-layer table for the export's own calibration."""
+    setting = {"calib_samples": options.calib_samples, "method": options.calib_method,
+               "per_channel": options.onnx_per_channel}
     with tempfile.TemporaryDirectory(prefix="rd-int8-") as tmp:
         trier = _Trier(model, fmt, options, train, spec, val, Path(tmp))
         trier.calibrations[options.calib_samples] = calibration
-        setting = {"calib_samples": options.calib_samples, "method": options.calib_method,
-                   "per_channel": options.onnx_per_channel}
         try:
-            row = _quantize_only(trier, setting, list(options.int8_float_layers))
-            layers = trier.analyze(row, options.analysis_samples)
+            out, _ = trier.make(setting, list(options.int8_float_layers))
+            layers = trier.analyze({**setting, "file": out}, options.analysis_samples)
         finally:
             trier.close()
-    return {"validation": val.recipe, "analysis": {"images": f"validation[:{min(options.analysis_samples, len(val.x))}]",
-                                                   **_analysis_tool(fmt), "layers": layers}}
-
-
-def _quantize_only(trier: _Trier, setting: dict, float_layers) -> dict:
-    out = trier.path(setting, float_layers)
-    cal = trier.calibration(setting["calib_samples"])
-    if trier.fmt is Format.TFLITE:
-        from resnet_deploy.converters.tflite import TFLiteInt8
-
-        trier.tflite[setting["calib_samples"]] = TFLiteInt8(trier.model, cal)
-    else:
-        trier.onnx_quantizer().quantize(out, cal, setting["method"], setting["per_channel"], float_layers)
-    return {**setting, "file": out}
+    images = f"validation[:{min(options.analysis_samples, len(val.x))}]"
+    return {"validation": val.recipe, "analysis": {"images": images, **_analysis_tool(fmt), "layers": layers}}
 
 
 def _analysis_tool(fmt: Format) -> dict:
