@@ -238,10 +238,11 @@ def test_cli_analyze_prints_the_ranking_and_manual_float_layers_apply(tmp_path, 
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "b" / "outlier_int8.onnx.json").read_text())
     assert m["calibration"]["float_layers"] == [OUTLIER] and len(m["options"]["op_report"]["float_compute_ops"]) == 1
-    r = _cli(outlier_path[0], "--formats", "onnx", "--int8", "--int8-float-layers", "no_such_layer", "--calib-samples",
-             "100", "--out", tmp_path / "c", "--data", small_npz_dir)
-    assert r.exit_code == 2 and "no_such_layer" in r.output and "stage1_block1_conv1" in r.output, r.output
-    assert not (tmp_path / "c" / "outlier_int8.onnx").exists()
+    for bad in ("no_such_layer", "stage1_block1_add"):  # unknown, or not a conv/dense layer: before any work
+        r = _cli(outlier_path[0], "--formats", "onnx", "--int8", "--int8-float-layers", bad, "--out", tmp_path / "c",
+                 "--data", small_npz_dir)
+        assert r.exit_code == 2 and bad in r.output and "stage1_block1_conv1" in r.output, r.output
+        assert not (tmp_path / "c").exists()
 
 
 class _ScriptedTrier:

@@ -24,7 +24,7 @@ import numpy as np
 from resnet_deploy.converters.base import ONNX_COMPUTE_OPS
 from resnet_deploy.errors import ExportError
 
-_COMPUTE_CLASSES = ("Conv2D", "DepthwiseConv2D", "Dense", "Conv2DTranspose", "SeparableConv2D")
+COMPUTE_CLASSES = ("Conv2D", "DepthwiseConv2D", "Dense", "Conv2DTranspose", "SeparableConv2D")
 _SUFFIX = re.compile(r"_\d+$")
 
 
@@ -60,11 +60,11 @@ def layer_of(node_name: str, index: dict) -> str | None:
     if not found:
         return None
     for name in found:
-        if index[name][0] in _COMPUTE_CLASSES:
+        if index[name][0] in COMPUTE_CLASSES:
             return name
     for name in found:
         cls, src = index[name]
-        if cls == "BatchNormalization" and src in index and index[src][0] in _COMPUTE_CLASSES:
+        if cls == "BatchNormalization" and src in index and index[src][0] in COMPUTE_CLASSES:
             return src
     return found[-1]
 
@@ -97,7 +97,7 @@ def nodes_for_layers(layers, node_layer: dict, index: dict, where: str) -> list[
         by_layer.setdefault(layer, []).append(n)
     missing = [l for l in layers if l not in by_layer]
     if missing:
-        known = sorted(l for l in by_layer if l and index.get(l, ("",))[0] in _COMPUTE_CLASSES)
+        known = sorted(l for l in by_layer if l and index.get(l, ("",))[0] in COMPUTE_CLASSES)
         raise ExportError(f"No {where} node comes from the layer(s) {missing}.",
                           expected=f"Keras layer names of this model's compute layers, e.g. {', '.join(known[:6])}",
                           fix="pass --int8-float-layers with names from the analysis table (--analyze)")

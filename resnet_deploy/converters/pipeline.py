@@ -115,6 +115,7 @@ def export_model(model_path: str | os.PathLike, options: ExportOptions, data=Non
     paths = plan(model_path, options)
     _refuse_existing(paths, options.force)
     model = load_model(model_path)
+    _check_float_layers(model, options.int8_float_layers)
     metadata = read_metadata(model_path)
     spec, spec_source = resolve_preprocessing(metadata, options.preprocessing)
     say(f"model {model_path} ({model.count_params():,} params), preprocessing from {spec_source}")
@@ -161,6 +162,20 @@ def export_model(model_path: str | os.PathLike, options: ExportOptions, data=Non
         say(f"{path.name}: {out[-1].manifest.size_bytes / 1e6:.2f} MB, max |dlogit| {v['max_abs_logit_diff']:.3g}, "
             f"top-1 agreement {v['top1_agreement']:.1%}")
     return out
+
+
+def _check_float_layers(model, names) -> None:
+    """``--int8-float-layers`` must name conv/dense layers of this model: said before any data is read."""
+    from resnet_deploy.converters.int8_analysis import COMPUTE_CLASSES, keras_layer_index
+
+    index = keras_layer_index(model)
+    bad = [n for n in names if index.get(n, ("",))[0] not in COMPUTE_CLASSES]
+    if bad:
+        known = [n for n, (cls, _) in index.items() if cls in COMPUTE_CLASSES]
+        raise ExportError(f"--int8-float-layers names {bad}, which {'is' if len(bad) == 1 else 'are'} not a conv or "
+                          "dense layer of this model.",
+                          expected=f"names of its compute layers, e.g. {', '.join(known[:6])}",
+                          fix="take the names from the table of --analyze")
 
 
 def _plan_int8(model, target: Target, options: ExportOptions, train, spec: Preprocessing, val, calibration, say):
