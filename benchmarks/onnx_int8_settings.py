@@ -38,7 +38,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from resnet_deploy.bench.options import BenchOptions
-    from resnet_deploy.bench.runner import run_bench
+    from resnet_deploy.bench import run_bench
     from resnet_deploy.config import Format
     from resnet_deploy.converters.onnx_rules import default_onnx_activation_type, default_onnx_reduce_range
     from resnet_deploy.converters.options import ExportOptions

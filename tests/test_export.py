@@ -262,7 +262,7 @@ def test_forced_export_writes_the_manifest_before_the_artifact_takes_its_name(tm
 def test_moved_run_folder_keeps_its_float_reference(tmp_path, trained_path, small_npz_dir):
     """source_model.path is relative to the artifact's folder, so bench finds the float model after the
     whole run folder (model + artifacts) is copied or moved."""
-    from resnet_deploy.bench.resolve import identify, resolve_reference
+    from resnet_deploy.bench.selection import identify, resolve_reference
 
     run = tmp_path / "run"
     (run / "model").mkdir(parents=True)

@@ -169,6 +169,4 @@ def _is_progress(msg) -> bool:
     return isinstance(msg, tuple) and len(msg) == 2 and msg[0] == PROGRESS
 
 
-# Kept for callers of the former bench.probe names.
-_crash_error, _timeout_error = crash_error, timeout_error
 __all__ = ["ChildWorker", "LocalWorker", "WorkerFailed", "open_worker", "PROGRESS", "TIMED_OUT"]

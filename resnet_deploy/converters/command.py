@@ -51,8 +51,9 @@ def parse_counts(text: str) -> tuple[int, ...]:
 
 
 def export(
-    model: Annotated[Path, typer.Argument(help="Float model: .keras (from train), Keras .h5, or a SavedModel folder.",
-                                          show_default=False)],
+    model: Annotated[str, typer.Argument(help="Float model: .keras (from train), Keras .h5, a SavedModel folder, or "
+                                         "a pretrained name (resnet-deploy models --pretrained).",
+                                         metavar="MODEL", show_default=False)],
     formats: Annotated[str, typer.Option(help="Targets, comma-separated: tflite, onnx.")] = "tflite,onnx",
     fp16: Annotated[bool, typer.Option("--fp16", help="Also write FP16 artifacts (TFLite float16 weights; ONNX float16, float I/O).")] = False,
     int8: Annotated[bool, typer.Option("--int8", help="Also write full-integer INT8 (TFLite) and QDQ INT8 (ONNX Runtime static quantization).")] = False,
@@ -103,12 +104,20 @@ def export(
     input_range: Annotated[Optional[str], typer.Option(help="Models without metadata: input range 0-255 or 0-1.", show_default=False)] = None,
     mean: Annotated[Optional[str], typer.Option(help="Models without metadata: per-channel mean R,G,B in pixel units.", show_default=False)] = None,
     std: Annotated[Optional[str], typer.Option(help="Models without metadata: per-channel std R,G,B in pixel units.", show_default=False)] = None,
+    trust_model: Annotated[bool, typer.Option("--trust-model", help=(
+        "Run a SavedModel whose serving function has ops beyond pure tensor math (file I/O, printing, "
+        "Python); refused by default because a SavedModel is a program."))] = False,
 ) -> None:
     """Convert a float Keras model to TFLite/ONNX artifacts, validate each against it, and write manifests."""
     quiet_frameworks()
     from resnet_deploy.converters.options import ExportOptions, parse_formats
     from resnet_deploy.converters.pipeline import export_model
+    from resnet_deploy.fileio import output_lock
+    from resnet_deploy.models.pretrained import resolve_model
 
+    model_path = resolve_model(model)
+    if out is None and not Path(model).exists():  # a pretrained name: never write into the package
+        out = Path("artifacts") / model
     options = ExportOptions(  # validated here, before any model or data is read
         formats=parse_formats(formats), fp16=fp16, int8=int8, dynamic_int8=dynamic_int8, int8_io=int8_io,
         out_dir=out, force=force, opset=opset,
@@ -119,14 +128,16 @@ def export(
         accuracy_aware=accuracy_aware, int8_max_drop=int8_max_drop, val_samples=val_samples, val_seed=val_seed,
         search_time=search_time, search_calib_samples=parse_counts(search_calib_samples),
         int8_max_float_layers=int8_max_float_layers, analyze=analyze, analysis_samples=analysis_samples,
-        int8_float_layers=tuple(n.strip() for n in (int8_float_layers or "").split(",") if n.strip()))
+        int8_float_layers=tuple(n.strip() for n in (int8_float_layers or "").split(",") if n.strip()),
+        trust_model=trust_model)
     from rich.console import Console
 
     console = Console()
     t0 = time.perf_counter()
-    with console.status("exporting") as status:
-        artifacts = export_model(model, options, data=data, progress=lambda m: (console.print(m, highlight=False),
-                                                                             status.update(m)))
+    out_dir = options.out_dir or model_path.resolve().parent
+    with output_lock(out_dir, "resnet-deploy export"), console.status("exporting") as status:
+        artifacts = export_model(model_path, options, data=data,
+                                 progress=lambda m: (console.print(m, highlight=False), status.update(m)))
     _print_table(console, artifacts, time.perf_counter() - t0)
     for a in artifacts:
         if a.manifest.int8_accuracy:
@@ -134,38 +145,35 @@ def export(
 
 
 def _print_table(console, artifacts, seconds: float) -> None:
-    from rich.console import Console
+    """The figures a person reads first, in 80 columns; the manifests hold the rest."""
+    from rich import box
     from rich.table import Table
 
-    console = Console(width=max(console.width, 110))  # the table needs ~100 columns; never truncate figures
-
-    table = Table(title=f"exported {len(artifacts)} artifacts in {seconds:.1f} s "
-                        f"(validated on {artifacts[0].manifest.validation['samples']} test images)")
-    table.add_column("artifact", no_wrap=True)
-    table.add_column("MB", justify="right", no_wrap=True)
-    table.add_column("input", no_wrap=True)
-    for col in ("max|d|", "mean|d|", "agree", "top-1", "s"):
+    v0 = artifacts[0].manifest.validation
+    unit = "prob" if v0.get("output") == "probabilities" else "logit"
+    int_io = any(a.manifest.input.scale is not None for a in artifacts)
+    table = Table(title=f"exported {len(artifacts)} artifacts in {seconds:.0f} s (checked on {v0['samples']} test "
+                        "images)", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    table.add_column("artifact", no_wrap=True, overflow="fold")
+    for col in ("MB", "max|d|", "mean|d|", "agree", "top-1") + (("input",) if int_io else ()):
         table.add_column(col, justify="right", no_wrap=True)
     for a in artifacts:
         m, v = a.manifest, a.manifest.validation
-        io = m.input.dtype + (f" {m.input.scale:.3g},{m.input.zero_point}" if m.input.scale is not None else "")
-        table.add_row(a.path.name, f"{m.size_bytes / 1e6:.2f}", io, f"{v['max_abs_logit_diff']:.2g}",
-                      f"{v['mean_abs_logit_diff']:.2g}", f"{v['top1_agreement']:.1%}", f"{v['top1_accuracy']:.1%}",
-                      f"{m.options['timing_s']['convert']:.1f}")
+        row = [a.path.name, f"{m.size_bytes / 1e6:.2f}", f"{v[f'max_abs_{unit}_diff']:.2g}",
+               f"{v[f'mean_abs_{unit}_diff']:.2g}", f"{v['top1_agreement']:.1%}", f"{v['top1_accuracy']:.1%}"]
+        if int_io:
+            row.append(m.input.dtype + (f" {m.input.scale:.3g},{m.input.zero_point}" if m.input.scale is not None else ""))
+        table.add_row(*row)
     console.print(table)
-    console.print("max|d|, mean|d|: |logit - float logit|; agree: top-1 agreement with the float model; "
-                  "top-1: accuracy on the same images; s: conversion seconds; input: dtype \\[scale,zero-point]")
-    console.print(f"float model top-1 on the same images: {artifacts[0].manifest.validation['float_top1_accuracy']:.1%}; "
-                  "manifests: <artifact>.json")
+    console.print(f"max|d|, mean|d|: |{unit} - float {unit}|; agree: top-1 agreement with the float model; top-1: "
+                  f"accuracy on the same images (float model: {v0['float_top1_accuracy']:.1%}); MB = 10^6 bytes; "
+                  "conversion times and the rest: <artifact>.json", highlight=False)
 
 
 def _print_int8_accuracy(console, artifact, top: int = 8) -> None:
     """The accuracy-aware INT8 summary and the most sensitive layers of one INT8 artifact."""
     from rich.table import Table
 
-    from rich.console import Console
-
-    console = Console(width=max(console.width, 110))
     rec = artifact.manifest.int8_accuracy
     val = rec["validation"]
     console.print(f"[bold]{artifact.path.name}[/bold]: validation split {val['samples']} training images "

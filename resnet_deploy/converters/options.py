@@ -78,6 +78,7 @@ class ExportOptions:
     qat_learning_rate: float = 1e-5  # low: QAT starts from the float model and should stay near it
     qat_batch_size: int = 64
     preprocessing: Preprocessing | None = None  # for models without metadata
+    trust_model: bool = False  # run a SavedModel whose serving function has ops outside models.io.SAFE_OPS
 
     def __post_init__(self):
         fmts = tuple(Format(f) if not isinstance(f, Format) else f for f in self.formats)

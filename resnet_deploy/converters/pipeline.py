@@ -114,7 +114,7 @@ def export_model(model_path: str | os.PathLike, options: ExportOptions, data=Non
     model_path = Path(model_path)
     paths = plan(model_path, options)
     _refuse_existing(paths, options.force)
-    model = load_model(model_path)
+    model = load_model(model_path, trust=options.trust_model)
     _check_float_layers(model, options.int8_float_layers)
     metadata = read_metadata(model_path)
     spec, spec_source = resolve_preprocessing(metadata, options.preprocessing)
@@ -159,7 +159,8 @@ def export_model(model_path: str | os.PathLike, options: ExportOptions, data=Non
                 qat_info["judged"] = extra["int8_accuracy"]["qat"] = judged
         out.append(_export_one(src, path, target, opts, cal, reference, spec, common, extra))
         v = out[-1].manifest.validation
-        say(f"{path.name}: {out[-1].manifest.size_bytes / 1e6:.2f} MB, max |dlogit| {v['max_abs_logit_diff']:.3g}, "
+        unit = "prob" if v.get("output") == "probabilities" else "logit"
+        say(f"{path.name}: {out[-1].manifest.size_bytes / 1e6:.2f} MB, max |d{unit}| {v[f'max_abs_{unit}_diff']:.3g}, "
             f"top-1 agreement {v['top1_agreement']:.1%}")
     return out
 

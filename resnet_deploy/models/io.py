@@ -138,7 +138,7 @@ def _load_saved_model(path: Path, check_io: bool = True, endpoint: str = "servin
     other formats instead of an error from inside the wrapped graph."""
     import keras
 
-    if not trust:
+    if not (trust or os.environ.get("RESNET_DEPLOY_TRUST_MODEL") == "1"):
         check_saved_model_ops(path, endpoint)  # before anything of it runs
     layer = keras.layers.TFSMLayer(str(path), call_endpoint=endpoint)
     args, kwargs = layer.call_endpoint_fn.structured_input_signature
@@ -217,8 +217,9 @@ def check_saved_model_ops(path: Path, endpoint: str = "serving_default") -> None
         raise ModelError(f"{path} is a SavedModel whose {endpoint!r} function runs ops that are not pure tensor "
                          f"math: {', '.join(unsafe)}. A SavedModel is a program; it was not run.",
                          expected="convolutions, matmuls, activations, pooling, normalisation and shape ops only",
-                         fix="if you trust where the model comes from, pass --trust-model; otherwise export it "
-                             "again as a .keras file from its source code")
+                         fix="if you trust where the model comes from, pass --trust-model to export (or set "
+                             "RESNET_DEPLOY_TRUST_MODEL=1 for any command); otherwise save it again as a .keras file "
+                             "from its source code")
 
 
 def check_classifier_io(model, source: str) -> None:
