@@ -96,7 +96,7 @@ def test_data_may_be_a_path_or_loaded_data(small_npz_dir):
 
     cfg = TrainConfig(**TINY)
     by_path, loaded = _load_data(cfg, small_npz_dir), _load_data(cfg, load_cifar10(small_npz_dir))
-    assert len(by_path[0]) == len(loaded[0]) == 256 and len(loaded[1]) == 96
+    assert len(by_path[0]) == len(loaded[0]) == 256 and loaded[1] is None and len(loaded[2]) == 96
     np.testing.assert_array_equal(by_path[0].x, loaded[0].x)
 
 
@@ -409,11 +409,12 @@ def test_distilled_run_checkpoint_restores_student_and_optimizer(short_run):
     result, _ = short_run
     state = read_state(result.out_dir)
     cfg = TrainConfig.from_dict(state.config)
-    model, student = _compile(cfg, "float32", steps_per_epoch=256 // 32)
+    steps = (256 - 64) // 32  # 64 images held out by --val-split
+    model, student = _compile(cfg, "float32", steps_per_epoch=steps)
     assert optimizer_iterations(model) == 0
     restore_last(result.out_dir, model, state, student)  # the student's weights + the optimizer's npz
-    assert optimizer_iterations(model) == state.iterations == 16
-    assert current_lr(model) == pytest.approx(lr_at(16, cfg.peak_lr, 16, 8))
+    assert optimizer_iterations(model) == state.iterations == 2 * steps
+    assert current_lr(model) == pytest.approx(lr_at(2 * steps, cfg.peak_lr, 2 * steps, steps))
     final = load_model(result.model_path)  # the last epoch: same weights as the checkpoint
     for a, b in zip(student.get_weights(), final.get_weights()):
         np.testing.assert_array_equal(a, b)
@@ -518,7 +519,7 @@ def test_resume_finds_a_checkpoint_left_aside_and_removes_temporaries(short_run,
     (out / ".log.csv.k1ll3d00.csv.tmp").write_text("epoch\n")
     assert read_state(out).epoch == 2  # not "Nothing to resume"
     lines: list[str] = []
-    cfg = TrainConfig(**TINY, out_dir=out, cutout=8, teacher=tiny_model_path, resume=True)
+    cfg = TrainConfig(**TINY, out_dir=out, cutout=8, teacher=tiny_model_path, val_split=64, resume=True)
     result = train_model(cfg, data=small_npz_dir, log=lines.append)  # 2 of 2 epochs done: only the finish
     assert any("restored" in line for line in lines) and any("k1ll3d00" in line for line in lines)
     assert sorted(p.name for p in ck.iterdir()) == ["last"]
@@ -542,7 +543,7 @@ def test_resume_refuses_another_precision_than_the_run_trained_in(short_run, tmp
     saved["config"]["precision"], saved["precision"] = "auto", "mixed_bfloat16"
     state_file.write_text(json.dumps(saved))
     auto = {**TINY, "precision": "auto"}
-    cfg = TrainConfig(**auto, out_dir=out, cutout=8, teacher=tiny_model_path, resume=True)
+    cfg = TrainConfig(**auto, out_dir=out, cutout=8, teacher=tiny_model_path, val_split=64, resume=True)
     with pytest.raises(TrainError) as info:
         train_model(cfg, data=tmp_path / "no-data-here")
     msg = str(info.value)
