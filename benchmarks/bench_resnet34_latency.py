@@ -40,11 +40,9 @@ def main() -> None:
     from resnet_deploy.bench.options import BenchOptions
     from resnet_deploy.bench import run_bench
     from resnet_deploy.data import load_cifar10
-    from resnet_deploy.envinfo import library_versions, machine_info
+    from resnet_deploy.envinfo import machine_banner
 
-    m = machine_info()
-    print(f"machine: {m['cpu']}, {m['cpu_count']} cores, flags: {' '.join(m['cpu_flags'])}")
-    print("versions: " + ", ".join(f"{k} {v}" for k, v in library_versions().items()))
+    print(machine_banner())
     data = load_cifar10(args.data)
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)

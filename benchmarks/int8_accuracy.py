@@ -143,12 +143,11 @@ def main() -> None:
 
     from resnet_deploy.data import load_cifar10
     from resnet_deploy.data.preprocess import Preprocessing, preprocess
-    from resnet_deploy.envinfo import library_versions, machine_info
+    from resnet_deploy.envinfo import library_versions, machine_banner, machine_info
     from resnet_deploy.models.io import load_model, read_metadata
 
     m = machine_info()
-    print(f"machine: {m['cpu']}, {m['cpu_count']} cores, flags: {' '.join(m['cpu_flags'])}")
-    print("versions: " + ", ".join(f"{k} {v}" for k, v in library_versions().items()), flush=True)
+    print(machine_banner(), flush=True)
     data = load_cifar10(args.data)
     if args.limit:
         data.test = data.test.take(args.limit)

@@ -44,13 +44,11 @@ def main() -> None:
     from ai_edge_litert.interpreter import Interpreter
 
     from resnet_deploy.data.preprocess import preprocess
-    from resnet_deploy.envinfo import library_versions, machine_info
+    from resnet_deploy.envinfo import machine_banner
     from resnet_deploy.runtimes import open_runner
     from resnet_deploy.runtimes.base import quantize
 
-    m = machine_info()
-    print(f"machine: {m['cpu']}, {m['cpu_count']} cores, flags: {' '.join(m['cpu_flags'])}")
-    print("versions: " + ", ".join(f"{k} {v}" for k, v in library_versions().items()))
+    print(machine_banner())
     pixels = np.random.default_rng(0).integers(0, 256, (1, 32, 32, 3)).astype(np.float32)
     for path in args.files:
         bare = Interpreter(model_path=str(path), num_threads=args.threads)

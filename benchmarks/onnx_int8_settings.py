@@ -44,11 +44,9 @@ def main() -> None:
     from resnet_deploy.converters.options import ExportOptions
     from resnet_deploy.converters.pipeline import export_model
     from resnet_deploy.data import load_cifar10
-    from resnet_deploy.envinfo import library_versions, machine_info
+    from resnet_deploy.envinfo import machine_banner
 
-    m = machine_info()
-    print(f"machine: {m['cpu']}, {m['cpu_count']} cores, flags: {' '.join(m['cpu_flags'])}")
-    print("versions: " + ", ".join(f"{k} {v}" for k, v in library_versions().items()))
+    print(machine_banner())
     print(f"automatic choice here: activations {default_onnx_activation_type()}, "
           f"reduce_range {default_onnx_reduce_range()}")
     data = load_cifar10(args.data)

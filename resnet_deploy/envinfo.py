@@ -64,3 +64,10 @@ def machine_info() -> dict:
         "os": platform.platform(terse=True),
         "keras_backend": os.environ.get("KERAS_BACKEND", "tensorflow"),
     }
+
+
+def machine_banner() -> str:
+    """Two lines every benchmark prints beside its figures: the CPU with its flags, the library versions."""
+    m = machine_info()
+    return (f"machine: {m['cpu']}, {m['cpu_count']} cores, flags: {' '.join(m['cpu_flags'])}\n"
+            "versions: " + ", ".join(f"{k} {v}" for k, v in library_versions().items()))
