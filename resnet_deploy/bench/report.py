@@ -89,10 +89,10 @@ def print_report(report: BenchReport, console=None) -> None:
         tables.append((f"Latency and cost, {report.options.get('threads')} threads", COST_COLUMNS,
                        [cost_row(r, large) for r in report.results]))
     for title, cols, rows in tables:
-        # A narrow console (an 80-column CI log) gets each table in two halves, the artifact repeated.
-        n = len(cols)
-        groups = [list(range(n))] if console.width >= 120 else [list(range(n // 2 + 1)), [0, *range(n // 2 + 1, n)]]
-        width = min(30, max(len(row[0]) for row in rows))
+        # A narrow console (an 80-column CI log) gets each table in parts that fit, the artifact repeated
+        # in each: figures are never cropped.
+        width = min(40, max(len(row[0]) for row in rows))
+        groups = column_groups([c.format(B=large) for c in cols], rows, console.width, width)
         for k, group in enumerate(groups):
             t = Table(title=title if k == 0 else None, box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
             for i in group:
@@ -106,6 +106,24 @@ def print_report(report: BenchReport, console=None) -> None:
         console.print(LEGEND.format(B=large), style="dim", highlight=False, markup=False)
     for line in notes(report):
         console.print(line, highlight=False, markup=False)
+
+
+def column_groups(headers: list[str], rows: list[list[str]], console_width: int, first_width: int) -> list[list[int]]:
+    """Column indices in groups whose estimated width fits ``console_width``; column 0 (the artifact)
+    starts every group."""
+    def cell_width(i: int) -> int:
+        return max([len(headers[i]), *(len(str(r[i])) for r in rows)]) + 2  # + the padding around a cell
+
+    groups, current, used = [], [0], first_width + 1
+    for i in range(1, len(headers)):
+        w = cell_width(i)
+        if used + w > console_width and len(current) > 1:
+            groups.append(current)
+            current, used = [0], first_width + 1
+        current.append(i)
+        used += w
+    groups.append(current)
+    return groups
 
 
 def notes(report: BenchReport) -> list[str]:
