@@ -41,13 +41,3 @@ class Precision(str, Enum):
     FP16 = "fp16"
     DYNAMIC_INT8 = "dynamic_int8"  # int8 weights, float activations
     INT8 = "int8"  # full integer: int8 weights and activations
-
-
-class Runtime(str, Enum):
-    KERAS = "keras"
-    LITERT = "litert"
-    ONNXRUNTIME = "onnxruntime"
-
-    @classmethod
-    def for_format(cls, fmt: Format) -> "Runtime":
-        return {Format.KERAS: cls.KERAS, Format.TFLITE: cls.LITERT, Format.ONNX: cls.ONNXRUNTIME}[fmt]
