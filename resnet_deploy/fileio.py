@@ -245,3 +245,30 @@ def _read_holder(fd: int) -> dict:
         return json.loads(os.read(fd, 4096).decode() or "{}")
     except (OSError, ValueError):
         return {}
+
+
+def check_writable(path: str | os.PathLike, kind: str = "folder", flag: str = "--out") -> None:
+    """Before any work: ``path`` (a folder, or a file's path) can be created or written here.
+
+    Refuses a folder path that is an existing file, a file path that is an existing folder, a path
+    under a file, and a location where a probe file cannot be created (read-only mount, permissions)."""
+    from resnet_deploy.errors import ResnetDeployError
+
+    p = Path(path)
+    if kind == "folder" and p.exists() and not p.is_dir():
+        raise ResnetDeployError(f"{flag} {p} is a file, not a folder.", expected="a folder, or a path where one can "
+                                "be created", fix=f"choose another {flag}, or move the file away")
+    if kind == "file" and p.is_dir():
+        raise ResnetDeployError(f"{flag} {p} is a folder.", expected="a file path", fix=f"e.g. {flag} {p / 'report'}")
+    probe_dir = p if kind == "folder" else p.parent
+    existing = next((a for a in (probe_dir, *probe_dir.parents) if a.exists()), Path("."))
+    if not existing.is_dir():
+        raise ResnetDeployError(f"{flag} {p} lies under {existing}, which is a file.",
+                                expected="a path whose parents are folders", fix=f"choose another {flag}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".resnet-deploy-probe.", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ResnetDeployError(f"Cannot write into {existing} ({exc.strerror}), where {flag} {p} would go.",
+                                expected="a writable location", fix=f"choose a writable {flag}") from exc

@@ -107,3 +107,27 @@ def test_train_into_a_folder_another_run_holds_is_refused_before_any_work(tmp_pa
         proc.wait()
     assert result.exit_code == 2 and "in use by another run" in result.output, result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path):
+    """--out that is a file, a report path under a file or naming a folder: refused up front, nothing written."""
+    from typer.testing import CliRunner
+
+    from resnet_deploy.cli import app
+
+    a_file = tmp_path / "not-a-folder"
+    a_file.write_text("x")
+    runner = CliRunner()
+    cases = [
+        (["train", "--arch", "resnet8", "--out", str(a_file), "--data", str(tmp_path / "none")], "is a file, not a folder"),
+        (["export", str(tmp_path / "m.keras"), "--out", str(a_file)], "is a file, not a folder"),
+        (["pipeline", "--out", str(a_file)], "is a file, not a folder"),
+        (["bench", str(tmp_path / "x.tflite"), "--json", str(a_file / "r.json")], "which is a file"),
+        (["bench", str(tmp_path / "x.tflite"), "--json", str(tmp_path)], "is a folder"),
+        (["bench", str(tmp_path / "x.tflite"), "--threads", "1000"], "more than the"),
+    ]
+    (tmp_path / "m.keras").write_bytes(b"")
+    for args, words in cases:
+        result = runner.invoke(app, args, env={"COLUMNS": "200"})
+        assert result.exit_code == 2 and words in result.output, (args, result.output)
+    assert a_file.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["m.keras", "not-a-folder"]

@@ -105,9 +105,12 @@ def bench(
 def check_outputs(json_path, markdown_path, plot_path, force: bool, options) -> None:
     """Refuse bad output paths before the (long) run, not after it."""
     from resnet_deploy.errors import BenchError
-    from resnet_deploy.fileio import check_can_write
+    from resnet_deploy.fileio import check_can_write, check_writable
 
     paths = [p for p in (json_path, markdown_path, plot_path) if p is not None]
+    for p, flag in ((json_path, "--json"), (markdown_path, "--markdown"), (plot_path, "--plot")):
+        if p is not None:
+            check_writable(p, "file", flag)
     if len({str(Path(p).resolve()) for p in paths}) != len(paths):
         raise BenchError("Two report options name the same file.", fix="give --json, --markdown and --plot "
                                                                        "different paths")

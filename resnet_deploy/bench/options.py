@@ -67,6 +67,10 @@ class BenchOptions:
             if v is not None:
                 object.__setattr__(self, name, Path(v))
         _positive(self, "batch_size", "threads", "large_batch", "runs", "bootstrap", "min_rounds")
+        if self.threads > _usable_cores():
+            raise BenchError(f"--threads {self.threads} is more than the {_usable_cores()} cores this process may use.",
+                             expected=f"1 to {_usable_cores()}: more threads than cores time contention, not the model",
+                             fix=f"pass --threads {_usable_cores()} or less, or leave it out (every usable core)")
         if not 0 < self.steady_width:
             raise BenchError(f"steady_width must be positive, got {self.steady_width}.", expected="e.g. 0.10")
         if self.limit is not None and self.limit < 1:
