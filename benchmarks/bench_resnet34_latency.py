@@ -23,18 +23,15 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from common import add_model_args, model_or_random  # noqa: E402  (benchmarks/common.py, beside this script)
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, help="a trained .keras model (default: random-weight --arch)")
-    ap.add_argument("--arch", default="resnet34")
-    ap.add_argument("--width", type=float, default=1.0)
-    ap.add_argument("--data", type=Path, default=None)
+    add_model_args(ap)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--limit", type=int, default=1000, help="test images for the accuracy pass")
     ap.add_argument("--runs", type=int, default=50)
-    ap.add_argument("--calib", type=int, default=100, help="calibration images for the INT8 exports")
-    ap.add_argument("--out", type=Path, default=None, help="keep the artifacts here (default: a temp folder)")
     args = ap.parse_args()
 
     from resnet_deploy.bench.options import BenchOptions
@@ -58,18 +55,8 @@ def main() -> None:
 def export(args, out: Path, data) -> list[Path]:
     from resnet_deploy.converters.options import ExportOptions
     from resnet_deploy.converters.pipeline import export_model
-    from resnet_deploy.models.builder import build_model
-    from resnet_deploy.models.io import base_metadata, save_model
 
-    model_path = args.model
-    if model_path is None:
-        import keras
-
-        keras.utils.set_random_seed(0)
-        model_path = out / f"{args.arch}.keras"
-        model = build_model(args.arch, width=args.width)
-        save_model(model, model_path, base_metadata(args.arch, width=args.width), force=True)
-        print(f"{args.arch} width {args.width}: {model.count_params():,} params, random weights")
+    model_path = model_or_random(args, out)
     t0 = time.perf_counter()
     arts = export_model(model_path, ExportOptions(int8=True, out_dir=out, force=True, calib_samples=args.calib),
                         data=data)

@@ -30,18 +30,15 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from common import add_model_args, model_or_random  # noqa: E402  (benchmarks/common.py, beside this script)
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, help="a trained .keras model (default: random-weight --arch)")
-    ap.add_argument("--arch", default="resnet34")
-    ap.add_argument("--width", type=float, default=1.0)
-    ap.add_argument("--data", type=Path, default=None)
+    add_model_args(ap)
     ap.add_argument("--limit", type=int, default=None, help="test images of part 2 (default: the whole split)")
     ap.add_argument("--rounds", type=int, default=10, help="rounds of the bare interleaved loop")
     ap.add_argument("--runs", type=int, default=50, help="runs per litert-benchmark call and per bare block")
-    ap.add_argument("--calib", type=int, default=100)
-    ap.add_argument("--out", type=Path, default=None, help="keep the artifacts here (default: a temp folder)")
     args = ap.parse_args()
 
     from resnet_deploy.data import load_cifar10
@@ -59,18 +56,8 @@ def main() -> None:
 def export(args, out: Path, data) -> tuple[Path, Path]:
     from resnet_deploy.converters.options import ExportOptions
     from resnet_deploy.converters.pipeline import export_model
-    from resnet_deploy.models.builder import build_model
-    from resnet_deploy.models.io import base_metadata, save_model
 
-    model_path = args.model
-    if model_path is None:
-        import keras
-
-        keras.utils.set_random_seed(0)
-        model_path = out / f"{args.arch}.keras"
-        model = build_model(args.arch, width=args.width)
-        save_model(model, model_path, base_metadata(args.arch, width=args.width), force=True)
-        print(f"{args.arch} width {args.width}: {model.count_params():,} params, random weights")
+    model_path = model_or_random(args, out)
     arts = export_model(model_path, ExportOptions(formats=("tflite",), int8=True, out_dir=out, force=True,
                                                   calib_samples=args.calib), data=data)
     paths = {a.precision: a.path for a in arts}
