@@ -135,22 +135,17 @@ def publish_pretrained(run_dir: str | os.PathLike, name: str, dest: str | os.Pat
     if target.exists() and not force:
         raise ModelError(f"{target} already exists.", fix="pass force=True to replace it")
     test = load_cifar10(data).test
-    acc_all, acc_check = _accuracies(load_model(src), test)
+    model = load_model(src)
+    acc_all, acc_check = _accuracies(model, test)
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, target.with_suffix(".keras.tmp"))
-    card = _card(name, meta, sha256_file(target.with_suffix(".keras.tmp")), acc_all, acc_check, len(test),
-                 command, run_dir)
+    card = _card(name, meta | {"params": meta.get("params") or model.count_params()},
+                 sha256_file(target.with_suffix(".keras.tmp")), acc_all, acc_check, len(test), command, run_dir)
     write_json_atomic(dest / f"{name}.keras.json", meta)
     write_json_atomic(dest / f"{name}{CARD_SUFFIX}", card)
     (dest / f"{name}.md").write_text(card_markdown(card))
     os.replace(target.with_suffix(".keras.tmp"), target)  # the model takes its name last
     return target
-
-
-def _params(path: Path) -> int:
-    from resnet_deploy.models.io import load_model
-
-    return load_model(path).count_params()
 
 
 def _accuracies(model, test) -> tuple[float, float]:
@@ -165,7 +160,7 @@ def _card(name, meta, sha, acc_all, acc_check, n_test, command, run_dir) -> dict
     log_rows = (run_dir / "log.csv").read_text().splitlines() if (run_dir / "log.csv").exists() else []
     return {
         "name": name, "file": f"{name}.keras", "sha256": sha, "arch": meta["architecture"], "width": meta.get("width"),
-        "stem": meta.get("stem"), "params": meta.get("params") or int(_params(run_dir / "model.keras")),
+        "stem": meta.get("stem"), "params": int(meta["params"]),
         "input": "float32 RGB pixels 0..255, NHWC 32x32x3 (normalisation is the model's first layer)",
         "output": meta.get("output", "logits (no softmax)"), "class_names": meta.get("class_names"),
         "test_accuracy": acc_all, "test_images": n_test,
