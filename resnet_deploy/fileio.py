@@ -187,7 +187,8 @@ def lock_path(folder: str | os.PathLike) -> Path:
 
 @contextlib.contextmanager
 def output_lock(folder: str | os.PathLike, command: str | None = None) -> Iterator[Path]:
-    """Hold an exclusive lock on ``folder`` (which may not exist yet) for the whole block.
+    """Hold an exclusive lock on ``folder`` (which may not exist yet) for the whole block, after checking
+    that the folder can be written (``check_writable``).
 
     An advisory ``fcntl.flock`` on a file beside the folder: a second run that wants the same folder
     is refused with the holder's pid and command line. The kernel drops the lock when its process
@@ -196,6 +197,7 @@ def output_lock(folder: str | os.PathLike, command: str | None = None) -> Iterat
     """
     import sys
 
+    check_writable(folder)  # a file in its place or an unwritable location: refused before the lock is made
     path = lock_path(folder)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = _acquire(path, folder)

@@ -112,7 +112,7 @@ def export(
     quiet_frameworks()
     from resnet_deploy.converters.options import ExportOptions, parse_formats
     from resnet_deploy.converters.pipeline import export_model
-    from resnet_deploy.fileio import check_writable, output_lock
+    from resnet_deploy.fileio import output_lock
     from resnet_deploy.models.pretrained import resolve_model
 
     model_path = resolve_model(model)
@@ -135,7 +135,6 @@ def export(
     console = Console()
     t0 = time.perf_counter()
     out_dir = options.out_dir or model_path.resolve().parent
-    check_writable(out_dir)
     with output_lock(out_dir, "resnet-deploy export"), console.status("exporting") as status:
         artifacts = export_model(model_path, options, data=data,
                                  progress=lambda m: (console.print(m, highlight=False), status.update(m)))

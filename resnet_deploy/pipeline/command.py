@@ -45,9 +45,8 @@ def pipeline(
     opts = PipelineOptions(out=out, model=model, train=train, arch=arch, width=width, epochs=epochs, batch_size=batch_size,
                            limit_train=limit_train or None, limit_test=limit_test, calib_samples=calib_samples,
                            threads=threads, seed=seed, force=force)
-    from resnet_deploy.fileio import check_writable, output_lock
+    from resnet_deploy.fileio import output_lock
 
-    check_writable(out)
     with output_lock(out, "resnet-deploy pipeline"):
         result = job.run_pipeline(opts, data=data)
         job.write_reports(result, out)

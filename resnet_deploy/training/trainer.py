@@ -57,9 +57,8 @@ def train_model(config: TrainConfig, data=None, log: Callable[[str], None] | Non
     ``data``: a path for ``data.load_cifar10`` (None: its default search), or a loaded ``Cifar10``.
     ``log``: where progress lines go (default: stdout).
     """
-    from resnet_deploy.fileio import check_writable, output_lock
+    from resnet_deploy.fileio import output_lock
 
-    check_writable(config.output_dir)
     with output_lock(config.output_dir, "resnet-deploy train"):  # one writer per folder, for the whole run
         return _train_locked(config, data, log or _print)
 
