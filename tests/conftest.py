@@ -67,6 +67,15 @@ def synthetic_npz_dir(tmp_path_factory) -> Path:
     return d
 
 
+def copy_with_sidecar(model: Path, dest: Path) -> Path:
+    """Copy a .keras model and its metadata sidecar to ``dest`` (a .keras path); returns ``dest``."""
+    import shutil
+
+    shutil.copy(model, dest)
+    shutil.copy(f"{model}.json", f"{dest}.json")
+    return dest
+
+
 def tiny_model(arch: str = "resnet8", width: float = 0.25, framework: str = "keras", seed: int = 0):
     """A real ResNet of the family with a few thousand parameters (resnet8 at width 0.25: 5,214 trainable, 5,382 in all)."""
     import keras

@@ -15,6 +15,7 @@ from resnet_deploy.bench.options import BenchOptions
 from resnet_deploy.bench.run import run_bench
 from resnet_deploy.bench.selection import NO_MANIFEST_DEFAULTS
 from resnet_deploy.cli import app
+from tests.conftest import copy_with_sidecar
 
 # Quick timing settings: these tests check what is measured and reported, not how fast anything is.
 QUICK = dict(warmup=1, runs=5, max_time_s=0.5, large_batch=8, bootstrap=200)
@@ -33,9 +34,7 @@ def exported(tmp_path_factory, tiny_model_path, small_npz_dir) -> dict[str, Path
     from resnet_deploy.converters.pipeline import export_model
 
     d = tmp_path_factory.mktemp("bench_export")
-    model = d / "model.keras"
-    shutil.copy(tiny_model_path, model)
-    shutil.copy(str(tiny_model_path) + ".json", str(model) + ".json")
+    model = copy_with_sidecar(tiny_model_path, d / "model.keras")
     arts = export_model(model, ExportOptions(int8=True, int8_io=True, calib_samples=50, validate_samples=64),
                         data=small_npz_dir)
     out = {f"{a.format}_{a.precision}": a.path for a in arts}

@@ -20,6 +20,7 @@ import pytest
 
 from resnet_deploy.bench.options import BenchOptions
 from resnet_deploy.bench.run import run_bench
+from tests.conftest import copy_with_sidecar
 
 QUICK = dict(warmup=1, runs=5, max_time_s=0.3, large_batch=4, bootstrap=200, min_rounds=3)
 
@@ -101,9 +102,7 @@ def tiny_export(tmp_path_factory, tiny_model_path, small_npz_dir) -> dict[str, P
     from resnet_deploy.converters.pipeline import export_model
 
     d = tmp_path_factory.mktemp("trust_export")
-    model = d / "model.keras"
-    shutil.copy(tiny_model_path, model)
-    shutil.copy(str(tiny_model_path) + ".json", str(model) + ".json")
+    model = copy_with_sidecar(tiny_model_path, d / "model.keras")
     arts = export_model(model, ExportOptions(formats=("tflite",), int8=True, calib_samples=50, validate_samples=64),
                         data=small_npz_dir)
     return {"model": model, **{a.precision: a.path for a in arts}}
