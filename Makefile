@@ -10,7 +10,7 @@ DATA ?= $(firstword $(RESNET_DEPLOY_DATA) $(wildcard ../shared/data/cifar10))
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,openvino]'
 	touch $@
 
 install: $(VENV)/.installed

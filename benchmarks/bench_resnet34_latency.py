@@ -54,7 +54,7 @@ def main() -> None:
 
 def export(args, out: Path, data) -> list[Path]:
     from resnet_deploy.converters.options import ExportOptions
-    from resnet_deploy.converters.pipeline import export_model
+    from resnet_deploy.converters.export import export_model
 
     model_path = model_or_random(args, out)
     t0 = time.perf_counter()

@@ -55,7 +55,7 @@ def main() -> None:
 
 def export(args, out: Path, data) -> tuple[Path, Path]:
     from resnet_deploy.converters.options import ExportOptions
-    from resnet_deploy.converters.pipeline import export_model
+    from resnet_deploy.converters.export import export_model
 
     model_path = model_or_random(args, out)
     arts = export_model(model_path, ExportOptions(formats=("tflite",), int8=True, out_dir=out, force=True,

@@ -71,7 +71,7 @@ def latencies(files: dict[str, Path], x: np.ndarray, rounds: int = 5, runs: int 
 def run_one(model_path: Path, mode: str, seed: int, args, data, test_x, float_pred, out: Path) -> list[dict]:
     from resnet_deploy.converters.int8_search import predict_onnx, predict_tflite
     from resnet_deploy.converters.options import ExportOptions
-    from resnet_deploy.converters.pipeline import export_model
+    from resnet_deploy.converters.export import export_model
 
     extra = dict(int8_max_drop=args.max_drop, val_samples=args.val_samples, search_time=args.search_time) \
         if mode == "aware" else {}

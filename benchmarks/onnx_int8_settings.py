@@ -42,7 +42,7 @@ def main() -> None:
     from resnet_deploy.config import Format
     from resnet_deploy.converters.onnx_rules import default_onnx_activation_type, default_onnx_reduce_range
     from resnet_deploy.converters.options import ExportOptions
-    from resnet_deploy.converters.pipeline import export_model
+    from resnet_deploy.converters.export import export_model
     from resnet_deploy.data import load_cifar10
     from resnet_deploy.envinfo import machine_banner
 

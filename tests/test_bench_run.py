@@ -31,7 +31,7 @@ def _private_cache(tmp_path, monkeypatch):
 def exported(tmp_path_factory, tiny_model_path, small_npz_dir) -> dict[str, Path]:
     """One tiny export through the real pipeline: TFLite FP32 and INT8 (int8 I/O), ONNX FP32 and INT8."""
     from resnet_deploy.converters.options import ExportOptions
-    from resnet_deploy.converters.pipeline import export_model
+    from resnet_deploy.converters.export import export_model
 
     d = tmp_path_factory.mktemp("bench_export")
     model = copy_with_sidecar(tiny_model_path, d / "model.keras")

@@ -74,7 +74,7 @@ def test_sidecar_less_model_gets_the_preprocessing_declared_at_export(flags, to_
                                                                       test_split):
     from resnet_deploy.converters.command import parse_preprocessing
     from resnet_deploy.converters.options import ExportOptions
-    from resnet_deploy.converters.pipeline import export_model
+    from resnet_deploy.converters.export import export_model
 
     model = _foreign_model(cifar.train, to_input)
     path = tmp_path / "foreign.keras"
@@ -99,7 +99,7 @@ def test_sidecar_less_model_gets_the_preprocessing_declared_at_export(flags, to_
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory, tiny_model_path, small_npz_dir) -> dict[str, Path]:
     from resnet_deploy.converters.options import ExportOptions
-    from resnet_deploy.converters.pipeline import export_model
+    from resnet_deploy.converters.export import export_model
 
     d = tmp_path_factory.mktemp("trust_export")
     model = copy_with_sidecar(tiny_model_path, d / "model.keras")
@@ -299,7 +299,7 @@ def test_output_kind_known_answers():
 def test_a_softmax_model_is_labelled_in_export_validation_and_bench(tmp_path, cifar, small_npz_dir, test_split):
     from resnet_deploy.bench.report import PROBABILITY_HEADER, accuracy_columns
     from resnet_deploy.converters.options import ExportOptions
-    from resnet_deploy.converters.pipeline import export_model
+    from resnet_deploy.converters.export import export_model
 
     model = _foreign_model(cifar.train, lambda px: px.astype(np.float32), softmax=True)
     path = tmp_path / "soft.keras"

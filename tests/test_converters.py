@@ -8,7 +8,7 @@ import pytest
 from resnet_deploy.config import Format, Precision
 from resnet_deploy.converters.command import parse_preprocessing
 from resnet_deploy.converters.options import ExportOptions, Target, default_onnx_activation_type, parse_formats
-from resnet_deploy.converters.pipeline import plan, resolve_preprocessing
+from resnet_deploy.converters.export import plan, resolve_preprocessing
 from resnet_deploy.converters.validate import fp32_limit, parity
 from resnet_deploy.data.constants import CIFAR10_MEAN, CIFAR10_STD
 from resnet_deploy.data.preprocess import Preprocessing, preprocess

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from resnet_deploy.artifact import read_manifest
 from resnet_deploy.converters.options import ExportOptions
-from resnet_deploy.converters.pipeline import export_model
+from resnet_deploy.converters.export import export_model
 from resnet_deploy.data.preprocess import Preprocessing, preprocess
 from resnet_deploy.errors import ExportError, ModelError, OutputExistsError
 from resnet_deploy.fileio import sha256_file, sidecar_path
@@ -299,16 +299,16 @@ def test_fp32_mismatch_fails_and_leaves_nothing(tmp_path, trained_path, small_np
 
 def test_interrupted_export_leaves_no_finished_looking_file(tmp_path, trained_path, small_npz_dir, monkeypatch):
     from resnet_deploy.config import Format
-    from resnet_deploy.converters import pipeline
+    from resnet_deploy.converters import export as export_module
 
-    real = pipeline.CONVERTERS[Format.ONNX]
+    real = export_module.CONVERTERS[Format.ONNX]
 
     def interrupted(model, out_path, *args):  # the real converter runs, then the user presses Ctrl-C
         real(model, out_path, *args)
         assert Path(out_path).exists()
         raise KeyboardInterrupt
 
-    monkeypatch.setitem(pipeline.CONVERTERS, Format.ONNX, interrupted)
+    monkeypatch.setitem(export_module.CONVERTERS, Format.ONNX, interrupted)
     with pytest.raises(KeyboardInterrupt):
         export_model(trained_path, ExportOptions(validate_samples=20, out_dir=tmp_path), data=small_npz_dir)
     assert _no_artifacts(tmp_path) == ["tiny_fp32.tflite", "tiny_fp32.tflite.json"]  # the finished one only
@@ -434,7 +434,7 @@ def test_cli_happy_path_prints_the_table(tmp_path, trained_path, small_npz_dir):
 
 def test_cli_passes_unset_onnx_int8_choices_as_automatic_and_checks_opset_first(tmp_path, trained_path,
                                                                                 monkeypatch):
-    from resnet_deploy.converters import pipeline
+    from resnet_deploy.converters import export as export_module
 
     calls = []
 
@@ -442,7 +442,7 @@ def test_cli_passes_unset_onnx_int8_choices_as_automatic_and_checks_opset_first(
         calls.append(options)
         raise ExportError("stopped by the test")
 
-    monkeypatch.setattr(pipeline, "export_model", fake_export)
+    monkeypatch.setattr(export_module, "export_model", fake_export)
     _cli(trained_path, "--int8", "--out", tmp_path)
     _cli(trained_path, "--int8", "--onnx-activation-type", "uint8", "--no-onnx-reduce-range", "--out", tmp_path)
     assert [(o.onnx_activation_type, o.onnx_reduce_range) for o in calls] == [(None, None), ("uint8", False)]

@@ -20,7 +20,7 @@ import pytest
 from typer.testing import CliRunner
 
 from resnet_deploy.converters.options import ExportOptions
-from resnet_deploy.converters.pipeline import export_model
+from resnet_deploy.converters.export import export_model
 from resnet_deploy.errors import ExportError
 from tests.conftest import tiny_model
 

@@ -1,5 +1,5 @@
 """Converters: one module per target format (``tflite``, ``onnx``, plus ``qat``), the same
-``convert(model, out_path, target, options, calibration)`` shape, a dict registry in ``pipeline``.
+``convert(model, out_path, target, options, calibration)`` shape, a dict registry in ``export``.
 
 Library entry point (what `resnet-deploy export`, the pipeline command and bench call)::
 
@@ -14,10 +14,10 @@ from __future__ import annotations
 _LAZY = {
     "ExportOptions": "resnet_deploy.converters.options",
     "Target": "resnet_deploy.converters.options",
-    "export_model": "resnet_deploy.converters.pipeline",
-    "ExportedArtifact": "resnet_deploy.converters.pipeline",
-    "plan": "resnet_deploy.converters.pipeline",
-    "CONVERTERS": "resnet_deploy.converters.pipeline",
+    "export_model": "resnet_deploy.converters.export",
+    "ExportedArtifact": "resnet_deploy.converters.export",
+    "plan": "resnet_deploy.converters.export",
+    "CONVERTERS": "resnet_deploy.converters.export",
 }
 
 __all__ = list(_LAZY)

@@ -111,7 +111,7 @@ def export(
     """Convert a float Keras model to TFLite/ONNX artifacts, validate each against it, and write manifests."""
     quiet_frameworks()
     from resnet_deploy.converters.options import ExportOptions, parse_formats
-    from resnet_deploy.converters.pipeline import export_model
+    from resnet_deploy.converters.export import export_model
     from resnet_deploy.fileio import output_lock
     from resnet_deploy.models.pretrained import resolve_model
 

@@ -56,7 +56,7 @@ def run_pipeline(options: PipelineOptions, data=None, log: Callable[[str], None]
     from resnet_deploy.bench.options import BenchOptions
     from resnet_deploy.bench import run_bench
     from resnet_deploy.converters.options import ExportOptions
-    from resnet_deploy.converters.pipeline import export_model
+    from resnet_deploy.converters.export import export_model
     from resnet_deploy.data.sources import load_cifar10
 
     out = options.out
