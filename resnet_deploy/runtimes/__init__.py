@@ -1,36 +1,88 @@
-"""Load an artifact and predict on float images: Keras, LiteRT, ONNX Runtime."""
+"""Load an artifact and predict on float images: Keras, LiteRT, ONNX Runtime, OpenVINO.
+
+Each format has a default runtime (``DEFAULT_RUNTIME``); an ONNX file can also run in OpenVINO
+(``open_runner(path, runtime="openvino")``). ``runtimes_for(fmt)`` lists the runtimes that can run a
+format, ``available_runtimes(fmt)`` those of them installed here, and ``check_runtime`` turns an
+unknown, unsuitable or missing runtime into a clear error before any work.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 from resnet_deploy.config import Format
 from resnet_deploy.data.preprocess import Preprocessing
+from resnet_deploy.errors import ResnetDeployError
 from resnet_deploy.runtimes.base import Runner
 
+# runtime name -> (module, class, Python package it needs, how to install it)
+_RUNNERS = {
+    "keras": ("resnet_deploy.runtimes.keras_runner", "KerasRunner", "keras", "pip install resnet-deploy"),
+    "litert": ("resnet_deploy.runtimes.litert_runner", "LiteRTRunner", "ai_edge_litert", "pip install resnet-deploy"),
+    "onnxruntime": ("resnet_deploy.runtimes.onnx_runner", "OnnxRunner", "onnxruntime", "pip install resnet-deploy"),
+    "openvino": ("resnet_deploy.runtimes.openvino_runner", "OpenVINORunner", "openvino",
+                 "pip install 'resnet-deploy[openvino]'"),
+}
+RUNTIMES_BY_FORMAT = {Format.KERAS: ("keras",), Format.TFLITE: ("litert",), Format.ONNX: ("onnxruntime", "openvino")}
+DEFAULT_RUNTIME = {fmt: names[0] for fmt, names in RUNTIMES_BY_FORMAT.items()}
 
-def runner_class(fmt: Format) -> type[Runner]:
-    if fmt is Format.KERAS:
-        from resnet_deploy.runtimes.keras_runner import KerasRunner
 
-        return KerasRunner
-    if fmt is Format.TFLITE:
-        from resnet_deploy.runtimes.litert_runner import LiteRTRunner
+def runtimes_for(fmt: Format) -> tuple[str, ...]:
+    """Every runtime that can run ``fmt``, the default first."""
+    return RUNTIMES_BY_FORMAT[Format(fmt)]
 
-        return LiteRTRunner
-    from resnet_deploy.runtimes.onnx_runner import OnnxRunner
 
-    return OnnxRunner
+def is_installed(runtime: str) -> bool:
+    """Whether the runtime's Python package can be imported here (found without importing it)."""
+    try:
+        return importlib.util.find_spec(_RUNNERS[runtime][2]) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def available_runtimes(fmt: Format) -> tuple[str, ...]:
+    """The runtimes for ``fmt`` that are installed here, the default first."""
+    return tuple(r for r in runtimes_for(fmt) if is_installed(r))
+
+
+def check_runtime(runtime: str, fmt: Format | None = None, option: str = "--runtime") -> str:
+    """``runtime`` when it is known, runs ``fmt`` (when given) and is installed; else a ResnetDeployError."""
+    known = sorted(_RUNNERS)
+    if runtime not in _RUNNERS:
+        raise ResnetDeployError(f"{option} {runtime!r} is not a runtime resnet-deploy knows.",
+                                expected=", ".join(known) if fmt is None else
+                                f"for {Format(fmt).value} files: {', '.join(runtimes_for(fmt))}",
+                                fix=f"pass one of {', '.join(runtimes_for(fmt) if fmt is not None else known)}")
+    if fmt is not None and runtime not in runtimes_for(fmt):
+        raise ResnetDeployError(f"{option} {runtime} cannot run {Format(fmt).value} files.",
+                                expected=f"for {Format(fmt).value} files: {', '.join(runtimes_for(fmt))}",
+                                fix=f"leave {option} out (default {DEFAULT_RUNTIME[Format(fmt)]}) or pass one of those")
+    if not is_installed(runtime):
+        raise ResnetDeployError(f"The {runtime} runtime is not installed (no Python package "
+                                f"{_RUNNERS[runtime][2]!r}).",
+                                expected=f"{runtime} installed, to run artifacts in it",
+                                fix=_RUNNERS[runtime][3])
+    return runtime
+
+
+def runner_class(fmt: Format, runtime: str | None = None) -> type[Runner]:
+    """The Runner class of ``runtime`` (default: the format's own), checked to run ``fmt``."""
+    runtime = check_runtime(runtime, fmt) if runtime is not None else DEFAULT_RUNTIME[Format(fmt)]
+    module, cls, _, _ = _RUNNERS[runtime]
+    return getattr(importlib.import_module(module), cls)
 
 
 def open_runner(path: str | os.PathLike, preprocessing: Preprocessing | None = None,
-                threads: int | None = None, batch_size: int = 256) -> Runner:
-    """A runner for ``path`` chosen by its format. Preprocessing: given, else the artifact's manifest
-    (or a model's metadata), else raw pixels 0..255 (the convention of resnet-deploy's models)."""
+                threads: int | None = None, batch_size: int = 256, runtime: str | None = None) -> Runner:
+    """A runner for ``path`` chosen by its format, in ``runtime`` (default: the format's own, see
+    ``DEFAULT_RUNTIME``). Preprocessing: given, else the artifact's manifest (or a model's metadata),
+    else raw pixels 0..255 (the convention of resnet-deploy's models)."""
     fmt = Format.from_path(path)
+    cls = runner_class(fmt, runtime)
     if preprocessing is None:
         preprocessing = recorded_preprocessing(path, fmt)
-    return runner_class(fmt)(path, preprocessing=preprocessing, threads=threads, batch_size=batch_size)
+    return cls(path, preprocessing=preprocessing, threads=threads, batch_size=batch_size)
 
 
 def recorded_preprocessing(path, fmt: Format) -> Preprocessing:
@@ -45,4 +97,5 @@ def recorded_preprocessing(path, fmt: Format) -> Preprocessing:
     return m.preprocessing_spec if m else Preprocessing.pixels()
 
 
-__all__ = ["Runner", "open_runner", "runner_class", "recorded_preprocessing"]
+__all__ = ["Runner", "open_runner", "runner_class", "recorded_preprocessing", "runtimes_for", "available_runtimes",
+           "check_runtime", "is_installed", "DEFAULT_RUNTIME", "RUNTIMES_BY_FORMAT"]
