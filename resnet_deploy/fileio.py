@@ -1,4 +1,4 @@
-"""Atomic writes and hashing: nothing half-written ever carries a final name."""
+"""Staged, fsynced writes (nothing half-written carries a final name), hashing, one writer per folder."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -40,52 +39,133 @@ def check_can_write(path: str | os.PathLike, force: bool, what: str = "file") ->
 
 
 ASIDE_SUFFIX = ".old"  # ``.<name>.old``: the previous folder, kept while its replacement is renamed in
+STAGE_PREFIX = ".resnet-deploy-stage."  # ``.resnet-deploy-stage.<pid>.<random>``: one command's staged outputs
+
+
+# ----------------------------------------------------------------------------------------------
+# One crash-safety mechanism: stage, fsync, rename
+# ----------------------------------------------------------------------------------------------
+class Stage:
+    """A hidden folder inside ``folder`` where outputs are written under their final names, then
+    committed: fsynced (files and the stage folder) and renamed into ``folder``, which is fsynced in turn.
+
+    Every writer of the package goes through it (``atomic_path`` is a one-file stage), so a killed
+    process leaves at most a stage folder, never a half-written file under a final name, and one
+    sweep (``sweep_stages``) clears what killed runs left. The stage's name carries its process id:
+    a stage whose process is gone is stale, and any later stage in the same folder removes it, so a
+    sweep never touches the stage of a run that is still writing.
+
+    ``commit(name, *companions)`` puts a file (or folder) in place together with what describes it
+    (a sidecar, a manifest): the old file goes first, then the companions take their names, then the
+    file itself. A kill in between leaves a companion without its file (recognised, and refused or
+    replaced by the next run), never a file beside the description of another one. A folder cannot
+    replace a folder in one rename: the old one is renamed aside (``aside_path``) first and deleted
+    after, so at every instant a complete copy carries the final name or the aside name
+    (``existing_version``, ``recover_replaced``).
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        sweep_stages(self.folder)
+        self.root = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}.", dir=self.folder))
+
+    def path(self, name: str) -> Path:
+        """Where to write the output that will be ``folder/name`` (the writer creates it)."""
+        return self.root / name
+
+    def commit(self, name: str, *companions: str) -> Path:
+        staged = [self.root / n for n in (name, *companions)]
+        missing = [str(p) for p in staged if not p.exists()]
+        if missing:
+            raise FileNotFoundError(f"writer produced nothing at {', '.join(missing)}")
+        for p in staged:
+            _fsync_tree(p)
+        _fsync_dir(self.root)
+        final = self.folder / name
+        if companions and final.exists() and not final.is_dir():
+            final.unlink()  # the old file goes before its description is replaced
+        for n in companions:
+            os.replace(self.root / n, self.folder / n)
+        _replace(self.root / name, final)
+        _fsync_dir(self.folder)
+        return final
+
+    def discard(self) -> None:
+        _remove(self.root)
+
+
+@contextlib.contextmanager
+def staged(folder: str | os.PathLike) -> Iterator[Stage]:
+    """A ``Stage`` in ``folder``, removed when the block ends (what was not committed is discarded,
+    also on an exception or Ctrl-C)."""
+    stage = Stage(folder)
+    try:
+        yield stage
+    finally:
+        stage.discard()
 
 
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
-    """Yield a temporary path beside ``final``; rename it onto ``final`` only on success.
-
-    Works for files and for folders (a SavedModel, a checkpoint): whatever the caller creates at
-    the yielded path replaces ``final``. A file replaces a file in one ``os.replace``. A folder
-    cannot be replaced in one rename, so the old one is first renamed aside (``aside_path``),
-    the new one renamed in, and only then the aside copy deleted: at every instant a complete
-    copy carries either the final name or the aside name (``existing_version`` finds it, and
-    ``recover_replaced`` puts it back after a crash). On any exception the temporary is removed
-    and an old folder already moved aside is put back.
-    """
+    """Yield a path to write ``final`` at (a file or a folder, under its own name in a stage);
+    it takes the final name, fsynced, only when the block succeeds. ``suffix`` is ignored (the staged
+    path has the final name and extension); TODO(integration): drop it once no caller passes it."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=_temp_suffix(final, suffix), dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    tmp.unlink()  # the caller creates it (some writers refuse an existing file)
+    with staged(final.parent) as stage:
+        yield stage.path(final.name)
+        stage.commit(final.name)
+
+
+def _replace(src: Path, final: Path) -> None:
+    """Rename ``src`` onto ``final``; a folder onto a folder goes through the aside name."""
     aside = aside_path(final)
-    moved_aside = False
-    try:
-        yield tmp
-        if not tmp.exists():
-            raise FileNotFoundError(f"writer produced nothing at {tmp}")
-        if final.is_dir() and not final.is_symlink():  # os.replace cannot replace a non-empty folder
-            if aside.exists():  # a crash's leftover; ``final`` is complete, so it is stale
-                _remove(aside)
-            moved_aside = True  # before the rename: the undo below checks that ``aside`` exists
-            os.replace(final, aside)
-            os.replace(tmp, final)
+    if not (final.is_dir() and not final.is_symlink()):
+        os.replace(src, final)
+        if final.is_dir() and aside.exists():  # a crash's leftover, now superseded by ``final``
             _remove(aside)
-        else:
-            os.replace(tmp, final)
-            if final.is_dir() and aside.exists():  # a crash's leftover, now superseded by ``final``
-                _remove(aside)
+        return
+    if aside.exists():  # a crash's leftover; ``final`` is complete, so it is stale
+        _remove(aside)
+    os.replace(final, aside)
+    try:
+        os.replace(src, final)
     except BaseException:
-        _remove(tmp)
-        if moved_aside and aside.exists() and not final.exists():  # failed between the renames: undo
+        if aside.exists() and not final.exists():  # failed between the renames: undo
             os.replace(aside, final)
         raise
+    _remove(aside)
 
 
-def _temp_suffix(final: Path, suffix: str | None) -> str:
-    return suffix if suffix is not None else (final.suffix + ".tmp")
+def _fsync_tree(path: Path) -> None:
+    """fsync a file, or every file and folder under a folder."""
+    if path.is_dir():
+        for sub in sorted(path.rglob("*")):
+            (_fsync_dir if sub.is_dir() else _fsync_file)(sub)
+        _fsync_dir(path)
+    else:
+        _fsync_file(path)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # a platform without directory handles (Windows): renames are durable enough there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on a folder; the files themselves are synced
+    finally:
+        os.close(fd)
 
 
 def _remove(path: Path) -> None:
@@ -96,13 +176,13 @@ def _remove(path: Path) -> None:
 
 
 def aside_path(final: str | os.PathLike) -> Path:
-    """Where ``atomic_path`` keeps the previous folder while the new one is renamed onto ``final``."""
+    """Where a commit keeps the previous folder while the new one is renamed onto ``final``."""
     final = Path(final)
     return final.with_name(f".{final.name}{ASIDE_SUFFIX}")
 
 
 def existing_version(final: str | os.PathLike) -> Path | None:
-    """``final`` if it exists; else its aside copy (a process killed between ``atomic_path``'s two
+    """``final`` if it exists; else its aside copy (a process killed between a commit's two
     renames leaves the previous complete version there); else None."""
     final = Path(final)
     if final.exists():
@@ -126,28 +206,55 @@ def recover_replaced(final: str | os.PathLike) -> bool:
     return True
 
 
-def stale_temporaries(final: str | os.PathLike, suffix: str | None = None) -> list[Path]:
-    """Temporaries that ``atomic_path(final, suffix)`` left beside ``final`` when its process was
-    killed (SIGKILL, power loss: no ``except`` ran). ``suffix`` as given to ``atomic_path``.
-    Only call it where no other process is writing ``final`` at the same time."""
-    final = Path(final)
-    if not final.parent.is_dir():
+def stale_stages(folder: str | os.PathLike) -> list[Path]:
+    """Stage folders in ``folder`` whose process is gone (killed: no ``finally`` ran)."""
+    folder = Path(folder)
+    if not folder.is_dir():
         return []
-    pattern = re.compile(re.escape(f".{final.name}.") + r"[a-z0-9_]{8}" + re.escape(_temp_suffix(final, suffix)) + "$")
-    return sorted(p for p in final.parent.iterdir() if pattern.match(p.name))
+    found = []
+    for p in folder.iterdir():
+        if not p.name.startswith(STAGE_PREFIX):
+            continue
+        pid = p.name[len(STAGE_PREFIX):].split(".", 1)[0]
+        if not pid.isdigit() or not _alive(int(pid)):
+            found.append(p)
+    return sorted(found)
 
 
-def remove_stale_temporaries(final: str | os.PathLike, suffix: str | None = None) -> list[Path]:
-    """Delete what ``stale_temporaries`` finds; returns the paths removed."""
-    found = stale_temporaries(final, suffix)
+def sweep_stages(folder: str | os.PathLike) -> list[Path]:
+    """Delete what ``stale_stages`` finds; returns the paths removed."""
+    found = stale_stages(folder)
     for p in found:
         _remove(p)
     return found
 
 
+def remove_stale_temporaries(final: str | os.PathLike, suffix: str | None = None) -> list[Path]:
+    """TODO(integration): the old per-file sweep, kept while converters/export.py still calls it."""
+    return sweep_stages(Path(final).parent)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """JSON as the package writes it (numpy scalars, enums and paths converted); not atomic by itself:
+    for a file inside a ``Stage``."""
+    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+        write_json(tmp, obj)
 
 
 def _json_default(o: Any) -> Any:

@@ -17,9 +17,7 @@ from pathlib import Path
 from resnet_deploy.data.constants import CLASS_NAMES, IMAGE_SHAPE, NUM_CLASSES
 from resnet_deploy.data.preprocess import Preprocessing
 from resnet_deploy.errors import ModelError
-from resnet_deploy.fileio import atomic_path, check_can_write, sidecar_path, write_json_atomic
-
-SAVE_TEMP_SUFFIX = ".tmp.keras"  # save_model's temporary: Keras insists on the .keras suffix
+from resnet_deploy.fileio import check_can_write, sidecar_path, staged, write_json
 
 INPUT_CONVENTION = "float32 RGB pixels 0..255, NHWC (normalisation is inside the model)"
 
@@ -39,15 +37,20 @@ def base_metadata(arch: str, width: float = 1.0, stem: str = "cifar",
 
 
 def save_model(model, path: str | os.PathLike, metadata: dict | None = None, force: bool = False) -> Path:
-    """Write ``model`` to ``path`` (.keras) and its metadata sidecar, each atomically."""
+    """Write ``model`` to ``path`` (.keras) and its metadata sidecar, committed together
+    (``fileio.Stage``: staged, fsynced, the sidecar in place before the model takes its name)."""
     path = Path(path)
     if path.suffix != ".keras":
         raise ModelError(f"Cannot save a model to {path}.", expected="a path ending in .keras")
     check_can_write(path, force, "model")
-    with atomic_path(path, suffix=SAVE_TEMP_SUFFIX) as tmp:
-        model.save(tmp)
-        if metadata is not None:  # the sidecar is in place before the model takes its name: no model
-            write_json_atomic(sidecar_path(path), metadata)  # ever sits without its metadata
+    side = sidecar_path(path)
+    with staged(path.parent) as stage:
+        model.save(stage.path(path.name))
+        if metadata is not None:
+            write_json(stage.path(side.name), metadata)
+            stage.commit(path.name, side.name)
+        else:
+            stage.commit(path.name)
     return path
 
 

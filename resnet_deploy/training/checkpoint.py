@@ -1,6 +1,6 @@
 """Checkpoints written atomically, and ``--resume`` from the last one.
 
-``<out>/checkpoints/last/`` is one folder, written under a temporary name and then put in place (``fileio.atomic_path``):
+``<out>/checkpoints/last/`` is one folder, written in a stage and then put in place (``fileio.atomic_path``):
 
     weights.weights.h5   the training model's weights (BatchNorm statistics included)
     optimizer.npz        every optimizer variable (iteration counter, momenta, loss scale)
@@ -9,10 +9,10 @@
                          above: ``--resume`` refuses a truncated or altered checkpoint with a clear
                          message instead of an h5py/zip traceback
 
-A folder cannot replace a folder in one rename: ``atomic_path`` renames the previous ``last`` aside
+A folder cannot replace a folder in one rename: the commit renames the previous ``last`` aside
 (``checkpoints/.last.old``), renames the new one in, then deletes the aside copy. A process killed
 between those two renames leaves no ``last`` but a complete ``.last.old``: reading falls back to it
-(``last_folder``), and a resumed run puts it back and deletes the temporaries killed runs left
+(``last_folder``), and a resumed run puts it back and deletes the stages killed runs left
 (``recover_checkpoint``).
 
 The iteration counter drives the learning-rate schedule, so restoring the optimizer restores the
@@ -29,12 +29,10 @@ from pathlib import Path
 import numpy as np
 
 from resnet_deploy.errors import TrainError
-from resnet_deploy.fileio import (atomic_path, existing_version, recover_replaced, remove_stale_temporaries,
-                                  sha256_file)
+from resnet_deploy.fileio import atomic_path, existing_version, recover_replaced, sha256_file, sweep_stages
 
 LAST = Path("checkpoints") / "last"
 CHECKED_FILES = ("weights.weights.h5", "optimizer.npz")
-TMP_SUFFIX = ".tmp"  # of the temporary folder save_last writes before renaming it onto LAST
 
 
 @dataclass
@@ -82,7 +80,7 @@ def save_last(out_dir: Path, model, state: RunState, student=None) -> None:
     variables = model.optimizer.variables
     state.optimizer_variables = [v.path for v in variables]
     final = out_dir / LAST
-    with atomic_path(final, suffix=TMP_SUFFIX) as tmp:
+    with atomic_path(final) as tmp:
         tmp.mkdir()
         (student or model).save_weights(tmp / "weights.weights.h5")
         np.savez(tmp / "optimizer.npz", **{f"v{i:04d}": np.asarray(keras.ops.convert_to_numpy(v))
@@ -99,11 +97,11 @@ def last_folder(out_dir: Path) -> Path:
 
 def recover_checkpoint(out_dir: Path) -> list[str]:
     """Before a resumed run writes again: put back a ``last`` a crash left aside, and delete the
-    temporary checkpoint folders of killed runs. Returns what was done, one line each."""
+    stages (unfinished checkpoints) of killed runs. Returns what was done, one line each."""
     done = []
     if recover_replaced(out_dir / LAST):
         done.append(f"restored {out_dir / LAST} from the copy an interrupted replacement left aside")
-    for p in remove_stale_temporaries(out_dir / LAST, suffix=TMP_SUFFIX):
+    for p in sweep_stages(out_dir / LAST.parent):
         done.append(f"removed {p.name}, an unfinished checkpoint of a killed run")
     return done
 
