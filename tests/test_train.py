@@ -96,8 +96,8 @@ def test_data_may_be_a_path_or_loaded_data(small_npz_dir):
 
     cfg = TrainConfig(**TINY)
     by_path, loaded = _load_data(cfg, small_npz_dir), _load_data(cfg, load_cifar10(small_npz_dir))
-    assert len(by_path[0]) == len(loaded[0]) == 256 and loaded[1] is None and len(loaded[2]) == 96
-    np.testing.assert_array_equal(by_path[0].x, loaded[0].x)
+    assert len(by_path.train) == len(loaded.train) == 256 and loaded.val is None and len(loaded.test) == 96
+    np.testing.assert_array_equal(by_path.train.x, loaded.train.x)
 
 
 def test_resume_without_checkpoint_and_contradictions(tmp_path):
@@ -431,11 +431,11 @@ from resnet_deploy import fileio
 final = Path(sys.argv[1])
 real_replace = os.replace
 def replace(src, dst):
-    if Path(src).name.startswith("." + final.name + ".") and Path(dst) == final:
+    if Path(src).parent.name.startswith(fileio.STAGE_PREFIX) and Path(dst) == final:
         os._exit(9)  # killed after the old folder went aside, before the new one came in
     real_replace(src, dst)
 fileio.os.replace = replace
-with fileio.atomic_path(final, suffix=".tmp") as tmp:
+with fileio.atomic_path(final) as tmp:
     tmp.mkdir()
     (tmp / "state.json").write_text("new")
 """
@@ -463,7 +463,7 @@ def test_folder_replacement_always_leaves_a_complete_copy(tmp_path, monkeypatch)
         real_replace(src, dst)
 
     monkeypatch.setattr(fileio.os, "replace", watching_replace)
-    with fileio.atomic_path(final, suffix=".tmp") as tmp:
+    with fileio.atomic_path(final) as tmp:
         tmp.mkdir()
         (tmp / "state.json").write_text("new")
     monkeypatch.undo()
@@ -475,20 +475,20 @@ def test_folder_replacement_always_leaves_a_complete_copy(tmp_path, monkeypatch)
     assert res.returncode == 9, res.stderr
     assert not final.exists()
     assert (fileio.existing_version(final) / "state.json").read_text() == "new"  # the previous version
-    assert len(fileio.stale_temporaries(final, ".tmp")) == 1
+    assert len(fileio.stale_stages(final.parent)) == 1  # the killed writer's stage, with the new folder in it
     assert fileio.recover_replaced(final) and (final / "state.json").read_text() == "new"
-    assert [p.name for p in fileio.remove_stale_temporaries(final, ".tmp")] and \
+    assert [p.name for p in fileio.sweep_stages(final.parent)] and \
         sorted(p.name for p in final.parent.iterdir()) == ["last"]
 
     # a writer failing between the renames puts the old folder back
     def failing_replace(src, dst):
-        if Path(dst) == final and Path(src).name.endswith(".tmp"):  # the new folder's rename, not the undo
+        if Path(dst) == final and Path(src).parent.name.startswith(fileio.STAGE_PREFIX):  # not the undo
             raise OSError("disk gone")
         real_replace(src, dst)
 
     monkeypatch.setattr(fileio.os, "replace", failing_replace)
     with pytest.raises(OSError):
-        with fileio.atomic_path(final, suffix=".tmp") as tmp:
+        with fileio.atomic_path(final) as tmp:
             tmp.mkdir()
             (tmp / "state.json").write_text("newer")
     monkeypatch.undo()
@@ -506,24 +506,32 @@ def _copy_run(short_run, tmp_path):
 def test_resume_finds_a_checkpoint_left_aside_and_removes_temporaries(short_run, tmp_path, small_npz_dir,
                                                                       tiny_model_path):
     """The state a kill between the two renames leaves: no checkpoints/last, the previous one at
-    .last.old, a complete temporary. --resume reads the aside copy, puts it back, cleans up."""
+    .last.old, the complete new one in the killed process's stage. --resume reads the aside copy,
+    puts it back, and removes the stages of dead processes."""
     import shutil
+    import subprocess
+    import sys
 
+    from resnet_deploy.fileio import STAGE_PREFIX
     from resnet_deploy.training.checkpoint import read_state
     from resnet_deploy.training.trainer import train_model
 
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()  # a process id that no longer runs
     out = _copy_run(short_run, tmp_path)
     ck = out / "checkpoints"
-    shutil.copytree(ck / "last", ck / ".last.k1ll3d00.tmp")
+    shutil.copytree(ck / "last", ck / f"{STAGE_PREFIX}{dead}.k1ll3d00" / "last")
     (ck / "last").rename(ck / ".last.old")
-    (out / ".log.csv.k1ll3d00.csv.tmp").write_text("epoch\n")
+    (out / f"{STAGE_PREFIX}{dead}.k1ll3d01").mkdir()
+    (out / f"{STAGE_PREFIX}{dead}.k1ll3d01" / "log.csv").write_text("epoch\n")
     assert read_state(out).epoch == 2  # not "Nothing to resume"
     lines: list[str] = []
     cfg = TrainConfig(**TINY, out_dir=out, cutout=8, teacher=tiny_model_path, val_split=64, resume=True)
     result = train_model(cfg, data=small_npz_dir, log=lines.append)  # 2 of 2 epochs done: only the finish
-    assert any("restored" in line for line in lines) and any("k1ll3d00" in line for line in lines)
+    assert any("restored" in line for line in lines)
+    assert any("k1ll3d00" in line for line in lines) and any("k1ll3d01" in line for line in lines), lines
     assert sorted(p.name for p in ck.iterdir()) == ["last"]
-    assert not (out / ".log.csv.k1ll3d00.csv.tmp").exists()
+    assert not any(p.name.startswith(STAGE_PREFIX) for p in out.iterdir())
     assert result.metadata["epochs"] == 2 and read_state(out).epoch == 2
 
 
@@ -577,7 +585,7 @@ def test_throughput_counts_training_batches_only():
     from resnet_deploy.training.checkpoint import RunState
 
     now = [0.0]
-    rec = RunRecorder(None, RunState(), 2, steps=8, batch_size=32, save_best=None, log=None, clock=lambda: now[0])
+    rec = RunRecorder(None, RunState(), 2, steps=8, batch_size=32, log=None, clock=lambda: now[0])
     rec.on_epoch_begin(0)
     for step in range(8):
         rec.on_train_batch_begin(step)
@@ -601,7 +609,7 @@ def test_curves_are_skipped_once_without_matplotlib(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     assert write_curves(tmp_path / "other.png", history) is False and not (tmp_path / "other.png").exists()
     lines: list[str] = []
-    rec = RunRecorder(tmp_path, RunState(), 2, steps=8, batch_size=32, save_best=None, log=lines.append)
+    rec = RunRecorder(tmp_path, RunState(), 2, steps=8, batch_size=32, log=lines.append)
     rec._curves(tmp_path / "curves.png", history)
     rec._curves(tmp_path / "curves.png", history * 2)
     assert lines == [CURVES_SKIPPED] and "matplotlib" in lines[0] and "log.csv" in lines[0]

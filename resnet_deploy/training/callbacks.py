@@ -100,12 +100,13 @@ class RunRecorder(keras.callbacks.Callback):
     """At each epoch's end: history row, best model, resume checkpoint, CSV, PNG, a progress line."""
 
     def __init__(self, out_dir: Path, state: RunState, total_epochs: int, steps: int, batch_size: int,
-                 save_best: Callable[[int, float], None], log: Callable[[str], None], student=None,
-                 clock: Callable[[], float] = time.perf_counter):
+                 log: Callable[[str], None], student=None, best=None, clock: Callable[[], float] = time.perf_counter):
+        """``student``: the network whose weights the checkpoint keeps (None: the compiled model itself);
+        ``best``: a ``trainer.BestModel`` that writes best.keras when the validation accuracy improves (None: none)."""
         super().__init__()
-        self.student = student
+        self.student, self.best = student, best
         self.out_dir, self.state, self.total_epochs = out_dir, state, total_epochs
-        self.save_best, self.log = save_best, log
+        self.log = log
         self.clock = EpochClock(batch_size, steps, clock)
         self._durations: list[float] = []
         self._curves_skipped = False
@@ -139,7 +140,8 @@ class RunRecorder(keras.callbacks.Callback):
         acc = row["val_accuracy"]
         if acc is not None and math.isfinite(acc) and (st.best_accuracy is None or acc > st.best_accuracy):
             st.best_epoch, st.best_accuracy = epoch + 1, acc
-            self.save_best(epoch + 1, acc)
+            if self.best is not None:
+                self.best.save(epoch + 1, acc)
         save_last(self.out_dir, self.model, st, self.student)
         write_csv(self.out_dir / "log.csv", st.history)
         self._curves(self.out_dir / "curves.png", st.history)

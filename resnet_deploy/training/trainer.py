@@ -18,17 +18,17 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from resnet_deploy.errors import OutputExistsError, TrainError
-from resnet_deploy.models.io import SAVE_TEMP_SUFFIX
 from resnet_deploy.training.recipe import TrainConfig
 
+if TYPE_CHECKING:
+    from resnet_deploy.data.sources import Split
+    from resnet_deploy.training.checkpoint import RunState
+    from resnet_deploy.training.devices import DeviceInfo
+
 OWNED = ("model.keras", "model.keras.json", "best.keras", "best.keras.json", "log.csv", "curves.png", "checkpoints")
-# The suffix each owned file's temporary gets from fileio.atomic_path (None: its default); models.io.save_model
-# writes .keras files through a ".tmp.keras" temporary (Keras insists on the suffix).
-TEMP_SUFFIXES = {"model.keras": SAVE_TEMP_SUFFIX, "best.keras": SAVE_TEMP_SUFFIX, "model.keras.json": None,
-                 "best.keras.json": None, "log.csv": None, "curves.png": None}
 SELECTION_NOTE = ("model.keras is the last epoch (nothing chosen on the test split); val_* columns are measured "
                   "on the test split for monitoring only; no best.keras (no --val-split)")
 VAL_SELECTION_NOTE = ("model.keras is the last epoch; val_* columns are measured on {n} class-balanced training "
@@ -40,6 +40,64 @@ def selection_note(config: TrainConfig, val_hash: str | None) -> str:
     if not config.val_split:
         return SELECTION_NOTE
     return VAL_SELECTION_NOTE.format(n=config.val_split, seed=config.seed, h=val_hash)
+
+
+@dataclass(frozen=True)
+class RunData:
+    """The images of a run: ``val`` is the held-out validation split (``--val-split``) or None."""
+
+    train: Split
+    val: Split | None
+    test: Split
+    source: str
+
+    @property
+    def monitor(self) -> Split:
+        """What the per-epoch ``val_*`` figures are measured on: never the test split when there is a validation one."""
+        return self.val if self.val is not None else self.test
+
+
+@dataclass
+class Run:
+    """One training run once its options are checked: what every step after the checks reads.
+
+    Built by ``_train_locked`` in the order of work; ``engine`` is set when the distribution scope opens."""
+
+    config: TrainConfig
+    out: Path
+    state: RunState  # epochs done, history, best epoch: what the checkpoint stores
+    dev: DeviceInfo
+    precision: str  # the resolved dtype policy
+    replicas: int
+    data: RunData
+    log: Callable[[str], None]
+    engine: str | None = None
+
+    @property
+    def steps(self) -> int:
+        return len(self.data.train) // self.config.batch_size
+
+    @property
+    def selection_note(self) -> str:
+        val = self.data.val
+        return selection_note(self.config, val.indices_sha256_16 if val is not None else None)
+
+
+@dataclass
+class BestModel:
+    """``best.keras`` (only with ``--val-split``): the float32 model of the epoch with the best validation accuracy."""
+
+    path: Path
+    student: Any  # the network being trained (its weights are copied out)
+    export_model: Any  # a plain float32 model of the same architecture: what is written
+    metadata: dict  # base metadata; each save adds the epoch and its validation accuracy
+
+    def save(self, epoch: int, accuracy: float) -> None:
+        from resnet_deploy.models.builder import transfer_weights
+        from resnet_deploy.models.io import save_model
+
+        transfer_weights(self.student, self.export_model)
+        save_model(self.export_model, self.path, self.metadata | {"epoch": epoch, "val_accuracy": accuracy}, force=True)
 
 
 @dataclass(frozen=True)
@@ -82,7 +140,7 @@ def _train_locked(config: TrainConfig, data, log: Callable[[str], None]) -> Trai
         from resnet_deploy.training.distill import load_teacher
 
         load_teacher(config.teacher)  # fail now on a wrong teacher; it is loaded again in the device scope
-    train, val, test, source = _load_data(config, data)
+    run = Run(config, out, state, dev, precision, replicas, _load_data(config, data), log)
     if not config.resume and config.force:
         _clean(out)
     if config.resume:
@@ -90,7 +148,7 @@ def _train_locked(config: TrainConfig, data, log: Callable[[str], None]) -> Trai
             log(line)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        return _run(config, out, state, dev, precision, replicas, train, val, test, source, log)
+        return _run(run)
     except KeyboardInterrupt:
         if (out / "checkpoints" / "last").exists():
             log(f"interrupted after epoch {state.epoch}/{config.epochs}: continue with "
@@ -162,24 +220,20 @@ def _check_resumed_precision(config: TrainConfig, state, precision: str, dev, ou
 
 
 def _recover(out: Path) -> list[str]:
-    """--resume: undo what a killed run left half-done (a checkpoint left aside, temporaries)."""
+    """--resume: undo what a killed run left half-done (a checkpoint left aside, stages of unfinished files)."""
+    from resnet_deploy.fileio import sweep_stages
     from resnet_deploy.training.checkpoint import recover_checkpoint
 
-    return recover_checkpoint(out) + [f"removed {p.name}, an unfinished file of a killed run"
-                                      for p in _remove_temporaries(out)]
-
-
-def _remove_temporaries(out: Path) -> list[Path]:
-    """Delete the temporaries killed runs left beside the files train writes (TEMP_SUFFIXES)."""
-    from resnet_deploy.fileio import remove_stale_temporaries
-
-    return [p for name, suffix in TEMP_SUFFIXES.items() for p in remove_stale_temporaries(out / name, suffix)]
+    return recover_checkpoint(out) + [f"removed {p.name}, the unfinished files of a killed run"
+                                      for p in sweep_stages(out)]
 
 
 def _clean(out: Path) -> None:
-    """--force: remove what an earlier run wrote here (only the files train writes, and their
-    temporaries from killed runs; checkpoints/ goes as a whole), nothing else."""
-    _remove_temporaries(out)
+    """--force: remove what an earlier run wrote here (only the files train writes, and the stages
+    of killed runs; checkpoints/ goes as a whole), nothing else."""
+    from resnet_deploy.fileio import sweep_stages
+
+    sweep_stages(out)
     for name in OWNED:
         p = out / name
         if p.is_dir():
@@ -188,7 +242,7 @@ def _clean(out: Path) -> None:
             p.unlink()
 
 
-def _load_data(config: TrainConfig, data):
+def _load_data(config: TrainConfig, data) -> RunData:
     from resnet_deploy.data.sources import Cifar10, load_cifar10
 
     ds = data if isinstance(data, Cifar10) else load_cifar10(data)  # a path, None, or data already loaded
@@ -199,7 +253,7 @@ def _load_data(config: TrainConfig, data):
     if len(train) < config.batch_size:
         raise TrainError(f"{len(train)} training images make no full batch of {config.batch_size}.",
                          fix=f"pass --batch-size {len(train)} or less")
-    return train, val, test, ds.source
+    return RunData(train, val, test, ds.source)
 
 
 def _hold_out(train, n: int, seed: int):
@@ -244,56 +298,48 @@ def _compile(config: TrainConfig, precision: str, steps_per_epoch: int):
     return model, student
 
 
-def _run(config, out, state, dev, precision, replicas, train, val, test, source, log) -> TrainResult:
+def _run(run: Run) -> TrainResult:
     import keras
 
     from resnet_deploy.models.builder import build_model, transfer_weights
+    from resnet_deploy.models.io import base_metadata
     from resnet_deploy.training.batches import EvalBatches, TrainBatches
     from resnet_deploy.training.callbacks import EpochSeeder, RunRecorder
     from resnet_deploy.training.checkpoint import restore_last
     from resnet_deploy.training.devices import distribution_scope
 
-    steps = len(train) // config.batch_size
+    config, state, data = run.config, run.state, run.data
     keras.utils.set_random_seed(config.seed)
     export_model = build_model(config.arch, width=config.width, stem=config.stem)  # float32, plain: what ships
     previous_policy = keras.config.dtype_policy()
     session_t0 = time.perf_counter()
     try:
-        keras.config.set_dtype_policy(precision)
-        with distribution_scope(config.distribute, dev) as engine:
-            model, student = _compile(config, precision, steps)
-            _log_header(log, config, dev, precision, engine, replicas, train, val, test, source, steps, student, out)
+        keras.config.set_dtype_policy(run.precision)
+        with distribution_scope(config.distribute, run.dev) as run.engine:
+            model, student = _compile(config, run.precision, run.steps)
+            _log_header(run, student)
             if config.resume:
-                restore_last(out, model, state, student)
-                log(f"resuming after epoch {state.epoch}/{config.epochs} "
-                    f"(optimizer step {state.iterations}, lr {_lr(model):.4g})")
-            train_b = TrainBatches(train.x, train.y, config.batch_size, config.seed, config.pad, config.flip,
+                restore_last(run.out, model, state, student)
+                run.log(f"resuming after epoch {state.epoch}/{config.epochs} "
+                        f"(optimizer step {state.iterations}, lr {_lr(model):.4g})")
+            train_b = TrainBatches(data.train.x, data.train.y, config.batch_size, config.seed, config.pad, config.flip,
                                    config.cutout, epoch=state.epoch, workers=config.workers)
-            monitor = val if val is not None else test
-            monitor_b = EvalBatches(monitor.x, monitor.y, config.batch_size, multiple=replicas)
-            note = selection_note(config, val.indices_sha256_16 if val is not None else None)
-
-            def save_best(epoch: int, acc: float) -> None:
-                from resnet_deploy.models.io import base_metadata, save_model
-
-                if val is None:  # never choose on the test split
-                    return
-                transfer_weights(student, export_model)
-                meta = base_metadata(config.arch, config.width, config.stem) | {
-                    "epoch": epoch, "val_accuracy": acc, "selection": note, "recipe": config.recipe()}
-                save_model(export_model, out / "best.keras", meta, force=True)
-
+            monitor_b = EvalBatches(data.monitor.x, data.monitor.y, config.batch_size, multiple=run.replicas)
+            best = None if data.val is None else BestModel(  # never chosen on the test split
+                run.out / "best.keras", student, export_model,
+                base_metadata(config.arch, config.width, config.stem) | {"selection": run.selection_note,
+                                                                          "recipe": config.recipe()})
             state.sessions += 1
-            state.precision = precision
-            recorder = RunRecorder(out, state, config.epochs, steps, config.batch_size, save_best, log, student)
+            state.precision = run.precision
+            recorder = RunRecorder(run.out, state, config.epochs, run.steps, config.batch_size, run.log,
+                                   student=student, best=best)
             verbose = 1 if config.verbose and sys.stdout.isatty() else 0
             model.fit(train_b, epochs=config.epochs, initial_epoch=state.epoch, validation_data=monitor_b,
                       callbacks=[EpochSeeder(train_b), recorder], verbose=verbose)
             transfer_weights(student, export_model)
     finally:
         keras.config.set_dtype_policy(previous_policy)
-    return _finish(config, out, state, dev, precision, engine, replicas, export_model, train, val, test, source,
-                   time.perf_counter() - session_t0, log)
+    return _finish(run, export_model, time.perf_counter() - session_t0)
 
 
 def _lr(model) -> float:
@@ -302,25 +348,26 @@ def _lr(model) -> float:
     return current_lr(model)
 
 
-def _log_header(log, config, dev, precision, engine, replicas, train, val, test, source, steps, student, out) -> None:
+def _log_header(run: Run, student) -> None:
+    config, data, log = run.config, run.data, run.log
     aug = [f"reflect-pad {config.pad} + random crop"] if config.pad else []
     aug += ["horizontal flip"] if config.flip else []
     aug += [f"cutout {config.cutout}"] if config.cutout else []
     warm = f"warm-up {config.warmup_epochs:g} epoch(s), then " if config.warmup_epochs else ""
     log(f"resnet-deploy train: {config.arch} (width {config.width:g}, {student.count_params() / 1e6:.3f} M params) "
-        f"on CIFAR-10 from {source}")
-    log(f"  device: {dev.describe()}")
-    log(f"  precision: {precision} (logits and loss in float32); engine: "
-        + (f"{engine} over {replicas} devices" if engine else "single device"))
-    held = f" (+ {len(val):,} held out for validation)" if val is not None else ""
-    log(f"  data: {len(train):,} train{held} / {len(test):,} test images; batch {config.batch_size}, "
-        f"{steps} steps/epoch, {config.epochs} epochs")
+        f"on CIFAR-10 from {data.source}")
+    log(f"  device: {run.dev.describe()}")
+    log(f"  precision: {run.precision} (logits and loss in float32); engine: "
+        + (f"{run.engine} over {run.replicas} devices" if run.engine else "single device"))
+    held = f" (+ {len(data.val):,} held out for validation)" if data.val is not None else ""
+    log(f"  data: {len(data.train):,} train{held} / {len(data.test):,} test images; batch {config.batch_size}, "
+        f"{run.steps} steps/epoch, {config.epochs} epochs")
     log(f"  recipe: SGD{' nesterov' if config.nesterov else ''} momentum {config.momentum:g}, peak lr {config.peak_lr:.4g}, "
         f"{warm}{config.schedule} decay, weight decay {config.weight_decay:g} (L2), label smoothing "
         f"{config.label_smoothing:g}; augmentation: {', '.join(aug) or 'none'}"
         + (f"; distilling from {config.teacher} (T={config.kd_temperature:g}, weight {config.kd_weight:g})"
            if config.teacher else ""))
-    log(f"  output: {out}")
+    log(f"  output: {run.out}")
 
 
 def _evaluate(model, test, batch_size: int) -> float:
@@ -342,32 +389,33 @@ def _timing(history: list[dict]) -> dict:
             "train_images_per_s": round(statistics.median(speeds), 1) if speeds else None}  # median over epochs
 
 
-def _finish(config, out, state, dev, precision, engine, replicas, export_model, train, val, test, source, session_s,
-            log) -> TrainResult:
+def _finish(run: Run, export_model, session_s: float) -> TrainResult:
     from resnet_deploy.envinfo import library_versions, machine_info
     from resnet_deploy.fileio import sha256_file
     from resnet_deploy.models.io import base_metadata, save_model
 
+    config, out, state, log = run.config, run.out, run.state, run.log
+    train, val, test = run.data.train, run.data.val, run.data.test
     acc = _evaluate(export_model, test, config.batch_size)
     meta = base_metadata(config.arch, config.width, config.stem) | {
         "test_accuracy": acc,
         "test_images": len(test),
         "train_images": len(train),
-        "data_source": source,
+        "data_source": run.data.source,
         "epochs": state.epoch,
         "best_epoch": state.best_epoch if val is not None else None,
         "best_val_accuracy": state.best_accuracy if val is not None else None,
         "validation": ({"split": "train", "images": len(val), "seed": config.seed, "class_balanced": True,
                         "indices_sha256_16": val.indices_sha256_16} if val is not None else None),
-        "selection": selection_note(config, val.indices_sha256_16 if val is not None else None),
+        "selection": run.selection_note,
         "recipe": config.recipe(),
-        "precision": precision,
-        "distribution": {"mode": config.distribute, "engine": engine, "replicas": replicas},
+        "precision": run.precision,
+        "distribution": {"mode": config.distribute, "engine": run.engine, "replicas": run.replicas},
         "optimizer_steps": state.iterations,
         "train_time_s": round(state.elapsed_s, 1),  # epoch wall-clock, test passes included
         **_timing(state.history),
         "sessions": state.sessions,
-        "device": dev.to_dict(),
+        "device": run.dev.to_dict(),
         "machine": machine_info(),
         "versions": library_versions(),
         "params": int(export_model.count_params()),
