@@ -9,6 +9,10 @@ Only the two data terms are weighted: the weight decay the recipe records applie
 run without a teacher. The teacher's losses (regularizers, ``add_loss``) never enter. The teacher
 runs in inference mode and is never trained. Only the student is saved: the trainer checkpoints
 and exports ``distiller.student``.
+
+Public Keras API only: the task loss is taken by ``compile`` and kept here (Keras' own compiled loss
+would add ``self.losses``, the teacher's among them, to the weighted part), and the student's losses
+come from ``Layer.losses`` (``tests/test_train.py`` checks both terms against numpy).
 """
 
 from __future__ import annotations
@@ -28,17 +32,24 @@ class Distiller(keras.Model):
         self.teacher.trainable = False
         self.temperature = float(temperature)
         self.weight = float(weight)
+        self.task_loss = None  # set by compile
 
     def call(self, x, training=False):
         return self.student(x, training=training)
 
+    def compile(self, loss=None, **kwargs):
+        """``loss``: the task loss on the labels (e.g. ``CategoricalCrossentropy(from_logits=True)``), kept
+        by the Distiller; everything else goes to ``keras.Model.compile`` (which gets no loss of its own)."""
+        if loss is None:
+            raise ValueError("compile the Distiller with the task loss (e.g. CategoricalCrossentropy)")
+        self.task_loss = keras.losses.get(loss)
+        super().compile(**kwargs)
+
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         ops = keras.ops
-        if self._compile_loss is None:
+        if self.task_loss is None:
             raise ValueError("compile the Distiller with the task loss (e.g. CategoricalCrossentropy)")
-        # Keras' compiled loss alone (the first term Model.compute_loss sums; its other terms, self.losses,
-        # would mix the student's weight decay into the weighted part and could bring the teacher's in)
-        hard = ops.cast(self._compile_loss(y, y_pred, sample_weight), "float32")
+        hard = ops.cast(self.task_loss(y, y_pred, sample_weight), "float32")
         own = self._student_losses()
         if not training:  # evaluation: what a run without a teacher reports (task loss + weight decay)
             return hard + own
@@ -55,12 +66,13 @@ class Distiller(keras.Model):
     def _student_losses(self):
         """The student's regularization and ``add_loss`` terms, summed in float32; never the teacher's.
 
-        On JAX, ``fit`` hands over the losses of the forward pass (``self.losses`` is then exactly
-        those: ``call`` runs only the student, and the frozen teacher has no trainable weights to
-        regularize). Elsewhere they are read from the student itself.
+        On JAX, ``fit`` computes the loss statelessly and ``self.losses`` is what holds that pass's
+        values (the forward pass's ``add_loss`` terms, and regularizers of the trainable weights: the
+        student's, as the frozen teacher has none). Elsewhere they are read from the student itself,
+        which the teacher's call inside ``compute_loss`` cannot reach.
         """
         ops = keras.ops
-        losses = self.losses if getattr(self, "_losses_override", None) else self.student.losses
+        losses = self.losses if keras.backend.backend() == "jax" else self.student.losses
         total = ops.zeros((), "float32")
         for loss in losses:
             total = total + ops.cast(ops.sum(loss), "float32")
