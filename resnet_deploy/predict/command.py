@@ -35,6 +35,9 @@ def predict(
     batch_size: Annotated[int, typer.Option(help="Images per inference call.")] = 256,
     threads: Annotated[Optional[int], typer.Option(help="Runtime threads. Default: the runtime's own.",
                                                    show_default=False)] = None,
+    runtime: Annotated[Optional[str], typer.Option(
+        help="The runtime to run the artifact in. Default: its format's own (keras, litert, onnxruntime); "
+             "an .onnx file also runs in openvino.", show_default=False)] = None,
 ) -> None:
     """Classify images with an artifact: top-k classes, names and probabilities; accuracy for an .npz
     with labels. Exit code 2 when an input or the artifact could not be used."""
@@ -42,7 +45,8 @@ def predict(
     from resnet_deploy.predict.core import classify
     from resnet_deploy.predict.images import PredictError
 
-    result = classify(artifact, images, top_k=top_k, fit=fit, limit=limit, batch_size=batch_size, threads=threads)
+    result = classify(artifact, images, top_k=top_k, fit=fit, limit=limit, batch_size=batch_size, threads=threads,
+                      runtime=runtime)
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
     else:

@@ -114,6 +114,17 @@ def resolve_artifact(spec: str | os.PathLike) -> Path:
     return Path(resolve_model(spec))  # a ModelError listing the pretrained names when it is none
 
 
+def _check_runtime(runtime: str, info: ArtifactInfo) -> None:
+    from resnet_deploy.config import Format
+    from resnet_deploy.errors import ResnetDeployError
+    from resnet_deploy.runtimes import check_runtime
+
+    try:
+        check_runtime(runtime, Format(info.format), option="--runtime")
+    except ResnetDeployError as exc:
+        raise PredictError(exc.what, expected=exc.expected, fix=exc.fix) from None
+
+
 def _declared_output(meta: dict) -> str | None:
     """What a sidecar says the model outputs: ``output_kind`` ("logits"/"probabilities"), or the model
     metadata's ``output`` text ("logits (no softmax)")."""
@@ -176,26 +187,31 @@ def accuracy_by_source(inputs: Inputs, top: np.ndarray) -> list[dict]:
 
 
 def classify(artifact: str | os.PathLike, inputs: list[str | os.PathLike], top_k: int = 3, fit: str = "crop",
-             limit: int | None = None, batch_size: int = 256, threads: int | None = None) -> Result:
-    """Run ``artifact`` on every readable input. Inputs that cannot be read are in ``result.inputs.errors``;
-    an artifact that cannot be used raises ``PredictError`` (or the runtime's ``ResnetDeployError``)."""
+             limit: int | None = None, batch_size: int = 256, threads: int | None = None,
+             runtime: str | None = None) -> Result:
+    """Run ``artifact`` on every readable input, in ``runtime`` (default: its format's own; an .onnx file
+    also runs in ``"openvino"``). Inputs that cannot be read are in ``result.inputs.errors``; an artifact
+    that cannot be used, or a runtime that cannot run it or is not installed, raises ``PredictError``
+    (or the runtime's ``ResnetDeployError``) before any image is read."""
     if limit is not None and limit < 1:
         raise PredictError(f"--limit {limit} selects no image.", expected="a positive number", fix="e.g. --limit 100")
     if batch_size < 1:
         raise PredictError(f"--batch-size {batch_size} is not positive.", expected="1 or more", fix="e.g. 256")
     info = artifact_info(artifact)
+    if runtime is not None:
+        _check_runtime(runtime, info)
     n_classes = len(info.class_names)
     if not 1 <= top_k <= n_classes:
         raise PredictError(f"--top-k {top_k} is out of range for {n_classes} classes.",
                            expected=f"1 to {n_classes}", fix="e.g. --top-k 3")
     data = collect([Path(p) for p in inputs], fit=fit, limit=limit, num_classes=n_classes)
-    runtime = None
+    ran_in = None
     out = np.zeros((0, n_classes), np.float32)
     if len(data):
         from resnet_deploy.runtimes import open_runner
 
-        with open_runner(info.path, threads=threads, batch_size=batch_size) as runner:
-            runtime = runner.name
+        with open_runner(info.path, threads=threads, batch_size=batch_size, runtime=runtime) as runner:
+            ran_in = runner.name
             out = runner.predict(data.pixels)
         if out.ndim != 2 or out.shape[1] != n_classes:
             where = f"its sidecar {info.sidecar.name}" if info.sidecar else "CIFAR-10 (no sidecar found)"
@@ -204,4 +220,4 @@ def classify(artifact: str | os.PathLike, inputs: list[str | os.PathLike], top_k
                                fix="use the manifest written with this artifact by `resnet-deploy export`")
     probs, scores = to_probabilities(out, info.declared_output)
     top = top_k_indices(probs, top_k)
-    return Result(info, runtime, scores, top_k, fit, data, probs, top, accuracy_by_source(data, top))
+    return Result(info, ran_in, scores, top_k, fit, data, probs, top, accuracy_by_source(data, top))
