@@ -366,6 +366,10 @@ def test_every_error_entry_says_what_expected_and_fix():
     ("onnx", "int8", {"activations": "uint8 per-tensor"}, "x86_64", ["avx2"], True),  # pre-rule manifest
     ("onnx", "int8", {"activations": "int8 per-tensor"}, "x86_64", ["avx2"], False),  # pre-rule, arm64 export
     ("onnx", "int8", {"activation_type": "uint8", "reduce_range": False}, "x86_64", None, False),  # flags unknown
+    ("onnx", "int8", {"activation_type": "uint8", "weight_type": "uint8", "reduce_range": False}, "x86_64",
+     ["avx2"], False),  # U8U8 is widened before the multiply: no VPMADDUBSW pair sums
+    ("onnx", "int8", {"activation_type": "uint8", "weight_type": "int8", "reduce_range": False,
+                      "target": "x86-vnni", "scheme": "u8s8"}, "x86_64", ["avx2"], True),  # made for a VNNI CPU
 ])
 def test_u8s8_saturation_warning_only_where_the_kernels_saturate(fmt, prec, cal, machine, flags, warned,
                                                                   monkeypatch):

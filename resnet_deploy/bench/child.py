@@ -8,11 +8,17 @@ killed. The timeout counts time without progress: the child sends a heartbeat af
 timing block and each accuracy chunk, so a big model that is slow but working is never killed.
 
 A failed request raises ``WorkerFailed`` with the file's error entry; the worker is then closed.
+
+Ctrl-C reaches every process of the terminal's process group, the children included. The children
+ignore it (SIGINT is blocked while one starts and ignored from its first line on), so none prints a
+traceback of its own: the parent gets the ``KeyboardInterrupt``, kills them (``close(kill=True)``) and
+the command ends with one line (``bench.command``).
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import signal
 import time
 import traceback
 
@@ -46,7 +52,7 @@ class LocalWorker:
             self.close()
             raise WorkerFailed(exc.error) from None
 
-    def close(self) -> None:
+    def close(self, kill: bool = False) -> None:
         self.session.close()
 
 
@@ -60,7 +66,8 @@ class ChildWorker:
         self.path, self.timeout_s = spec.path, timeout_s
         self.conn, child_end = ctx.Pipe(duplex=True)
         self.proc = ctx.Process(target=_child_main, args=(spec, child_end), daemon=True)
-        self.proc.start()
+        with _sigint_blocked():  # the child inherits the mask: a Ctrl-C during its start-up is not its business
+            self.proc.start()
         child_end.close()
 
     def call(self, request: str, *args):
@@ -115,7 +122,23 @@ def _answer(session: FileSession, request: str, args: tuple, progress):
         raise _Failed(unexpected_error(exc, session.spec.path, traceback.format_exc(limit=8))) from None
 
 
+class _sigint_blocked:
+    """Block SIGINT in this thread for the ``with`` block (a Ctrl-C meanwhile is delivered at its end)."""
+
+    def __enter__(self):
+        self.blocked = hasattr(signal, "pthread_sigmask")
+        if self.blocked:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+    def __exit__(self, *exc):
+        if self.blocked:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def _child_main(spec: FileSpec, conn) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (module docstring)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a pending one is now discarded
     from resnet_deploy.cli_common import quiet_frameworks
 
     quiet_frameworks()  # honours --verbose; also the libraries' Python warnings in the child

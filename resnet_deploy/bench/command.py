@@ -81,6 +81,13 @@ def bench(
                           "a chunk (432 s with the defaults).",
         show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap interval.")] = 0,
+    runtimes: Annotated[str, typer.Option(
+        "--runtimes", help="Runtimes each ONNX file runs in, a row each, comma-separated: onnxruntime, "
+                           "openvino. Each row's FP32 baseline is the FP32 file in the same runtime.")] = "onnxruntime",
+    allow_saturating: Annotated[bool, typer.Option(
+        "--allow-saturating", help="Bench ONNX INT8 files whose U8S8 kernels saturate on this CPU (uint8 "
+                                   "activations, 8-bit weights, x86 without VNNI): rows marked SATURATING. "
+                                   "Without it they are errors.")] = False,
 ) -> None:
     """Accuracy, latency, memory and size of each artifact beside the float model; CI gates."""
     from resnet_deploy.bench.options import BenchOptions
@@ -89,7 +96,8 @@ def bench(
                            accuracy=accuracy, latency=latency, large_batch=large_batch, warmup=warmup, runs=runs,
                            min_time_s=min_time, max_time_s=max_time, isolate=isolate, baselines=baselines,
                            seed=seed, max_drop_pp=max_drop, min_speedup=min_speedup, gate_fp16=gate_fp16,
-                           timeout_s=timeout, min_rounds=min_rounds, allow_stale=allow_stale, cache=cache)
+                           timeout_s=timeout, min_rounds=min_rounds, allow_stale=allow_stale, cache=cache,
+                           runtimes=runtimes, allow_saturating=allow_saturating)
     check_outputs(json_path, markdown_path, plot_path, force, options)
     quiet_frameworks()
     from rich.console import Console
@@ -97,9 +105,33 @@ def bench(
     from resnet_deploy.bench.run import run_bench
 
     console = Console()
-    with console.status("benchmarking") as status:
-        report = run_bench(artifacts, options, progress=lambda msg: status.update(msg))
-    finish(report, console, json_path, markdown_path, plot_path)
+    stage = ["starting"]  # what the run was doing, for the line a Ctrl-C ends it with
+
+    def progress(msg: str) -> None:
+        stage[0] = msg
+        status.update(msg)
+
+    written: list = []
+    try:
+        with console.status("benchmarking") as status:
+            report = run_bench(artifacts, options, progress=progress)
+        stage[0] = "writing the report"
+        finish(report, console, json_path, markdown_path, plot_path, written=written)
+    except KeyboardInterrupt:
+        raise interrupted(stage[0], [p for p in (json_path, markdown_path, plot_path) if p is not None], written)
+
+
+def interrupted(stage: str, outputs: list, written: list) -> typer.Exit:
+    """Ctrl-C: one line on stderr saying what was interrupted and which report files exist (each is
+    written whole or not at all: ``fileio.atomic_path``), and exit code 130 (128 + SIGINT)."""
+    import sys
+
+    missing = [str(p) for p in outputs if p not in written]
+    files = (f"; report files written whole: {', '.join(map(str, written))}" if written else "") + \
+        (f"; not written: {', '.join(missing)}" if missing else "")
+    print(f"interrupted: bench stopped at \"{stage}\", its child processes ended{files or '; nothing was written'}",
+          file=sys.stderr, flush=True)
+    return typer.Exit(130)
 
 
 def check_outputs(json_path, markdown_path, plot_path, force: bool, options) -> None:
@@ -125,8 +157,9 @@ def check_outputs(json_path, markdown_path, plot_path, force: bool, options) -> 
                              fix="drop --no-accuracy / --no-latency or the --plot option")
 
 
-def finish(report, console, json_path=None, markdown_path=None, plot_path=None) -> None:
-    """Print and write the report, then raise for errors (exit 2) or failed gates (exit 1)."""
+def finish(report, console, json_path=None, markdown_path=None, plot_path=None, written=None) -> None:
+    """Print and write the report (each path written is appended to ``written``), then raise for errors
+    (exit 2) or failed gates (exit 1)."""
     from resnet_deploy.bench import report as rep
     from resnet_deploy.bench.gates import gate_error
     from resnet_deploy.errors import BenchError
@@ -135,6 +168,8 @@ def finish(report, console, json_path=None, markdown_path=None, plot_path=None) 
     for path, write in ((json_path, rep.write_json), (markdown_path, rep.write_markdown), (plot_path, rep.write_plot)):
         if path is not None:
             write(report, path)
+            if written is not None:
+                written.append(path)
             console.print(f"wrote {path}", highlight=False)
     if report.errors:
         names = ", ".join(r.label for r in report.errors)

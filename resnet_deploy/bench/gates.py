@@ -101,7 +101,7 @@ def _min_speedup(r, limit: float, report) -> dict:
          "threshold": limit, "value": low, "estimate": speedup, "interval": interval}
     if speedup is None:
         broken = [b.label for b in report.results if b is not r and not b.ok and b.format == r.format
-                  and b.precision == "fp32"]
+                  and b.precision == "fp32" and b.runtime_name == r.runtime_name]
         if base:
             why = "no batch-1 latency for it or its baseline"
         elif broken:

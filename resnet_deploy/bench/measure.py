@@ -34,6 +34,7 @@ class FileSpec:
     path: Path
     preprocessing: dict  # Preprocessing.to_dict() of the run's input contract for this file
     threads: int
+    runtime: str | None = None  # runtimes.DEFAULT_RUNTIME of the file's format when None
     eval_batch_size: int = 256
     latency_images: np.ndarray | None = None  # uint8 NHWC images timed batches are cut from
     manifest_input: dict | None = None  # the manifest's input TensorSpec (dtype, scale, zero_point), if any
@@ -55,12 +56,13 @@ class FileSession:
 
         t0 = time.perf_counter()
         fmt = Format.from_path(self.spec.path)
-        _import_engine(fmt)  # the engine's import is part of what a user pays before the first inference
+        _import_engine(fmt, self.spec.runtime)  # the engine's import is part of what a user pays before the first inference
         import_s = time.perf_counter() - t0
         self.meter = MemoryMeter(reset=self.reset_peak)  # the baseline: imports done, latency images here
         t0 = time.perf_counter()
         self.runner = open_runner(self.spec.path, preprocessing=Preprocessing.from_dict(self.spec.preprocessing),
-                                  threads=self.spec.threads, batch_size=self.spec.eval_batch_size)
+                                  threads=self.spec.threads, batch_size=self.spec.eval_batch_size,
+                                  runtime=self.spec.runtime)
         self.runner.load()
         load_s = time.perf_counter() - t0
         io = self.runner.io_spec()
@@ -120,10 +122,17 @@ class FileSession:
 REQUESTS = ("open", "series", "memory", "logits", "close")  # what a FileSession answers
 
 
-def _import_engine(fmt) -> None:
+_ENGINE_MODULES = {"keras": "keras", "litert": "ai_edge_litert.interpreter", "onnxruntime": "onnxruntime",
+                   "openvino": "openvino"}
+
+
+def _import_engine(fmt, runtime: str | None = None) -> None:
     import importlib
 
-    importlib.import_module({"keras": "keras", "tflite": "ai_edge_litert.interpreter", "onnx": "onnxruntime"}[fmt.value])
+    from resnet_deploy.runtimes import DEFAULT_RUNTIME, check_runtime
+
+    runtime = check_runtime(runtime, fmt) if runtime else DEFAULT_RUNTIME[fmt]
+    importlib.import_module(_ENGINE_MODULES[runtime])
 
 
 def check_io(path: Path, io) -> None:

@@ -50,6 +50,8 @@ class BenchOptions:
     allow_stale: bool = False  # bench artifacts exported from another float model (marked, not gated)
     cache: bool = True  # read and write the float model's cached test-set logits
     cache_dir: Path | None = None  # None: $RESNET_DEPLOY_CACHE or ~/.cache/resnet-deploy
+    runtimes: tuple[str, ...] = ("onnxruntime",)  # the runtimes every ONNX file runs in, a row each
+    allow_saturating: bool = False  # bench ONNX INT8 files whose U8S8 kernels saturate on this CPU (marked)
 
     SPEEDUP_GATED = ("int8", "dynamic_int8")  # precisions --min-speedup applies to (+ fp16 with gate_fp16)
     # The derived per-file timeout (time without progress): a fixed allowance for the runtime's import and
@@ -66,6 +68,7 @@ class BenchOptions:
             v = getattr(self, name)
             if v is not None:
                 object.__setattr__(self, name, Path(v))
+        object.__setattr__(self, "runtimes", _onnx_runtimes(self.runtimes))
         _positive(self, "batch_size", "threads", "large_batch", "runs", "bootstrap", "min_rounds")
         if self.threads > _usable_cores():
             raise BenchError(f"--threads {self.threads} is more than the {_usable_cores()} cores this process may use.",
@@ -123,7 +126,30 @@ class BenchOptions:
         d = asdict(self)
         for k in ("reference", "data", "cache_dir"):
             d[k] = str(d[k]) if d[k] is not None else None
+        d["runtimes"] = list(self.runtimes)
         return d
+
+
+def _onnx_runtimes(names) -> tuple[str, ...]:
+    """The ONNX runtimes asked for (a comma-separated text or a sequence), each known and installed, in
+    order and without repeats; a BenchError before any work otherwise."""
+    from resnet_deploy.config import Format
+    from resnet_deploy.errors import ResnetDeployError
+    from resnet_deploy.runtimes import check_runtime, runtimes_for
+
+    if isinstance(names, str):
+        names = names.split(",")
+    out = tuple(dict.fromkeys(n.strip().lower() for n in names if n and n.strip()))
+    if not out:
+        raise BenchError("--runtimes names no runtime.", expected=f"a comma-separated list of "
+                                                                  f"{', '.join(runtimes_for(Format.ONNX))}",
+                         fix="e.g. --runtimes onnxruntime,openvino, or leave it out (onnxruntime)")
+    for n in out:
+        try:
+            check_runtime(n, Format.ONNX, option="--runtimes")
+        except ResnetDeployError as exc:
+            raise BenchError(exc.what, expected=exc.expected, fix=exc.fix) from None
+    return out
 
 
 def _usable_cores() -> int:

@@ -77,6 +77,7 @@ def cost_row(r: ArtifactResult, large: int) -> list[str]:
 def print_report(report: BenchReport, console=None) -> None:
     from rich import box
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
@@ -99,8 +100,8 @@ def print_report(report: BenchReport, console=None) -> None:
                 left = i == 0 or (cols[1] == "runtime" and i < 3)
                 t.add_column(cols[i].format(B=large), justify="left" if left else "right",
                              min_width=width if i == 0 else None, overflow="fold")
-            for row in rows:
-                t.add_row(*(row[i] for i in group))
+            for row in rows:  # cells are text, not rich markup: a label's "[openvino]" must show as it is
+                t.add_row(*(escape(row[i]) for i in group))
             console.print(t)
     if report.options.get("latency"):
         console.print(LEGEND.format(B=large), style="dim", highlight=False, markup=False)
@@ -265,12 +266,13 @@ def _md_table(cols, rows) -> str:
 
 
 def _label(r: ArtifactResult) -> str:
-    return r.label + {"reference": " (float)", "baseline": " (base)"}.get(r.role, "") + (" (STALE)" if r.stale else "")
+    return (r.label + {"reference": " (float)", "baseline": " (base)"}.get(r.role, "") + (" (STALE)" if r.stale else "")
+            + (" (SATURATING)" if r.saturating else ""))
 
 
 def _runtime(r: ArtifactResult) -> str:
-    return (r.runtime or {}).get("runtime") or {"keras": "keras", "tflite": "litert", "onnx": "onnxruntime"}.get(
-        r.format or "", "?")
+    return r.runtime_name or (r.runtime or {}).get("runtime") or {"keras": "keras", "tflite": "litert",
+                                                                  "onnx": "onnxruntime"}.get(r.format or "", "?")
 
 
 def _inverse_x(ratio) -> str:

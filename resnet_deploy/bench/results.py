@@ -71,7 +71,10 @@ class ArtifactResult:
     role: str  # reference | artifact | baseline
     format: str | None
     precision: str
-    runtime: dict | None = None  # runner.describe(): runtime name, threads, providers / input dtype
+    runtime: dict | None = None  # runner.describe(): runtime name, threads, providers / input dtype / precisions
+    runtime_name: str | None = None  # the runtime the row runs in (keras, litert, onnxruntime, openvino)
+    executed_precision: str | None = None  # what the runtime reports it ran (OpenVINO: f32, u8, bf16, mixed)
+    saturating: bool = False  # benched with --allow-saturating although its U8S8 kernels saturate on this CPU
     has_manifest: bool = False
     notes: list = field(default_factory=list)
     error: dict | None = None

@@ -34,10 +34,12 @@ from resnet_deploy.bench.measure import FileSpec
 from resnet_deploy.bench.options import BenchOptions
 from resnet_deploy.bench.results import ArtifactResult, BenchReport
 from resnet_deploy.bench.rounds import RoundsPlan, SeriesFailed, interleaved_rounds, median_interval
-from resnet_deploy.bench.selection import (Entry, add_baselines, assign_labels, find_baseline, identify,
-                                           refuse_stale, resolve_reference)
+from resnet_deploy.bench.selection import (Entry, add_baselines, assign_labels, cpu_override, expand_runtimes,
+                                           find_baseline, identify, refuse_saturating, refuse_stale,
+                                           resolve_reference)
 from resnet_deploy.data.constants import IMAGE_SHAPE
 from resnet_deploy.errors import BenchError
+from resnet_deploy.runtimes.openvino_runner import precision_summary
 
 Progress = Callable[[str], None]
 
@@ -63,15 +65,19 @@ def run_bench(artifact_paths: Iterable[str | os.PathLike], options: BenchOptions
     latency_images = _latency_images(split, options) if options.latency else None
     results = [_result(e) for e in entries]
     cached = _cached_reference(entries, results, contract, split, options, ref_notes)
-    workers = _open_all(entries, results, contract, latency_images, options, split, cached, say)
+    workers: dict = {}
     try:
+        _open_all(workers, entries, results, contract, latency_images, options, split, cached, say)
         if options.latency:
             _time_all(workers, results, options, say)
         if split is not None:
             _accuracy_passes(workers, results, split, say)
-    finally:
+    except BaseException:  # Ctrl-C (KeyboardInterrupt) or a bug: the children go at once, not after their work
         for w in workers.values():
-            w.close()
+            w.close(kill=True)
+        raise
+    for w in workers.values():
+        w.close()
     _store_reference(entries, results, contract, split, options, cached, ref_notes)
     reference = next((r for r in results if r.role == "reference" and r.ok), None)
     if ref_path is not None and reference is None:
@@ -105,6 +111,11 @@ def _participants(artifact_paths, options: BenchOptions) -> tuple[list[Entry], P
     if ref_entry is not None:
         entries.insert(0, ref_entry)
     ref_notes += refuse_stale(entries, ref_entry if ref_entry and not ref_entry.error else None, options.allow_stale)
+    entries = expand_runtimes(entries, options.runtimes)
+    ref_notes += refuse_saturating(entries, options.allow_saturating)
+    if any(v is not None for v in cpu_override()):
+        ref_notes.append(f"CPU taken as {cpu_override()} from $RESNET_DEPLOY_BENCH_MACHINE / "
+                         "$RESNET_DEPLOY_BENCH_CPU_FLAGS when judging INT8 saturation")
     entries += add_baselines(entries, options.baselines and options.latency)
     assign_labels(entries)
     return entries, ref_path, ref_notes
@@ -113,6 +124,7 @@ def _participants(artifact_paths, options: BenchOptions) -> tuple[list[Entry], P
 def _result(e: Entry) -> ArtifactResult:
     r = ArtifactResult(label=e.label, path=str(e.path), role=e.role, format=e.format, precision=e.precision,
                        has_manifest=e.manifest is not None, notes=list(e.notes), error=e.error, stale=e.stale,
+                       runtime_name=e.runtime, saturating=e.saturating,
                        size_bytes=e.size_bytes if not e.error else None, sha256=e.sha256 if not e.error else None)
     v = (e.manifest.validation or {}) if e.manifest else {}
     if e.role == "baseline" and v.get("top1_agreement") is not None:
@@ -122,9 +134,9 @@ def _result(e: Entry) -> ArtifactResult:
     return r
 
 
-def _open_all(entries, results, contract, latency_images, options, split, cached, say) -> dict:
-    """A worker per file that has work (latency, or an accuracy pass); a failure to open is that file's error."""
-    workers = {}
+def _open_all(workers: dict, entries, results, contract, latency_images, options, split, cached, say) -> None:
+    """A worker per file that has work (latency, or an accuracy pass), put in ``workers`` as soon as it
+    exists (so an interrupted run can end it); a failure to open is that file's error."""
     for i, (e, r) in enumerate(zip(entries, results)):
         needs_pass = split is not None and _needs_accuracy_pass(e, cached is not None and cached["logits"] is not None)
         if not r.ok or not (options.latency or needs_pass):
@@ -133,22 +145,26 @@ def _open_all(entries, results, contract, latency_images, options, split, cached
         pre, note = file_preprocessing(e, contract)
         if note:
             r.notes.append(note)
-        spec = FileSpec(path=e.path, preprocessing=pre.to_dict(), threads=options.threads,
+        spec = FileSpec(path=e.path, runtime=e.runtime, preprocessing=pre.to_dict(), threads=options.threads,
                         eval_batch_size=options.batch_size, latency_images=latency_images,
                         manifest_input=vars(e.manifest.input) if e.manifest else None)
         worker = open_worker(spec, options.isolate, options.file_timeout_s(len(split) if needs_pass else 0))
+        workers[i] = worker
         try:
             opened = worker.call("open")
         except WorkerFailed as exc:
             r.error = exc.error
+            workers.pop(i)
             continue
         r.runtime, r.io, r.timing = opened["runtime"], opened["io"], opened["timing"]
+        summary = precision_summary(r.runtime)
+        if summary:
+            r.executed_precision = r.runtime.get("executed_precision")
+            r.notes.append(summary)
         r.supports_batch = opened["supports_batch"]
         if r.precision == "unknown" and r.io["input"]["dtype"] in ("int8", "uint8"):
             r.notes.append(f"integer input ({r.io['input']['dtype']}): a full-integer model")
         r.memory = {"rss_scope": worker.rss_scope}
-        workers[i] = worker
-    return workers
 
 
 def _needs_accuracy_pass(e: Entry, cache_hit: bool) -> bool:
@@ -314,6 +330,6 @@ def _machine() -> dict:
 
 
 def _libraries() -> dict:
-    from resnet_deploy.envinfo import library_versions
+    from resnet_deploy.envinfo import _PACKAGES, library_versions
 
-    return library_versions()
+    return library_versions(_PACKAGES + ("openvino",))

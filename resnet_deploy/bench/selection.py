@@ -1,14 +1,16 @@
 """Which files take part in a bench run: the artifacts given, their float reference (from the
-manifests or ``--reference``), and the FP32 baseline each quantized artifact is compared with; and
-which of them are refused before anything runs: a file whose sha256 is not its manifest's (a file
-copied over another's name), an artifact exported from another float model than the reference
-(stale; ``--allow-stale`` benches it, marked and not gated).
+manifests or ``--reference``), the runtimes each runs in (an ONNX file once per ``--runtimes`` entry)
+and the FP32 baseline each quantized artifact is compared with (same format, same runtime, same source
+model); and which of them are refused before anything runs: a file whose sha256 is not its
+manifest's (a file copied over another's name), an artifact exported from another float model than
+the reference (stale; ``--allow-stale`` benches it, marked and not gated), an ONNX INT8 file whose
+U8S8 kernels saturate on this CPU (``--allow-saturating`` benches it, marked).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from resnet_deploy.artifact import Manifest, read_manifest
@@ -36,6 +38,8 @@ class Entry:
     size_bytes: int | None = None
     sha256: str | None = None
     stale: bool = False  # exported from another float model, benched anyway (--allow-stale)
+    runtime: str | None = None  # the runtime it runs in (runtimes.DEFAULT_RUNTIME of its format unless asked)
+    saturating: bool = False  # U8S8 with 8-bit weights on an x86 CPU without VNNI, benched anyway
 
     @property
     def source_sha256(self) -> str | None:
@@ -51,6 +55,7 @@ def identify(path: str | os.PathLike, role: str) -> Entry:
         if not p.exists():
             raise BenchError(f"{p} does not exist.", fix="check the path (export writes artifacts/<name>.tflite)")
         e.format = Format.from_path(p).value
+        e.runtime = _default_runtime(e.format)
         e.size_bytes, e.sha256 = file_facts(p)
         if e.format == Format.KERAS.value:
             e.precision = Precision.FP32.value
@@ -75,10 +80,26 @@ def identify(path: str | os.PathLike, role: str) -> Entry:
         e.notes.append(NO_MANIFEST_DEFAULTS)
     else:
         e.precision = e.manifest.precision
-        warning = u8s8_saturation_warning(e.manifest)
-        if warning:
-            e.notes.append(warning)
     return e
+
+
+def _default_runtime(fmt: str) -> str:
+    from resnet_deploy.runtimes import DEFAULT_RUNTIME
+
+    return DEFAULT_RUNTIME[Format(fmt)]
+
+
+def expand_runtimes(entries: list[Entry], runtimes) -> list[Entry]:
+    """Each ONNX entry once per runtime in ``runtimes`` (in that order); other entries as they are."""
+    out: list[Entry] = []
+    for e in entries:
+        if e.format != Format.ONNX.value or e.error:
+            out.append(e)
+            continue
+        copies = [replace(e, runtime=rt, notes=list(e.notes)) for rt in runtimes[1:]]
+        e.runtime = runtimes[0]
+        out += [e, *copies]
+    return out
 
 
 def file_facts(path: Path) -> tuple[int, str]:
@@ -124,22 +145,95 @@ def refuse_stale(entries: list[Entry], reference: Entry | None, allow_stale: boo
     return notes
 
 
-def u8s8_saturation_warning(manifest: Manifest, machine: str | None = None, flags=None) -> str | None:
-    """A warning when an ONNX INT8 file with uint8 activations and full 8-bit weights runs on an x86 CPU
-    without VNNI, where ONNX Runtime's U8S8 kernels saturate (see converters/onnx_rules.py): the file was
-    exported for another CPU, or before the rule existed (no ``reduce_range`` recorded)."""
-    from resnet_deploy.converters.onnx_rules import has_vnni, is_x86
+# Pretend to be another CPU when judging saturation (bench only; documented in docs/bench.md): a list of
+# /proc/cpuinfo flags ("avx2 fma") and a machine name ("x86_64"), e.g. to check a CI rule on a VNNI host.
+CPU_FLAGS_ENV = "RESNET_DEPLOY_BENCH_CPU_FLAGS"
+MACHINE_ENV = "RESNET_DEPLOY_BENCH_MACHINE"
 
+
+def cpu_override() -> tuple[str | None, list[str] | None]:
+    """(machine, flags) from ``MACHINE_ENV`` / ``CPU_FLAGS_ENV``; None for each one not set."""
+    flags = os.environ.get(CPU_FLAGS_ENV)
+    machine = os.environ.get(MACHINE_ENV) or None
+    return machine, (flags.replace(",", " ").split() if flags is not None else None)
+
+
+def u8s8_saturation_warning(manifest: Manifest, machine: str | None = None, flags=None) -> str | None:
+    """Why an ONNX INT8 file with uint8 activations and full 8-bit int8 weights saturates on this CPU (an
+    x86 CPU without VNNI, where ONNX Runtime's U8S8 kernels add pairs of products in saturating 16-bit
+    sums, see converters/onnx_rules.py), or None. The file was exported for another CPU (its
+    ``calibration.target``, when recorded), or before the rule existed (no ``reduce_range`` recorded).
+    ``machine``/``flags`` default to ``cpu_override()``, then to this machine's."""
     cal = manifest.calibration or {}
     # manifests written before the rule say only "activations": "uint8 per-tensor"
     activations = cal.get("activation_type") or (cal.get("activations") or "uint8").split()[0]
+    weights = cal.get("weight_type") or "int8"  # the only weight type export writes
     if (manifest.format != Format.ONNX.value or manifest.precision != Precision.INT8.value
-            or activations != "uint8" or cal.get("reduce_range", False)):
+            or activations != "uint8" or weights != "int8" or cal.get("reduce_range", False)):
         return None
-    if not is_x86(machine) or has_vnni(flags) is not False:  # VNNI, or flags unknown: no claim
+    env_machine, env_flags = cpu_override()
+    machine = machine if machine is not None else env_machine
+    flags = flags if flags is not None else env_flags
+    if not _is_x86(machine) or _has_vnni(flags) is not False:  # VNNI, or flags unknown: no claim
         return None
-    return ("uint8 activations with 8-bit weights on an x86 CPU without VNNI: ONNX Runtime's U8S8 kernels "
-            "saturate here and accuracy can collapse; re-export on this CPU or with --onnx-reduce-range")
+    target = cal.get("target")
+    made_for = f" (exported for target {target})" if target else ""
+    return (f"uint8 activations with 8-bit int8 weights{made_for} on an x86 CPU without VNNI: ONNX Runtime's U8S8 "
+            "kernels saturate here and accuracy can collapse; re-export on this CPU or with --onnx-reduce-range "
+            "(7-bit weights)")
+
+
+# The CPU facts the rule needs (the same as converters/onnx_rules.py's export rule, kept here so that bench
+# judges a file by what it is and where it runs, whatever the export rules become).
+_X86 = ("x86_64", "amd64", "x86", "i386", "i686", "x64")
+_VNNI_FLAGS = ("avx512_vnni", "avx512vnni", "avx_vnni")  # /proc/cpuinfo names
+
+
+def _is_x86(machine: str | None) -> bool:
+    import platform
+
+    return (machine or platform.machine()).lower() in _X86
+
+
+def _has_vnni(flags) -> bool | None:
+    """Whether ``flags`` (default: this machine's, ``envinfo.read_cpu_flags``) include VNNI; None: unknown."""
+    if flags is None:
+        from resnet_deploy import envinfo
+
+        flags = envinfo.read_cpu_flags()
+    return None if flags is None else any(f in _VNNI_FLAGS for f in flags)
+
+
+def refuse_saturating(entries: list[Entry], allow: bool, machine: str | None = None, flags=None) -> list[str]:
+    """An ONNX INT8 entry that saturates on this CPU (``u8s8_saturation_warning``) becomes an error
+    (what/expected/fix); with ``allow`` it is kept, marked ``saturating``. Returns notes for the report."""
+    notes, done = [], set()
+    for e in entries:
+        if e.error or e.manifest is None or e.role == "reference":
+            continue
+        why = u8s8_saturation_warning(e.manifest, machine, flags)
+        if why is None:
+            continue
+        if allow:
+            e.saturating = True
+            e.notes.append(f"SATURATING: {why}; benched because of --allow-saturating")
+            if e.path not in done:
+                notes.append(f"{e.path.name} saturates on this CPU (--allow-saturating): its figures show the "
+                             "damage, not the file's quality on a CPU it was made for")
+            done.add(e.path)
+            continue
+        e.error = error_dict(BenchError(
+            f"{e.path.name} is an ONNX INT8 file with uint8 activations and 8-bit int8 weights (manifest: "
+            f"reduce_range {bool((e.manifest.calibration or {}).get('reduce_range', False))}"
+            + (f", target {(e.manifest.calibration or {}).get('target')}"
+               if (e.manifest.calibration or {}).get("target") else "")
+            + "), and this is an x86 CPU without VNNI: ONNX Runtime's U8S8 kernels saturate here (pairs of "
+              "products added in 16 bits), so its accuracy and speed would describe the saturation, not the file.",
+            expected="an ONNX INT8 file exported for this CPU (7-bit weights with --onnx-reduce-range, or int8 "
+                     "activations)",
+            fix="re-export on this CPU (the automatic settings avoid it) or with --onnx-reduce-range; or bench it "
+                "anyway with --allow-saturating (rows marked SATURATING)"))
+    return notes
 
 
 def checked_manifest(path: Path) -> Manifest | None:
@@ -241,26 +335,36 @@ def add_baselines(entries: list[Entry], search_folders: bool) -> list[Entry]:
             if m and m.precision == "fp32" and m.format == e.format and (m.source_model or {}).get("sha256") == \
                     e.source_sha256:
                 b = identify(cand, "baseline")
-                b.notes.append(f"added as the FP32 baseline of {e.path.name} (same source model, same runtime)")
+                b.runtime = e.runtime
+                b.notes.append(f"added as the FP32 baseline of {e.path.name} (same source model, same runtime: "
+                               f"{e.runtime})")
                 added.append(b)
                 break
     return added
 
 
 def find_baseline(e: Entry, entries: list[Entry]) -> Entry | None:
-    """The FP32 entry of the same format exported from the same float model (same source sha256): a
-    baseline from another model would measure two networks, not a quantization."""
+    """The FP32 entry of the same format, run in the same runtime, exported from the same float model (same
+    source sha256): a baseline from another model would measure two networks, not a quantization, and one
+    run in another runtime would measure two runtimes."""
     if e.format in (None, Format.KERAS.value) or e.precision == "fp32" or not e.source_sha256:
         return None
     same = [b for b in entries if b is not e and b.error is None and b.format == e.format and b.precision == "fp32"
-            and b.role != "reference" and b.source_sha256 == e.source_sha256]
+            and b.runtime == e.runtime and b.role != "reference" and b.source_sha256 == e.source_sha256]
     return (same or [None])[0]
 
 
 def assign_labels(entries: list[Entry]) -> None:
-    names = [e.path.name for e in entries]
+    """The file's name (its path where two files share a name), with ``[runtime]`` after it when the file
+    runs in more than one runtime or not in its format's default one."""
+    names = {e.path.name: {str(o.path) for o in entries if o.path.name == e.path.name} for e in entries}
+    runtimes: dict[str, set] = {}
     for e in entries:
-        e.label = e.path.name if names.count(e.path.name) == 1 else str(e.path)
+        runtimes.setdefault(str(e.path), set()).add(e.runtime)
+    for e in entries:
+        base = e.path.name if len(names[e.path.name]) == 1 else str(e.path)
+        shown = e.runtime and e.format and (len(runtimes[str(e.path)]) > 1 or e.runtime != _default_runtime(e.format))
+        e.label = f"{base} [{e.runtime}]" if shown else base
 
 
 def _quiet_manifest(path: Path) -> Manifest | None:
