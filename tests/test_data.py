@@ -226,13 +226,84 @@ def test_env_var_and_keras_cache_are_used(batches_dir, tmp_path, monkeypatch):
     np.testing.assert_array_equal(ds.train.x, x)
 
 
-def test_shared_copy_loads_with_notes(cifar):
-    assert len(cifar.train) == 49_923 and len(cifar.test) == 9_980
-    assert any("77 missing" in n for n in cifar.notes)
-    assert any("stand-ins" in n for n in cifar.notes)
+def read_counts(path: Path) -> dict[str, dict]:
+    """Labels and stand-in counts per split, read from the files with plain numpy / pickle / tarfile (not
+    through the loader under test): an npz folder (``x``/``y`` plus any ``jpeg_fill_y``), the official
+    batches folder (or its parent) or the official tarball."""
+    names = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+    if path.is_dir() and (path / "test.npz").exists():
+        out = {}
+        for s in names:
+            with np.load(path / f"{s}.npz") as z:
+                out[s] = {"y": z["y"].astype(np.int64), "stand_ins": len(z["jpeg_fill_y"]) if "jpeg_fill_y" in z.files else 0}
+        return out
+    if path.is_dir():
+        folder = path if (path / "test_batch").exists() else path / "cifar-10-batches-py"
+        raw = {n: (folder / n).read_bytes() for ns in names.values() for n in ns}
+    else:
+        with tarfile.open(path, "r:gz") as tar:
+            raw = {Path(m.name).name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    return {s: {"y": np.concatenate([np.asarray(pickle.loads(raw[n], encoding="bytes")[b"labels"]) for n in ns]),
+                "stand_ins": 0} for s, ns in names.items()}
+
+
+def expected_notes(counts: dict[str, dict]) -> dict[str, list[str]]:
+    """The start of the note the loader must write per split (an empty list: no note), from the counts
+    read from the files and the official 5,000 / 1,000 images per class."""
+    from resnet_deploy.data.constants import CLASS_NAMES, PER_CLASS
+
+    out = {}
+    for s, c in counts.items():
+        per = np.bincount(c["y"], minlength=10)
+        short = {CLASS_NAMES[i]: PER_CLASS[s] - int(v) for i, v in enumerate(per) if v < PER_CLASS[s]}
+        notes = []
+        if short:
+            detail = ", ".join(f"{k} {v}" for k, v in short.items())
+            notes.append(f"{s}: {len(c['y']):,} of {10 * PER_CLASS[s]:,} images ({sum(short.values())} missing: {detail})")
+        if c["stand_ins"]:
+            notes.append(f"{s}: {c['stand_ins']} lossy JPEG stand-ins")
+        out[s] = notes
+    return out
+
+
+def _check_counts_and_notes(ds, counts) -> None:
+    for s, c in counts.items():
+        assert len(ds.split(s)) == len(c["y"]), s
+        np.testing.assert_array_equal(ds.split(s).class_counts(), np.bincount(c["y"], minlength=10))
+    want = [n for notes in expected_notes(counts).values() for n in notes]
+    for n in want:
+        assert any(note.startswith(n) for note in ds.notes), (n, ds.notes)
+    assert len(ds.notes) == len(want), (want, ds.notes)  # nothing reported that the files do not show
+
+
+def test_real_copy_loads_with_counts_and_notes_read_from_its_files(cifar, cifar_dir):
+    """The shared copy (49,923 / 9,980 exact images and 97 stand-ins kept apart) and the official set
+    (50,000 / 10,000, no notes) alike: every figure is read from the files, none written here."""
+    counts = read_counts(cifar_dir)
+    _check_counts_and_notes(cifar, counts)
+    readme = cifar_dir / "README.md" if cifar_dir.is_dir() else None
+    if readme is not None and readme.exists():  # the copy's own description agrees with its files
+        import re
+
+        for s, c in counts.items():
+            m = re.search(rf"`{s}\.npz` \| ([\d,]+) of [\d,]+ \| (\d+)", readme.read_text())
+            if m:
+                assert (int(m[1].replace(",", "")), int(m[2])) == (len(c["y"]), c["stand_ins"]), s
     mean, std = channel_stats(cifar.train.x[:5000])
     np.testing.assert_allclose(mean, CIFAR10_MEAN, atol=2.0)
     np.testing.assert_allclose(std, CIFAR10_STD, atol=1.5)
+
+
+def test_synthetic_batches_load_as_made_with_counts_from_the_data(synthetic_cifar_dir, synthetic_arrays, small_npz_dir):
+    """The fast tier's data set: the official-batches reader and the npz reader give back the images and
+    labels as they were made, and the notes count what is missing from the labels."""
+    for path in (synthetic_cifar_dir, small_npz_dir):
+        ds = load_cifar10(path)
+        for s, (x, y) in synthetic_arrays.items():
+            np.testing.assert_array_equal(ds.split(s).x, x)
+            np.testing.assert_array_equal(ds.split(s).y, y)
+        _check_counts_and_notes(ds, read_counts(path))
+    assert any("49000 missing" in n for n in ds.notes)  # 1,000 of 50,000: the helpers above can fail
 
 
 def test_full_channel_stats_match_the_constants(cifar):
@@ -284,13 +355,14 @@ def test_sampler_errors():
         class_balanced_indices(np.concatenate([y, np.zeros(40, int)]), 80)
 
 
-def test_calibration_comes_from_the_training_split(cifar):
-    cal = calibration_sample(cifar.train, 200, seed=0)
+def test_calibration_comes_from_the_training_split(synthetic_cifar):
+    cal = calibration_sample(synthetic_cifar.train, 200, seed=0)
     assert cal.x.shape == (200, 32, 32, 3) and cal.recipe["split"] == "train"
     assert cal.recipe["per_class"] == [20] * 10
-    np.testing.assert_array_equal(cal.x, cifar.train.x[cal.indices])
+    assert np.bincount(synthetic_cifar.train.y[cal.indices], minlength=10).tolist() == [20] * 10
+    np.testing.assert_array_equal(cal.x, synthetic_cifar.train.x[cal.indices])
     with pytest.raises(DataError, match="training split"):
-        calibration_sample(cifar.test, 10)
+        calibration_sample(synthetic_cifar.test, 10)
 
 
 def test_split_take():
