@@ -32,6 +32,9 @@ def pipeline(
     calib_samples: Annotated[int, typer.Option(help="INT8 calibration images (class-balanced, training split).")] = _PIPE.calib_samples,
     threads: Annotated[Optional[int], typer.Option(help="Bench threads (default: every usable core).",
                                                    show_default=False)] = None,
+    runtimes: Annotated[Optional[str], typer.Option(help="ONNX runtimes each .onnx file is benched in, a row each "
+                                                         "(default: every installed one: onnxruntime, openvino).",
+                                                    show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Seed of training, calibration sampling and bootstrap.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder's contents.")] = False,
 ) -> None:
@@ -44,7 +47,7 @@ def pipeline(
 
     opts = PipelineOptions(out=out, model=model, train=train, arch=arch, width=width, epochs=epochs, batch_size=batch_size,
                            limit_train=limit_train or None, limit_test=limit_test, calib_samples=calib_samples,
-                           threads=threads, seed=seed, force=force)
+                           threads=threads, runtimes=runtimes, seed=seed, force=force)
     from resnet_deploy.fileio import output_lock
 
     with output_lock(out, "resnet-deploy pipeline"):

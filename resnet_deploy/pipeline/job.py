@@ -32,6 +32,7 @@ class PipelineOptions:
     limit_test: int | None = None  # test images for the training report and the bench (None: all)
     calib_samples: int = 300
     threads: int | None = None  # bench threads (None: every usable core)
+    runtimes: str | None = None  # ONNX runtimes bench runs each .onnx file in (None: every installed one)
     seed: int = 0
     force: bool = False
 
@@ -61,6 +62,8 @@ def run_pipeline(options: PipelineOptions, data=None, log: Callable[[str], None]
 
     out = options.out
     check_can_write(out, options.force, "pipeline output folder")
+    if options.runtimes:
+        BenchOptions(runtimes=options.runtimes)  # an unknown or missing runtime fails before any work
     model_path = None if options.train else _chosen_model(options, log)  # fails before any work
     ds = load_cifar10(data)  # once, for all three stages; fails before any work
     for note in ds.notes:
@@ -85,12 +88,20 @@ def run_pipeline(options: PipelineOptions, data=None, log: Callable[[str], None]
     t0 = time.perf_counter()
     log("[3/3] bench every artifact against the float model")
     bench_opts = BenchOptions(reference=model_path, limit=options.limit_test, threads=options.threads,
-                              seed=options.seed)
+                              seed=options.seed, runtimes=options.runtimes or _installed_onnx_runtimes())
     report = run_bench([a.path for a in artifacts], bench_opts, data=ds, progress=log)
     timings["bench_s"] = time.perf_counter() - t0
     return {"model": model_path, "test_accuracy": test_accuracy, "trained": options.train,
             "artifacts": [a.path for a in artifacts], "report": report, "timings": timings,
             "options": asdict(options), "ok": report.ok}
+
+
+def _installed_onnx_runtimes() -> tuple[str, ...]:
+    """ONNX Runtime, and OpenVINO where it is installed (``pip install 'resnet-deploy[openvino]'``, which make does)."""
+    from resnet_deploy.config import Format
+    from resnet_deploy.runtimes import available_runtimes
+
+    return available_runtimes(Format.ONNX)
 
 
 def _chosen_model(options: PipelineOptions, log) -> Path:
