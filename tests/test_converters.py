@@ -18,9 +18,9 @@ from resnet_deploy.errors import ExportError
 
 def test_targets_default_and_the_six(tmp_path):
     assert [t.file_name("m") for t in ExportOptions().targets()] == ["m_fp32.tflite", "m_fp32.onnx"]
-    six = ExportOptions(fp16=True, int8=True).targets()
+    six = ExportOptions(fp16=True, int8=True, int8_target="x86-vnni").targets()
     assert [t.file_name("m") for t in six] == ["m_fp32.tflite", "m_fp16.tflite", "m_int8.tflite",
-                                              "m_fp32.onnx", "m_fp16.onnx", "m_int8.onnx"]
+                                              "m_fp32.onnx", "m_fp16.onnx", "m_int8_u8s8.onnx"]
     extra = ExportOptions(formats=(Format.TFLITE,), dynamic_int8=True, qat_epochs=1).targets()
     assert [t.tag for t in extra] == ["fp32", "dynamic_int8", "int8_qat"]
     assert ExportOptions(qat_epochs=1).needs_calibration and not ExportOptions(fp16=True).needs_calibration
@@ -147,30 +147,34 @@ def test_opset_range_is_what_tf2onnx_writes():
 def test_onnx_int8_settings_rule_and_reasons():
     from resnet_deploy.converters.onnx_rules import onnx_int8_settings
 
-    avx2 = ["avx2", "fma"]  # this machine: AMD EPYC, AVX2, no AVX-512, no VNNI
+    avx2 = ["avx2", "fma"]  # an AMD EPYC with AVX2, no AVX-512, no VNNI
     s = onnx_int8_settings(None, None, "x86_64", avx2)
-    assert (s.activation_type, s.weight_type, s.reduce_range, s.scheme) == ("uint8", "int8", True, "U8S8")
-    assert s.chosen_by == {"activation_type": "automatic", "weight_type": "fixed", "reduce_range": "automatic"}
+    assert (s.activation_type, s.weight_type, s.reduce_range, s.scheme) == ("uint8", "int8", True, "u8s8-rr7")
+    assert (s.target, s.requested_target) == ("x86-avx2", "host")
+    assert s.chosen_by == {"target": "automatic", "activation_type": "automatic", "weight_type": "fixed",
+                           "reduce_range": "automatic"}
     assert s.reason["reduce_range"].startswith("automatic:") and "VPMADDUBSW" in s.reason["reduce_range"]
-    assert "avx2, fma" in s.reason["reduce_range"] and "7 bits" in s.reason["weight_type"]
+    assert "avx2, fma" in s.reason["host"] and "7 bits" in s.reason["weight_type"]
     for vnni in (["avx2", "avx512f", "avx512_vnni"], ["avx2", "avx_vnni"]):
         v = onnx_int8_settings(None, None, "x86_64", vnni)
-        assert v.reduce_range is False and v.activation_type == "uint8" and "has VNNI" in v.reason["reduce_range"]
+        assert (v.reduce_range, v.activation_type, v.scheme) == (False, "uint8", "u8s8")
+        assert "with VNNI" in v.reason["host"] and "32 bits" in v.reason["reduce_range"]
     arm = onnx_int8_settings(None, None, "aarch64", ["asimddp"])
-    assert (arm.activation_type, arm.reduce_range, arm.scheme) == ("int8", False, "S8S8")
-    # the user's choice wins and is recorded as the user's, on any CPU
+    assert (arm.activation_type, arm.reduce_range, arm.scheme, arm.target) == ("int8", False, "s8s8", "arm64")
+    # the user's choice wins on host and is recorded as the user's, on any CPU
     u = onnx_int8_settings("int8", False, "x86_64", avx2)
-    assert (u.activation_type, u.reduce_range) == ("int8", False)
+    assert (u.activation_type, u.reduce_range, u.scheme) == ("int8", False, "s8s8")
     assert u.chosen_by["activation_type"] == u.chosen_by["reduce_range"] == "user"
     assert u.reason["reduce_range"].startswith("user: --no-onnx-reduce-range")
     assert u.reason["activation_type"].startswith("user: int8")
-    assert onnx_int8_settings("uint8", True, "aarch64", []).reduce_range is True
+    assert onnx_int8_settings("uint8", True, "aarch64", []).scheme == "u8s8-rr7"
     # ExportOptions keeps "not given" distinct from a choice, and resolves through the same rule
     o = ExportOptions()
-    assert o.onnx_activation_type is None and o.onnx_reduce_range is None
+    assert o.onnx_activation_type is None and o.onnx_reduce_range is None and o.int8_target == "host"
     assert o.onnx_int8("x86_64", avx2).reduce_range is True
     assert ExportOptions(onnx_reduce_range=False).onnx_int8("x86_64", avx2).chosen_by["reduce_range"] == "user"
     assert o.to_dict()["onnx_reduce_range"] is None  # the manifest's options block shows it was not given
+    assert o.to_dict()["int8_target"] == "host"
 
 
 def test_onnx_reduce_range_default_reads_this_cpu(monkeypatch):
@@ -187,11 +191,69 @@ def test_onnx_reduce_range_default_reads_this_cpu(monkeypatch):
 
 
 def test_unknown_cpu_flags_are_said_so_and_do_not_warn(monkeypatch):
+    """Unknown flags (no /proc/cpuinfo): export says so and takes the safe side (7-bit weights), and bench's
+    saturation warning makes no claim about a U8S8 8-bit file there, while the same file on a known AVX2
+    CPU is warned about (so the first check can fail)."""
     from resnet_deploy import envinfo
+    from resnet_deploy.artifact import Manifest
+    from resnet_deploy.bench.selection import u8s8_saturation_warning
     from resnet_deploy.converters.onnx_rules import onnx_int8_settings
 
     monkeypatch.setattr(envinfo, "read_cpu_flags", lambda: None)
+    from resnet_deploy.bench import selection
+
+    for env in (getattr(selection, "CPU_FLAGS_ENV", None), getattr(selection, "MACHINE_ENV", None)):
+        if env:  # bench's CPU override for tests, where it has one
+            monkeypatch.delenv(env, raising=False)
     s = onnx_int8_settings(None, None, machine="x86_64")
     assert s.reduce_range is True and s.cpu["vnni"] is None and s.cpu["flags"] is None
-    assert "flags unknown" in s.reason["reduce_range"] and "cannot be confirmed" in s.reason["reduce_range"]
+    assert "flags unknown" in s.reason["host"] and "cannot be confirmed" in s.reason["host"]
     assert envinfo.cpu_flags() == []
+    eight_bit = onnx_int8_settings(None, None, "x86_64", ["avx512_vnni"])  # a file made for a VNNI CPU
+    from resnet_deploy.artifact import TensorSpec
+
+    m = Manifest(format="onnx", precision="int8", artifact="m_int8_u8s8.onnx", sha256="0" * 64, size_bytes=1,
+                 input=TensorSpec("image", [None, 32, 32, 3], "float32"), output=TensorSpec("out", [None, 10], "float32"),
+                 calibration=eight_bit.to_dict())
+    assert u8s8_saturation_warning(m, "x86_64", None) is None  # flags unknown: no claim
+    assert "saturate" in u8s8_saturation_warning(m, "x86_64", ["avx2"])  # known AVX2: the warning
+
+
+def test_tflite_op_report_reads_the_published_schema_pinned():
+    """The op report reads the .tflite flatbuffer with ``ai_edge_litert.schema_py_generated`` (the published
+    schema), not the interpreter's private ``_get_ops_details``. Pinned: should the schema module change
+    shape, this fails naming the ai-edge-litert version; where the private call still exists, both agree."""
+    import importlib.metadata
+
+    import tensorflow as tf
+
+    from resnet_deploy.converters.tflite import op_report, read_graph
+    from tests.conftest import tiny_model
+
+    version = importlib.metadata.version("ai-edge-litert")
+    try:
+        from ai_edge_litert import schema_py_generated as schema
+
+        for name in ("Model", "BuiltinOperator", "TensorType"):
+            assert hasattr(schema, name), name
+    except (ImportError, AssertionError) as exc:
+        pytest.fail(f"ai-edge-litert {version} changed its flatbuffer schema module ({exc}): update "
+                    "converters/tflite.read_graph")
+    content = tf.lite.TFLiteConverter.from_keras_model(tiny_model()).convert()
+    ops, tensors = read_graph(content)
+    names = [o["op_name"] for o in ops]
+    assert names.count("CONV_2D") == 9 and names.count("FULLY_CONNECTED") == 1, (version, names)
+    assert all(tensors[i]["dtype"] == "float32" for o in ops if o["op_name"] == "CONV_2D" for i in o["inputs"][:2])
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_content=content)
+    if hasattr(it, "_get_ops_details"):  # the private call the report used to make: the same ops, in order
+        private = [(o["op_name"], list(o["inputs"]), list(o["outputs"])) for o in it._get_ops_details()]
+        assert private == [(o["op_name"], o["inputs"], o["outputs"]) for o in ops], version
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "m.tflite").write_bytes(content)
+        rep = op_report(Path(d) / "m.tflite")
+    assert rep["integer_compute_ops"] == 0 and len(rep["float_compute_ops"]) == 10

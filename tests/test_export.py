@@ -44,6 +44,26 @@ def trained_path(tmp_path_factory, cifar):
     return path
 
 
+def host_scheme() -> str:
+    """The ONNX INT8 scheme ``--target host`` must pick here, worked out from /proc/cpuinfo and the machine
+    name directly (not through the tool's rule): s8s8 on arm64, u8s8 on x86 with VNNI, u8s8-rr7 on x86
+    without VNNI or with unreadable flags."""
+    import platform
+
+    machine = platform.machine().lower()
+    if machine in ("arm64", "aarch64", "armv8l"):
+        return "s8s8"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((set(l.split(":", 1)[1].split()) for l in fh if l.startswith("flags")), set())
+    except OSError:
+        flags = set()
+    return "u8s8" if flags & {"avx512_vnni", "avx_vnni", "avx512vnni"} else "u8s8-rr7"
+
+
+ONNX_INT8 = f"tiny_int8_{host_scheme()}.onnx"
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, trained_path, small_npz_dir):
     out = tmp_path_factory.mktemp("artifacts")
@@ -61,7 +81,7 @@ def float_logits(trained_path, cifar):
 
 def test_writes_every_artifact_with_a_complete_manifest(exported, trained_path):
     assert sorted(exported) == sorted(["tiny_fp32.tflite", "tiny_fp16.tflite", "tiny_dynamic_int8.tflite",
-                                       "tiny_int8.tflite", "tiny_fp32.onnx", "tiny_fp16.onnx", "tiny_int8.onnx"])
+                                       "tiny_int8.tflite", "tiny_fp32.onnx", "tiny_fp16.onnx", ONNX_INT8])
     folder = next(iter(exported.values())).path.parent
     assert not [p.name for p in folder.iterdir() if ".tmp" in p.name]
     for name, art in exported.items():
@@ -109,31 +129,31 @@ def test_int8_graphs_are_integer(exported):
     assert t["integer_compute_ops"] == 10 and t["float_compute_ops"] == []
     f = tflite_converter.op_report(exported["tiny_fp32.tflite"].path)
     assert f["integer_compute_ops"] == 0 and len(f["float_compute_ops"]) == 10  # the check can fail
-    o = onnx_converter.op_report(exported["tiny_int8.onnx"].path)
+    o = onnx_converter.op_report(exported[ONNX_INT8].path)
     assert o["op_counts"]["Conv"] == 9 and o["integer_compute_ops"] == 10 and o["float_compute_ops"] == []
     assert o["quantize_linear"] >= 10 and o["dequantize_linear"] >= 20  # activations + per-channel weights
     assert onnx_converter.op_report(exported["tiny_fp32.onnx"].path)["integer_compute_ops"] == 0
-    assert exported["tiny_int8.onnx"].manifest.options["op_report"] == o
+    assert exported[ONNX_INT8].manifest.options["op_report"] == o
 
 
 def test_onnx_graphs_one_input_dynamic_batch_and_recorded_quantization(exported):
     import onnx
     from onnx import numpy_helper
 
-    for name in ("tiny_fp32.onnx", "tiny_fp16.onnx", "tiny_int8.onnx"):
+    for name in ("tiny_fp32.onnx", "tiny_fp16.onnx", ONNX_INT8):
         g = onnx.load(str(exported[name].path)).graph
         assert [i.name for i in g.input] == ["image"] and len(g.output) == 1  # no constants as inputs
         assert g.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
         assert g.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # I/O stays float
     half = onnx.load(str(exported["tiny_fp16.onnx"].path)).graph
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in half.initializer)
-    q = onnx.load(str(exported["tiny_int8.onnx"].path)).graph
+    q = onnx.load(str(exported[ONNX_INT8].path)).graph
     inits = {t.name: numpy_helper.to_array(t) for t in q.initializer}
-    act = exported["tiny_int8.onnx"].manifest.calibration["activations"].split()[0]
+    act = exported[ONNX_INT8].manifest.calibration["activations"].split()[0]
     zps = [inits[n.input[2]].dtype.name for n in q.node if n.op_type == "QuantizeLinear" and n.input[2] in inits]
     assert zps and set(zps) == {act}  # the recorded activation type is the one in the graph
     # one calibration sample feeds both INT8 converters
-    tfl, ox = exported["tiny_int8.tflite"].manifest.calibration, exported["tiny_int8.onnx"].manifest.calibration
+    tfl, ox = exported["tiny_int8.tflite"].manifest.calibration, exported[ONNX_INT8].manifest.calibration
     assert tfl["sample"] == ox["sample"] and tfl["sample"]["samples"] == 100 and ox["method"] == "minmax"
 
 
@@ -152,16 +172,18 @@ def _max_abs_quantized_weight(path) -> int:
 
 
 def test_onnx_int8_records_its_automatic_types_and_reduce_range(exported):
-    """By default the activation type and reduce_range are chosen for the exporting CPU (7-bit weights on
-    x86 without VNNI, where 8-bit weights saturate ONNX Runtime's U8S8 kernels), recorded as automatic with
-    their reasons, and what is recorded is what the graph holds."""
-    from resnet_deploy.converters.onnx_rules import default_onnx_activation_type, default_onnx_reduce_range
-
-    art = exported["tiny_int8.onnx"]
+    """By default (--target host) the activation type and reduce_range are chosen for the exporting CPU
+    (7-bit weights on x86 without VNNI, where 8-bit weights saturate ONNX Runtime's U8S8 kernels), recorded
+    as automatic with their reasons, and what is recorded is what the graph holds. The expectation comes
+    from /proc/cpuinfo read here (``host_scheme``), not from the rule under test."""
+    art = exported[ONNX_INT8]
     cal = art.manifest.calibration
-    assert cal["activation_type"] == default_onnx_activation_type() and cal["weight_type"] == "int8"
-    assert cal["reduce_range"] is default_onnx_reduce_range()
-    assert cal["chosen_by"] == {"activation_type": "automatic", "weight_type": "fixed", "reduce_range": "automatic"}
+    want = host_scheme()
+    assert cal["scheme"] == want and cal["requested_target"] == "host"
+    assert cal["activation_type"] == ("int8" if want == "s8s8" else "uint8") and cal["weight_type"] == "int8"
+    assert cal["reduce_range"] is (want == "u8s8-rr7")
+    assert cal["chosen_by"] == {"target": "automatic", "activation_type": "automatic", "weight_type": "fixed",
+                                "reduce_range": "automatic"}
     assert all(cal["reason"][k].startswith("automatic:") for k in ("activation_type", "reduce_range"))
     assert cal["cpu"]["flags"] == art.manifest.machine["cpu_flags"]
     assert art.manifest.options["converter"]["reduce_range"] is cal["reduce_range"]
@@ -416,20 +438,22 @@ def _cli(*args):
 
 
 def test_cli_happy_path_prints_the_table(tmp_path, trained_path, small_npz_dir):
-    r = _cli(trained_path, "--formats", "onnx", "--int8", "--onnx-activation-type", "int8", "--onnx-reduce-range",
+    r = _cli(trained_path, "--formats", "onnx", "--int8", "--onnx-activation-type", "int8", "--no-onnx-reduce-range",
              "--calib-method", "entropy", "--calib-samples", "40", "--validate-samples", "30", "--out", tmp_path / "o",
              "--data", small_npz_dir)
     assert r.exit_code == 0, r.output
-    assert "tiny_fp32.onnx" in r.output and "tiny_int8.onnx" in r.output and "exported 2 artifacts" in r.output
-    m = json.loads((tmp_path / "o" / "tiny_int8.onnx.json").read_text())
+    assert "tiny_fp32.onnx" in r.output and "tiny_int8_s8s8.onnx" in r.output and "exported 2 artifacts" in r.output
+    assert "made for host -> " in r.output and "ONNX INT8 target host -> " in r.output
+    m = json.loads((tmp_path / "o" / "tiny_int8_s8s8.onnx.json").read_text())
     assert m["calibration"]["method"] == "entropy" and m["calibration"]["activations"].startswith("int8")
     assert m["calibration"]["sample"]["samples"] == 40
     # given on the command line: recorded as the user's choices, and in the graph
     cal = m["calibration"]
-    assert cal["activation_type"] == "int8" and cal["reduce_range"] is True and cal["scheme"] == "S8S8"
-    assert cal["chosen_by"] == {"activation_type": "user", "weight_type": "fixed", "reduce_range": "user"}
-    assert cal["reason"]["reduce_range"].startswith("user: --onnx-reduce-range")
-    assert _max_abs_quantized_weight(tmp_path / "o" / "tiny_int8.onnx") <= 64
+    assert cal["activation_type"] == "int8" and cal["reduce_range"] is False and cal["scheme"] == "s8s8"
+    assert cal["chosen_by"] == {"target": "automatic", "activation_type": "user", "weight_type": "fixed",
+                                "reduce_range": "user"}
+    assert cal["reason"]["reduce_range"].startswith("user: --no-onnx-reduce-range")
+    assert _max_abs_quantized_weight(tmp_path / "o" / "tiny_int8_s8s8.onnx") == 127  # 8-bit weights
 
 
 def test_cli_passes_unset_onnx_int8_choices_as_automatic_and_checks_opset_first(tmp_path, trained_path,
@@ -445,7 +469,8 @@ def test_cli_passes_unset_onnx_int8_choices_as_automatic_and_checks_opset_first(
     monkeypatch.setattr(export_module, "export_model", fake_export)
     _cli(trained_path, "--int8", "--out", tmp_path)
     _cli(trained_path, "--int8", "--onnx-activation-type", "uint8", "--no-onnx-reduce-range", "--out", tmp_path)
-    assert [(o.onnx_activation_type, o.onnx_reduce_range) for o in calls] == [(None, None), ("uint8", False)]
+    assert [(o.int8_target, o.onnx_activation_type, o.onnx_reduce_range) for o in calls] == \
+        [("host", None, None), ("host", "uint8", False)]
     for bad in ("12", "19"):
         r = _cli(trained_path, "--opset", bad, "--out", tmp_path)
         assert r.exit_code == 2 and "from 13 to 18" in r.output and "--opset 17" in r.output, r.output
@@ -499,3 +524,28 @@ def test_cli_option_errors(tmp_path, trained_path):
 def test_model_errors_are_model_errors(tmp_path):
     with pytest.raises(ModelError):
         export_model(tmp_path / "nope.keras", ExportOptions(out_dir=tmp_path))
+
+
+def test_softmax_model_is_said_and_recorded(tmp_path, trained_path, small_npz_dir):
+    """A model whose last layer is a softmax exports (its outputs stay probabilities), but the export says so
+    in its output and records it in every manifest; the logits model beside it says nothing of the kind."""
+    import keras
+
+    from resnet_deploy.models.io import base_metadata, load_model, save_model
+
+    base = load_model(trained_path)
+    prob = keras.Model(base.inputs, keras.layers.Activation("softmax", name="probs")(base.outputs[0]))
+    path = tmp_path / "prob.keras"
+    save_model(prob, path, base_metadata("resnet8", width=0.25))
+    r = _cli(path, "--formats", "onnx", "--validate-samples", "30", "--out", tmp_path / "o", "--data", small_npz_dir)
+    assert r.exit_code == 0, r.output
+    flat = " ".join(r.output.split())
+    assert "outputs probabilities, not logits" in flat and "'probs' is a softmax" in flat, r.output
+    m = json.loads((tmp_path / "o" / "prob_fp32.onnx.json").read_text())
+    assert m["options"]["model_output"]["kind"] == "probabilities" and m["options"]["model_output"]["softmax_last_layer"]
+    assert m["validation"]["output"] == "probabilities" and "max_abs_prob_diff" in m["validation"]
+    r = _cli(trained_path, "--formats", "onnx", "--validate-samples", "30", "--out", tmp_path / "l", "--data",
+             small_npz_dir)
+    assert r.exit_code == 0 and "probabilities" not in r.output, r.output
+    m = json.loads((tmp_path / "l" / "tiny_fp32.onnx.json").read_text())
+    assert m["options"]["model_output"]["kind"] == "logits" and m["validation"]["output"] == "logits"

@@ -71,6 +71,12 @@ def aware(tmp_path_factory, outlier_path, small_npz_dir):
     return {a.path.name: a for a in arts}
 
 
+def _int8(arts: dict, fmt: str):
+    """The INT8 file of one format (the ONNX one carries its scheme in its name: outlier_int8_u8s8.onnx)."""
+    (art,) = [a for n, a in arts.items() if n.startswith("outlier_int8") and "_qat" not in n and n.endswith(f".{fmt}")]
+    return art
+
+
 def _logits(path: Path, x: np.ndarray) -> np.ndarray:
     """A plain loop over the runtime, float pixels in, float logits out (float I/O artifacts)."""
     if path.suffix == ".tflite":
@@ -96,7 +102,7 @@ def _logits(path: Path, x: np.ndarray) -> np.ndarray:
 def test_outlier_layer_is_found_kept_float_and_agreement_rises(plain, aware, outlier_path, cifar, fmt):
     x = cifar.test.x[:N_TEST].astype(np.float32)
     ref = outlier_path[1].argmax(1)
-    a = aware[f"outlier_int8.{fmt}"]
+    a = _int8(aware, fmt)
     rec = a.manifest.int8_accuracy
     assert rec["analysis"]["layers"][0]["layer"] == OUTLIER  # ranked most sensitive
     assert rec["fallback"]["needed"] is True and OUTLIER in rec["fallback"]["float_layers"]
@@ -105,7 +111,7 @@ def test_outlier_layer_is_found_kept_float_and_agreement_rises(plain, aware, out
     # exactly the float layers compute in float; every other conv/dense op stays integer
     assert len(a.manifest.options["op_report"]["float_compute_ops"]) == len(rec["fallback"]["float_layers"])
     assert a.manifest.options["op_report"]["integer_compute_ops"] == 10 - len(rec["fallback"]["float_layers"])
-    agree_plain = float((_logits(plain[f"outlier_int8.{fmt}"].path, x).argmax(1) == ref).mean())
+    agree_plain = float((_logits(_int8(plain, fmt).path, x).argmax(1) == ref).mean())
     agree_aware = float((_logits(a.path, x).argmax(1) == ref).mean())
     assert agree_aware > agree_plain + 0.05, (agree_plain, agree_aware)
     assert agree_aware >= 0.85
@@ -234,9 +240,9 @@ def test_cli_analyze_prints_the_ranking_and_manual_float_layers_apply(tmp_path, 
     assert m["options"]["op_report"]["float_compute_ops"] == []
     # keeping that layer float by hand
     r = _cli(outlier_path[0], "--formats", "onnx", "--int8", "--int8-float-layers", OUTLIER, "--calib-samples", "100",
-             "--validate-samples", "50", "--out", tmp_path / "b", "--data", small_npz_dir)
+             "--validate-samples", "50", "--target", "x86-vnni", "--out", tmp_path / "b", "--data", small_npz_dir)
     assert r.exit_code == 0, r.output
-    m = json.loads((tmp_path / "b" / "outlier_int8.onnx.json").read_text())
+    m = json.loads((tmp_path / "b" / "outlier_int8_u8s8.onnx.json").read_text())
     assert m["calibration"]["float_layers"] == [OUTLIER] and len(m["options"]["op_report"]["float_compute_ops"]) == 1
     for bad in ("no_such_layer", "stage1_block1_add"):  # unknown, or not a conv/dense layer: before any work
         r = _cli(outlier_path[0], "--formats", "onnx", "--int8", "--int8-float-layers", bad, "--out", tmp_path / "c",

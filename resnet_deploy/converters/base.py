@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from resnet_deploy.artifact import TensorSpec
 
@@ -19,3 +20,62 @@ class ConvertResult:
 # Ops that carry the arithmetic: all of them must be integer in a full-integer artifact.
 TFLITE_COMPUTE_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "BATCH_MATMUL", "TRANSPOSE_CONV")
 ONNX_COMPUTE_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
+
+
+class ExportWork:
+    """What one export does once and every artifact of a format reuses (a context manager: its temporary
+    folder goes with it).
+
+    - ``saved_model(model)``: the float model traced once into a SavedModel, the very export
+      ``TFLiteConverter.from_keras_model`` writes on each call under Keras 3 (an ``ExportArchive`` whose
+      ``serve`` endpoint calls the model with ``training=False``); every TFLite file of this model is
+      converted from it with ``from_saved_model``.
+    - ``onnx_fp32``: the validated FP32 ONNX file; the FP16 and INT8 ONNX files are made from it, so
+      tf2onnx runs once per export.
+    """
+
+    def __init__(self, model=None):
+        import tempfile
+
+        self.model = model
+        self.onnx_fp32: Path | None = None
+        self._tmp = tempfile.TemporaryDirectory(prefix="rd-export-")
+        self._saved_model: Path | None = None
+        self.seconds: dict[str, float] = {}  # shared steps, for the manifest and benchmarks/export_time.py
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._tmp.cleanup()
+
+    def saved_model(self, model) -> Path | None:
+        """The SavedModel of ``model`` when it is this export's float model (None for another model, such as
+        the QAT twin, and when Keras cannot export it: the caller then converts from the model itself)."""
+        if model is not self.model or self.model is None:
+            return None
+        if self._saved_model is None:
+            import contextlib
+            import functools
+            import io
+            import time
+
+            import keras
+            import tensorflow as tf
+
+            t0 = time.perf_counter()
+            path = Path(self._tmp.name) / "saved_model"
+            try:
+                archive = keras.export.ExportArchive()
+                archive.track(model)
+                spec = [tf.TensorSpec(t.shape, t.dtype, name=t.name) for t in model.inputs]
+                archive.add_endpoint("serve", functools.partial(model.__call__, training=False),
+                                     spec if len(spec) == 1 else [spec])
+                with contextlib.redirect_stdout(io.StringIO()):
+                    archive.write_out(str(path), verbose=False)
+            except Exception:  # the converter's own path copes (it falls back to freezing the model)
+                self.model = None
+                return None
+            self._saved_model = path
+            self.seconds["saved_model"] = round(time.perf_counter() - t0, 3)
+        return self._saved_model

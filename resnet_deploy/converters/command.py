@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from resnet_deploy.cli_common import DataOption, quiet_frameworks
-from resnet_deploy.converters.onnx_rules import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
+from resnet_deploy.converters.onnx_rules import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, TARGET_CHOICES
 from resnet_deploy.errors import ExportError
 
 
@@ -64,13 +64,18 @@ def export(
     data: DataOption = None,
     opset: Annotated[int, typer.Option(help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (QDQ per-channel needs "
                                             f"{MIN_OPSET}; tf2onnx 1.17 writes up to {MAX_OPSET}).")] = DEFAULT_OPSET,
+    target: Annotated[str, typer.Option(
+        "--target", help=f"CPU the ONNX INT8 file is made for: {', '.join(TARGET_CHOICES)}. x86-vnni: u8s8; "
+                         "x86-avx2 (x86 without VNNI): u8s8-rr7 (7-bit weights, no VPMADDUBSW saturation); arm64: "
+                         "s8s8; host: one of these for this CPU. The scheme is in the file name "
+                         "(<stem>_int8_<scheme>.onnx).")] = "host",
     onnx_activation_type: Annotated[Optional[str], typer.Option(
-        help="ONNX INT8 activation type: uint8 or int8. Default: uint8 on x86 (ONNX Runtime's fast U8S8 kernels), "
-             "int8 on arm64.", show_default=False)] = None,
+        help="ONNX INT8 activation type, uint8 or int8, overriding --target host's choice (uint8 on x86, int8 "
+             "on arm64).", show_default=False)] = None,
     onnx_reduce_range: Annotated[Optional[bool], typer.Option(
         "--onnx-reduce-range/--no-onnx-reduce-range",
-        help="ONNX INT8 weights in 7 bits. Default: on for x86 CPUs without VNNI (8-bit weights saturate ONNX "
-             "Runtime's VPMADDUBSW kernels there), off with VNNI and on arm64; decided on the exporting CPU.",
+        help="ONNX INT8 weights in 7 bits, overriding --target host's choice (on for x86 CPUs without VNNI, "
+             "where 8-bit weights saturate ONNX Runtime's VPMADDUBSW kernels). Never with int8 activations.",
         show_default=False)] = None,
     calib_samples: Annotated[int, typer.Option(help="Calibration images (class-balanced, from the training split).")] = 300,
     calib_seed: Annotated[int, typer.Option(help="Seed of the calibration sample.")] = 0,
@@ -121,7 +126,8 @@ def export(
     options = ExportOptions(  # validated here, before any model or data is read
         formats=parse_formats(formats), fp16=fp16, int8=int8, dynamic_int8=dynamic_int8, int8_io=int8_io,
         out_dir=out, force=force, opset=opset,
-        onnx_activation_type=onnx_activation_type, onnx_reduce_range=onnx_reduce_range,  # None: automatic
+        int8_target=target, onnx_activation_type=onnx_activation_type,
+        onnx_reduce_range=onnx_reduce_range,  # None: the target's
         calib_samples=calib_samples, calib_seed=calib_seed, calib_method=calib_method,
         validate_samples=validate_samples, fp32_tolerance=fp32_tolerance, qat_epochs=qat_epochs,
         qat_samples=qat_samples, qat_learning_rate=qat_lr, preprocessing=parse_preprocessing(input_range, mean, std),
@@ -168,6 +174,15 @@ def _print_table(console, artifacts, seconds: float) -> None:
     console.print(f"max|d|, mean|d|: |{unit} - float {unit}|; agree: top-1 agreement with the float model; top-1: "
                   f"accuracy on the same images (float model: {v0['float_top1_accuracy']:.1%}); MB = 10^6 bytes; "
                   "conversion times and the rest: <artifact>.json", highlight=False)
+    for a in artifacts:
+        cal = a.manifest.calibration or {}
+        if a.manifest.format == "onnx" and cal.get("scheme"):
+            how = "host -> " if cal.get("requested_target") == "host" else ""
+            console.print(f"{a.path.name}: made for {how}{cal['target']} ({cal['scheme']}: {cal['activation_type']} "
+                          f"activations, {'7' if cal['reduce_range'] else '8'}-bit weights)", highlight=False)
+    note = (artifacts[0].manifest.options.get("model_output") or {}).get("note")
+    if note:
+        console.print(f"[bold yellow]{note}[/bold yellow]", highlight=False)
 
 
 def _print_int8_accuracy(console, artifact, top: int = 8) -> None:

@@ -9,7 +9,9 @@ Order of work, so that bad input costs nothing and loses nothing:
 4. compute the float model's logits on the validation images and build the calibration sample (with
    ``--accuracy-aware``/``--int8-max-drop``/``--analyze``, first an INT8 validation split of training images,
    disjoint from calibration; ``int8_search`` then picks each INT8 file's calibration and float layers);
-5. per artifact: convert into a temporary file beside the final name, validate that file against the
+5. per artifact: convert into a temporary file beside the final name (the float model is traced once
+   into a SavedModel for every TFLite file, and tf2onnx runs once: ONNX FP16 and INT8 are made from the
+   validated FP32 ONNX file; ``base.ExportWork``), validate that file against the
    float logits (an FP32 mismatch fails the export and the temporary is removed), write its manifest
    (sha256 and size read from the temporary, which is the file that becomes final), and only then
    rename the temporary onto the final name. A final-named artifact therefore always has its own
@@ -32,13 +34,14 @@ from resnet_deploy.artifact import Manifest, file_facts
 from resnet_deploy.config import Format, Precision
 from resnet_deploy.converters import onnx as onnx_converter
 from resnet_deploy.converters import tflite as tflite_converter
+from resnet_deploy.converters.base import ExportWork
 from resnet_deploy.converters.options import ExportOptions, Target
 from resnet_deploy.data.constants import CLASS_NAMES
 from resnet_deploy.data.preprocess import Preprocessing, preprocess
 from resnet_deploy.errors import ExportError, OutputExistsError
 from resnet_deploy.fileio import atomic_path, remove_stale_temporaries, sha256_file, sidecar_path
 
-# The registry: one module per format, each ``convert(model, out_path, target, options, calibration)``.
+# The registry: one module per format, each ``convert(model, out_path, target, options, calibration, work)``.
 CONVERTERS: dict[Format, Callable] = {Format.TFLITE: tflite_converter.convert, Format.ONNX: onnx_converter.convert}
 
 
@@ -57,7 +60,9 @@ class ExportedArtifact:
 
 
 def plan(model_path: str | os.PathLike, options: ExportOptions) -> dict[Target, Path]:
-    """Where each artifact of ``options`` goes: ``<out>/<model-stem>_<precision>.<ext>``."""
+    """Where each artifact of ``options`` goes: ``<out>/<model-stem>_<precision>.<ext>``, the ONNX INT8 file
+    ``<out>/<model-stem>_int8_<scheme>.onnx`` (the scheme of ``options.int8_target``, resolved on this CPU
+    for ``host``)."""
     model_path = Path(model_path)
     out_dir = Path(options.out_dir) if options.out_dir else model_path.resolve().parent
     stem = model_path.name if model_path.is_dir() else model_path.stem
@@ -114,6 +119,8 @@ def export_model(model_path: str | os.PathLike, options: ExportOptions, data=Non
     model_path = Path(model_path)
     paths = plan(model_path, options)
     _refuse_existing(paths, options.force)
+    if any(t.format is Format.ONNX and t.precision is Precision.INT8 for t in paths):
+        say(options.onnx_int8().describe())
     model = load_model(model_path, trust=options.trust_model)
     _check_float_layers(model, options.int8_float_layers)
     metadata = read_metadata(model_path)
@@ -122,6 +129,9 @@ def export_model(model_path: str | os.PathLike, options: ExportOptions, data=Non
     needs_train = options.needs_calibration or options.qat_epochs > 0
     ds = load_cifar10(data, splits=("train", "test") if needs_train else ("test",))
     reference = _reference(model, ds.test, options.validate_samples, spec)
+    output = model_output(model, reference.logits)
+    if output["kind"] == "probabilities":
+        say(f"NOTE: {output['note']}")
     calibration, val = None, None
     if options.needs_validation_split:
         from resnet_deploy.converters.int8_search import build_validation
@@ -141,6 +151,14 @@ def export_model(model_path: str | os.PathLike, options: ExportOptions, data=Non
         qat_model, qat_info = qat_finetune(model, metadata, ds.train, spec, options, say,
                                            exclude=None if val is None else val.indices)
     common = _common_manifest_fields(model_path, metadata, spec, spec_source)
+    common["model_output"] = output
+    with ExportWork(model) as work:
+        return _export_all(model, paths, options, calibration, val, reference, spec, common, ds, qat_model,
+                           qat_info, work, say)
+
+
+def _export_all(model, paths: dict[Target, Path], options: ExportOptions, calibration, val, reference, spec,
+                common: dict, ds, qat_model, qat_info, work: ExportWork, say) -> list[ExportedArtifact]:
     out = []
     for target, path in paths.items():
         src = qat_model if target.qat else model
@@ -151,17 +169,55 @@ def export_model(model_path: str | os.PathLike, options: ExportOptions, data=Non
             say(f"{path.name}: not written{left}: {qat_info['judged']['note']}")
             continue
         if val is not None and target.precision is Precision.INT8 and not target.qat:
-            opts, cal, extra["int8_accuracy"] = _plan_int8(model, target, options, ds.train, spec, val, calibration, say)
+            opts, cal, extra["int8_accuracy"] = _plan_int8(model, target, options, ds.train, spec, val, calibration,
+                                                           say, work)
             if qat_model is not None and target.format is Format.TFLITE and options.int8_aware:
                 judged = _judge_qat(qat_model, options, cal, val, extra["int8_accuracy"], say)
                 judged["fine_tuning"] = {k: qat_info[k] for k in ("samples", "indices_sha256_16", "learning_rate",
                                                                   "batchnorm", "disjoint_from_validation")}
                 qat_info["judged"] = extra["int8_accuracy"]["qat"] = judged
-        out.append(_export_one(src, path, target, opts, cal, reference, spec, common, extra))
-        v = out[-1].manifest.validation
+        say(f"{path.name}: {_how(target, work)}...")
+        out.append(_export_one(src, path, target, opts, cal, reference, spec, common, extra, work))
+        if target.format is Format.ONNX and target.precision is Precision.FP32:
+            work.onnx_fp32 = path  # validated: ONNX FP16 and INT8 are made from it
+        m = out[-1].manifest
+        v, t = m.validation, m.options["timing_s"]
         unit = "prob" if v.get("output") == "probabilities" else "logit"
-        say(f"{path.name}: {out[-1].manifest.size_bytes / 1e6:.2f} MB, max |d{unit}| {v[f'max_abs_{unit}_diff']:.3g}, "
-            f"top-1 agreement {v['top1_agreement']:.1%}")
+        say(f"{path.name}: {m.size_bytes / 1e6:.2f} MB, max |d{unit}| {v[f'max_abs_{unit}_diff']:.3g}, "
+            f"top-1 agreement {v['top1_agreement']:.1%} (converted in {t['convert']:.1f} s, validated in "
+            f"{t['validate']:.1f} s)")
+    return out
+
+
+def _how(target: Target, work: ExportWork) -> str:
+    """What converting ``target`` is about to do, for the progress line."""
+    if target.format is Format.TFLITE:
+        first = work._saved_model is None and not target.qat
+        return ("tracing the model into a SavedModel (once per export), then converting" if first
+                else "converting") + (" with calibration" if target.precision is Precision.INT8 else "")
+    if target.precision is Precision.FP32:
+        return "tf2onnx conversion (the only one of this export)"
+    return ("quantizing the validated FP32 ONNX graph" if target.precision is Precision.INT8
+            else "converting the validated FP32 ONNX graph to float16")
+
+
+def model_output(model, float_outputs: np.ndarray) -> dict:
+    """What the float model outputs: ``logits`` (the convention) or ``probabilities``, judged on its outputs
+    (``validate.output_kind``), with the last layer's activation when it is a softmax."""
+    from resnet_deploy.converters.validate import output_kind
+
+    kind = output_kind(float_outputs)
+    last = model.layers[-1] if getattr(model, "layers", None) else None
+    act = getattr(getattr(last, "activation", None), "__name__", None)
+    softmax_layer = bool(last is not None and (act == "softmax" or type(last).__name__ == "Softmax"))
+    out = {"kind": kind, "last_layer": None if last is None else last.name, "softmax_last_layer": softmax_layer}
+    if kind == "probabilities":
+        cause = (f"its last layer {last.name!r} is a softmax" if softmax_layer
+                 else "every output row is a distribution (in [0, 1], summing to 1)")
+        out["note"] = (f"this model outputs probabilities, not logits ({cause}). The artifacts keep it: their "
+                       "outputs are probabilities too, parity is measured in probabilities (max |dprob|), and bench "
+                       "labels them 'prob'. Export the model without its final softmax for the logits "
+                       "convention.")
     return out
 
 
@@ -179,16 +235,17 @@ def _check_float_layers(model, names) -> None:
                           fix="take the names from the table of --analyze")
 
 
-def _plan_int8(model, target: Target, options: ExportOptions, train, spec: Preprocessing, val, calibration, say):
+def _plan_int8(model, target: Target, options: ExportOptions, train, spec: Preprocessing, val, calibration, say,
+               work=None):
     """Accuracy-aware INT8 (``int8_search.plan_int8``), or with ``--analyze`` alone the per-layer table of the
     plain export. Returns the options and calibration to convert with, and the manifest's ``int8_accuracy``."""
     from resnet_deploy.converters.int8_search import analysis_only, plan_int8
 
     if options.int8_aware:
-        opts, cal, record = plan_int8(model, target.format, options, train, spec, val, say)
+        opts, cal, record = plan_int8(model, target.format, options, train, spec, val, say, work)
     else:
         opts, cal, record = options, calibration, analysis_only(model, target.format, options, train, spec, val,
-                                                                calibration)
+                                                                calibration, work)
     record["calibration_indices_sha256_16"] = cal.recipe["indices_sha256_16"]
     record["validation_indices_sha256_16"] = val.recipe["indices_sha256_16"]
     record["disjoint"] = not np.intersect1d(val.indices, cal.indices).size  # checked, not assumed
@@ -257,7 +314,7 @@ def source_relative_to(source: dict, folder: Path) -> dict:
 
 
 def _export_one(model, final: Path, target: Target, options: ExportOptions, calibration, reference,
-                spec: Preprocessing, common: dict, extra: dict) -> ExportedArtifact:
+                spec: Preprocessing, common: dict, extra: dict, work: ExportWork | None = None) -> ExportedArtifact:
     from resnet_deploy.converters.validate import validate_artifact
 
     side = sidecar_path(final)
@@ -265,7 +322,7 @@ def _export_one(model, final: Path, target: Target, options: ExportOptions, cali
     try:
         with atomic_path(final, suffix=_temp_suffix(final)) as tmp:
             t0 = time.perf_counter()
-            result = CONVERTERS[target.format](model, tmp, target, options, calibration)
+            result = CONVERTERS[target.format](model, tmp, target, options, calibration, work)
             t1 = time.perf_counter()
             validation = validate_artifact(tmp, spec, reference, target.precision, options.fp32_tolerance)
             t2 = time.perf_counter()
@@ -294,7 +351,10 @@ def _manifest(final: Path, target: Target, options: ExportOptions, result, valid
         opts["integer_input"] = (f"q = clip(round(x / {result.input.scale:g}) + {result.input.zero_point}) where x is "
                                  "the preprocessed input (raw pixels 0..255 for resnet-deploy models)")
     opts.update({k: v for k, v in extra.items() if k != "int8_accuracy"})
-    fields = dict(common, source_model=source_relative_to(common["source_model"], final.parent))
+    fields = {k: v for k, v in common.items() if k != "model_output"}
+    fields["source_model"] = source_relative_to(common["source_model"], final.parent)
+    if common.get("model_output"):  # logits or probabilities, said at export (a softmax last layer)
+        opts["model_output"] = common["model_output"]
     return Manifest(format=target.format.value, precision=target.precision.value, artifact=final.name,
                     input=result.input, output=result.output, calibration=result.calibration,
                     options=opts, validation=validation, int8_accuracy=extra.get("int8_accuracy"), **facts, **fields)

@@ -131,9 +131,10 @@ def candidates(fmt: Format, options, available: int | None = None) -> list[dict]
 class _Trier:
     """Makes one INT8 file for a setting in a temporary folder and scores it on the validation split."""
 
-    def __init__(self, model, fmt: Format, options, train, spec, val: ValidationSet, work: Path):
+    def __init__(self, model, fmt: Format, options, train, spec, val: ValidationSet, work: Path, shared=None):
         self.model, self.fmt, self.options, self.train, self.spec, self.val, self.work = \
             model, fmt, options, train, spec, val, work
+        self.shared = shared  # base.ExportWork: the export's SavedModel and validated FP32 ONNX file
         self.calibrations: dict[int, object] = {}
         self.tflite: dict[int, object] = {}  # calibrated TFLiteInt8 per sample size
         self.onnx = None
@@ -156,7 +157,7 @@ class _Trier:
             from resnet_deploy.converters.tflite import TFLiteInt8
 
             if n not in self.tflite:  # calibrate once per sample; float layers only re-quantize
-                self.tflite[n] = TFLiteInt8(self.model, cal)
+                self.tflite[n] = TFLiteInt8(self.model, cal, self.shared)
             out.write_bytes(self.tflite[n].quantize(float_layers))
         else:
             self.onnx_quantizer().quantize(out, cal, setting["method"], setting["per_channel"], float_layers)
@@ -177,9 +178,9 @@ class _Trier:
     def onnx_quantizer(self):
         if self.onnx is None:
             from resnet_deploy.converters.int8_analysis import keras_layer_index
-            from resnet_deploy.converters.onnx import OnnxInt8, to_onnx
+            from resnet_deploy.converters.onnx import OnnxInt8, float_source
 
-            self.onnx = OnnxInt8(to_onnx(self.model, self.options.opset), self.options,
+            self.onnx = OnnxInt8(float_source(self.model, self.options, self.shared)[0], self.options,
                                  keras_layer_index(self.model))
         return self.onnx
 
@@ -195,11 +196,11 @@ class _Trier:
 
 
 def plan_int8(model, fmt: Format, options, train, spec, val: ValidationSet,
-              say: Callable[[str], None] = lambda m: None):
+              say: Callable[[str], None] = lambda m: None, shared=None):
     """The options and calibration for the final INT8 file of ``fmt``, and the manifest's ``int8_accuracy`` record."""
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="rd-int8-") as tmp:
-        trier = _Trier(model, fmt, options, train, spec, val, Path(tmp))
+        trier = _Trier(model, fmt, options, train, spec, val, Path(tmp), shared)
         try:
             record = _search_and_fallback(trier, fmt, options, val, t_start, say)
         finally:
@@ -280,12 +281,12 @@ def _search_and_fallback(trier: _Trier, fmt: Format, options, val: ValidationSet
     }
 
 
-def analysis_only(model, fmt: Format, options, train, spec, val: ValidationSet, calibration) -> dict:
+def analysis_only(model, fmt: Format, options, train, spec, val: ValidationSet, calibration, shared=None) -> dict:
     """``--analyze`` on a plain INT8 export: the per-layer table for the export's own calibration."""
     setting = {"calib_samples": options.calib_samples, "method": options.calib_method,
                "per_channel": options.onnx_per_channel}
     with tempfile.TemporaryDirectory(prefix="rd-int8-") as tmp:
-        trier = _Trier(model, fmt, options, train, spec, val, Path(tmp))
+        trier = _Trier(model, fmt, options, train, spec, val, Path(tmp), shared)
         trier.calibrations[options.calib_samples] = calibration
         try:
             out, _ = trier.make(setting, list(options.int8_float_layers))

@@ -11,6 +11,11 @@ Runtime's VPMADDUBSW kernels (``onnx_rules``); ``options.onnx_activation_type`` 
 ``activation_type``, ``weight_type``, ``reduce_range``, who chose each (``chosen_by``) and why (``reason``).
 ``OnnxInt8`` prepares the float graph once and quantizes it for each try of the accuracy-aware search;
 ``options.int8_float_layers`` become ``nodes_to_exclude`` (those convolutions compute in float).
+
+One conversion per export: tf2onnx runs for the FP32 file only; the FP16 and INT8 files are made from
+that file once it has passed validation (``base.ExportWork.onnx_fp32``), and their manifests name it
+(``options.converter.converted_from``). The INT8 scheme comes from ``--target`` (``onnx_rules``) and must
+be the one the planned file name carries.
 """
 
 from __future__ import annotations
@@ -53,13 +58,32 @@ def to_onnx(model, opset: int):
     return proto
 
 
-def convert(model, out_path: Path, target, options, calibration=None) -> ConvertResult:
+def float_source(model, options, work=None):
+    """The float graph FP16 and INT8 are made from: the export's validated FP32 ONNX file where there is one
+    (then also its name and sha256 for the manifest), else a fresh tf2onnx conversion."""
     import onnx
 
-    proto = to_onnx(model, options.opset)
-    settings = {"converter": "tf2onnx.convert.from_keras", "opset": options.opset, "dynamic_batch": True}
-    cal = None
+    fp32 = work.onnx_fp32 if work is not None else None
+    if fp32 is not None:
+        from resnet_deploy.fileio import sha256_file
+
+        return onnx.load(str(fp32)), {"artifact": Path(fp32).name, "sha256": sha256_file(fp32),
+                                      "note": "made from the validated FP32 ONNX file (one tf2onnx run per export)"}
+    return to_onnx(model, options.opset), None
+
+
+def convert(model, out_path: Path, target, options, calibration=None, work=None) -> ConvertResult:
+    import onnx
+
     p = target.precision
+    settings = {"converter": "tf2onnx.convert.from_keras", "opset": options.opset, "dynamic_batch": True}
+    if p is Precision.FP32:
+        proto = to_onnx(model, options.opset)
+    else:
+        proto, source = float_source(model, options, work)
+        if source is not None:
+            settings["converted_from"] = source
+    cal = None
     if p is Precision.FP32:
         onnx.save(proto, str(out_path))
     elif p is Precision.FP16:
@@ -71,14 +95,19 @@ def convert(model, out_path: Path, target, options, calibration=None) -> Convert
         settings.update(fp16="onnxruntime.transformers.float16.convert_float_to_float16", io="float32")
     elif p is Precision.INT8:
         cal = _quantize(model, proto, Path(out_path), options, calibration)
-        settings.update(quant_format="QDQ", per_channel=options.onnx_per_channel,
+        if getattr(target, "scheme", None) and cal["scheme"] != target.scheme:
+            raise ExportError(f"The ONNX INT8 file was quantized as {cal['scheme']}, but its planned name says "
+                              f"{target.scheme}.", expected="the scheme the plan named (the CPU flags changed "
+                              "during the export?)", fix="export again, or pass --target explicitly")
+        settings.update(target=cal["target"], scheme=cal["scheme"], quant_format="QDQ", per_channel=options.onnx_per_channel,
                         activation_type=cal["activation_type"], weight_type=cal["weight_type"],
                         reduce_range=cal["reduce_range"], float_layers=list(options.int8_float_layers))
     else:
         raise ExportError(f"ONNX has no {p.value} target here.", expected="fp32, fp16 or int8")
     onnx.checker.check_model(str(out_path))
-    in_spec, out_spec = io_specs(out_path)
-    ops = op_report(out_path)
+    written = onnx.load(str(out_path), load_external_data=False)
+    in_spec, out_spec = io_specs(written)
+    ops = op_report(written)
     if p is Precision.INT8 and sorted(ops["float_compute_ops"]) != sorted(cal.get("nodes_to_exclude", [])):
         raise ExportError(f"The INT8 ONNX model leaves {ops['float_compute_ops']} outside QDQ pairs "
                           f"(layers to keep float: {list(options.int8_float_layers) or 'none'}).",
@@ -193,19 +222,22 @@ def _tensor_spec(v) -> TensorSpec:
     return TensorSpec(v.name, shape, _ELEM.get(t.elem_type, str(t.elem_type)))
 
 
-def io_specs(path) -> tuple[TensorSpec, TensorSpec]:
+def _graph(model):
+    """The graph of an ONNX file or of a loaded ModelProto."""
     import onnx
 
-    g = onnx.load(str(path), load_external_data=False).graph
+    return model.graph if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False).graph
+
+
+def io_specs(path) -> tuple[TensorSpec, TensorSpec]:
+    g = _graph(path)
     return _tensor_spec(g.input[0]), _tensor_spec(g.output[0])
 
 
 def op_report(path) -> dict:
     """Op-type counts, QDQ pairs, and the compute ops (Conv/Gemm/MatMul) whose data and weight inputs do
     not both come from DequantizeLinear (or that are not integer QOperators)."""
-    import onnx
-
-    g = onnx.load(str(path), load_external_data=False).graph
+    g = _graph(path)
     producer = {o: n.op_type for n in g.node for o in n.output}
     counts = Counter(n.op_type for n in g.node)
     float_compute, int_compute = [], 0

@@ -1,20 +1,28 @@
 """ONNX export rules shared by ``ExportOptions`` and the CLI's ``--help``: the opset range tf2onnx can
-write and the automatic INT8 quantization settings per CPU.
+write and the INT8 quantization scheme per target CPU.
 
 Framework-free on purpose (the CLI imports it to print ``--help`` instantly).
 
-INT8 rule (ONNX Runtime's own guidance in ``quantize_static``'s docstring, and measured here, see
-docs/export.md):
+An ONNX INT8 file is made for a **target** (``--target``), named after Optimum's
+``AutoQuantizationConfig`` presets, and its **scheme** (activation type, weight type, weight range) is
+part of the file name (``model_int8_u8s8.onnx``) and of the manifest's ``calibration`` block:
 
-- x86 without VNNI: ONNX Runtime's U8S8 kernels multiply with VPMADDUBSW, which adds pairs of
-  u8*s8 products into a *saturating* 16-bit sum before widening; with full 8-bit weights those sums
-  clip and accuracy collapses (tiny test ResNet: top-1 agreement 0.705 instead of 0.96).
-  ``reduce_range`` quantizes weights to 7 bits, which keeps every pair sum inside int16.
-- x86 with VNNI (avx512_vnni or avx_vnni): VPDPBUSD accumulates in 32 bits, no saturation: 8-bit weights.
-- arm64: int8 activations (S8S8 is ONNX Runtime's fast path there), 8-bit weights.
+=========== ===================== ============ ============================================================
+target      Optimum preset         scheme       why
+=========== ===================== ============ ============================================================
+x86-vnni    avx512_vnni            u8s8         VPDPBUSD accumulates u8*s8 in 32 bits: full 8-bit weights
+x86-avx2    avx2 / avx512          u8s8-rr7     VPMADDUBSW adds u8*s8 pairs into a *saturating* int16: 8-bit
+            (reduce_range=True)                 weights clip (tiny ResNet agreement 0.705 instead of 0.96), so
+                                                weights are quantized to 7 bits (``reduce_range``)
+arm64       arm64                  s8s8         ONNX Runtime's fast QDQ path on arm64 (Optimum picks u8s8;
+                                                DESIGN.md measured S8S8 as the arm64 choice)
+host        (this CPU)             one of the above, from this CPU's architecture and flags
+=========== ===================== ============ ============================================================
 
-The exporting CPU decides the automatic choice; an artifact for another CPU is made with
-``--onnx-reduce-range`` / ``--no-onnx-reduce-range`` and ``--onnx-activation-type``.
+uint8 activations on x86 because ONNX Runtime runs U8S8 QDQ residual nets about 3.8x faster than S8S8
+there (DESIGN.md). ``reduce_range`` is used only where it is needed (U8S8 on x86 without VNNI), never
+with int8 activations. ``--onnx-activation-type`` / ``--onnx-reduce-range`` still override the host's
+choice; with an explicit target, an override that contradicts it is refused (``check_int8_choices``).
 """
 
 from __future__ import annotations
@@ -35,7 +43,43 @@ VNNI_FLAGS = ("avx512_vnni", "avx512vnni", "avx_vnni")  # /proc/cpuinfo names (e
 _ARM = ("arm64", "aarch64", "armv8l")
 _X86 = ("x86_64", "amd64", "x86", "i386", "i686", "x64")
 
-USER, AUTOMATIC, FIXED = "user", "automatic", "fixed"
+USER, AUTOMATIC, FIXED, TARGET = "user", "automatic", "fixed", "target"
+HOST = "host"
+
+
+
+@dataclass(frozen=True)
+class Int8Target:
+    """What an ONNX INT8 file for one CPU family is made of."""
+
+    name: str
+    activation_type: str
+    reduce_range: bool  # with uint8 activations only
+    optimum: str  # the Optimum preset it corresponds to
+    why: str
+
+
+INT8_TARGETS = {t.name: t for t in (
+    Int8Target("x86-vnni", "uint8", False, "AutoQuantizationConfig.avx512_vnni",
+               "x86 with VNNI (avx512_vnni or avx_vnni): ONNX Runtime's U8S8 kernels (uint8 activations, 3.8x "
+               "S8S8 on a residual net, DESIGN.md) accumulate with VPDPBUSD in 32 bits, no saturation: full "
+               "8-bit weights"),
+    Int8Target("x86-avx2", "uint8", True, "AutoQuantizationConfig.avx2 / avx512 with reduce_range=True",
+               "x86 without VNNI (AVX2, AVX-512 without VNNI): ONNX Runtime's U8S8 kernels multiply with "
+               "VPMADDUBSW, whose 16-bit pair sums saturate with 8-bit weights (tiny ResNet agreement 0.705 vs "
+               "0.960 with 7-bit weights, docs/export.md): weights quantized to 7 bits (reduce_range)"),
+    Int8Target("arm64", "int8", False, "AutoQuantizationConfig.arm64 (Optimum keeps uint8 activations there)",
+               "arm64: int8 activations, ONNX Runtime's fast QDQ path there (DESIGN.md); no VPMADDUBSW, so "
+               "full 8-bit weights"),
+)}
+TARGET_CHOICES = (HOST, *INT8_TARGETS)
+_SHORT = {"uint8": "u8", "int8": "s8"}
+
+
+def scheme_name(activation_type: str, weight_type: str = WEIGHT_TYPE, reduce_range: bool = False) -> str:
+    """``u8s8``, ``s8s8``, ``u8s8-rr7`` (8-bit storage, weights in the 7-bit range of reduce_range): the
+    activation then the weight type, as ONNX Runtime names its kernels; part of the INT8 file's name."""
+    return _SHORT[activation_type] + _SHORT[weight_type] + ("-rr7" if reduce_range else "")
 
 
 def _machine(machine: str | None) -> str:
@@ -65,61 +109,133 @@ def has_vnni(flags=None) -> bool | None:
     return None if fl is None else any(f in VNNI_FLAGS for f in fl)
 
 
+def host_target(machine: str | None = None, flags=None) -> tuple[str, str]:
+    """The target ``host`` stands for on this CPU (or the given ``machine``/``flags``), and why."""
+    m, fl = _machine(machine), _flags(flags)
+    cpu = (f"this CPU ({m}, flags read: {', '.join(fl) or 'none'})" if fl is not None
+           else f"this CPU ({m}, flags unknown: /proc/cpuinfo unreadable)")
+    if is_arm(m):
+        return "arm64", f"{cpu} is arm64"
+    if is_x86(m):
+        vnni = [f for f in fl or () if f in VNNI_FLAGS]
+        if vnni:
+            return "x86-vnni", f"{cpu} is x86 with VNNI ({', '.join(vnni)})"
+        if fl is None:
+            return "x86-avx2", f"{cpu} is x86 and VNNI cannot be confirmed, so the safe side"
+        return "x86-avx2", f"{cpu} is x86 without VNNI"
+    from resnet_deploy.errors import ExportError
+
+    raise ExportError(f"--target host: this CPU ({m}) is neither x86 nor arm64, so no ONNX INT8 scheme is known "
+                      "to be fast and exact on it.", expected=f"--target one of {', '.join(INT8_TARGETS)}",
+                      fix="pass --target for the CPU the ONNX INT8 file will run on")
+
+
 def default_onnx_activation_type(machine: str | None = None) -> str:
-    """uint8 activations on x86 (ONNX Runtime's fast U8S8 kernels: 3.8x S8S8 on a residual net, see
-    DESIGN.md), int8 on arm64 (where S8S8 is the fast path)."""
+    """The host rule for activations: uint8 on x86 (and other non-arm64 CPUs), int8 on arm64."""
     return "int8" if is_arm(machine) else "uint8"
 
 
 def default_onnx_reduce_range(machine: str | None = None, flags=None) -> bool:
-    """7-bit weights on x86 CPUs without VNNI (VPMADDUBSW saturation), and on x86 CPUs whose flags are
-    unknown (the safe side); 8-bit everywhere else."""
+    """The host rule for 7-bit weights: x86 CPUs without VNNI, and x86 CPUs whose flags are unknown (the
+    safe side); 8-bit everywhere else."""
     return is_x86(machine) and has_vnni(flags) is not True
+
+
+def check_int8_choices(target: str, activation_type: str | None, reduce_range: bool | None) -> None:
+    """Refuse what cannot be made, before any work: an unknown target, reduce_range with int8 activations,
+    and an explicit target contradicted by an override (a ``host`` export may override freely)."""
+    from resnet_deploy.errors import ExportError
+
+    if target not in TARGET_CHOICES:
+        raise ExportError(f"Unknown --target {target!r}.", expected=f"one of {', '.join(TARGET_CHOICES)}",
+                          fix="--target host (this CPU) or the CPU family the ONNX INT8 file will run on")
+    if activation_type == "int8" and reduce_range:
+        raise ExportError("--onnx-reduce-range was given with int8 activations (S8S8).",
+                          expected="reduce_range only with uint8 activations: it works around the saturation of "
+                                   "ONNX Runtime's U8S8 kernels on x86 without VNNI, which S8S8 does not have",
+                          fix="drop --onnx-reduce-range, or use --onnx-activation-type uint8")
+    rule = INT8_TARGETS.get(target)
+    if rule is None:
+        return
+    what = []
+    if activation_type is not None and activation_type != rule.activation_type:
+        what.append(f"--onnx-activation-type {activation_type}")
+    if reduce_range is not None and reduce_range != rule.reduce_range:
+        what.append("--onnx-reduce-range" if reduce_range else "--no-onnx-reduce-range")
+    if what:
+        others = "; ".join(f"{t.name}: {scheme_name(t.activation_type, WEIGHT_TYPE, t.reduce_range)}"
+                           for t in INT8_TARGETS.values())
+        raise ExportError(f"--target {target} writes {scheme_name(rule.activation_type, WEIGHT_TYPE, rule.reduce_range)} "
+                          f"({rule.activation_type} activations, {'7' if rule.reduce_range else '8'}-bit weights), "
+                          f"but {' and '.join(what)} contradicts it.",
+                          expected=f"either a --target ({others}) or overrides on --target host",
+                          fix=f"drop {' and '.join(what)} (the target sets it), or pick the target that matches")
 
 
 @dataclass(frozen=True)
 class OnnxInt8Settings:
-    """The ONNX INT8 quantization types, who chose each and why (recorded in the manifest)."""
+    """The ONNX INT8 quantization types, the target they were made for, who chose each and why
+    (recorded in the manifest's ``calibration`` block)."""
 
     activation_type: str  # "uint8" | "int8"
     weight_type: str  # "int8"
     reduce_range: bool  # 7-bit weights
-    chosen_by: dict = field(default_factory=dict)  # key -> "user" | "automatic" | "fixed"
+    target: str = "x86-vnni"  # resolved: x86-vnni | x86-avx2 | arm64
+    requested_target: str = HOST  # as given: host or a target
+    chosen_by: dict = field(default_factory=dict)  # key -> "user" | "target" | "automatic" | "fixed"
     reason: dict = field(default_factory=dict)  # key -> sentence
-    cpu: dict = field(default_factory=dict)  # the CPU the automatic choices were made for
+    cpu: dict = field(default_factory=dict)  # the exporting CPU (``host`` is resolved from it)
 
     @property
     def scheme(self) -> str:
-        """``U8S8``, ``S8S8``...: activation type then weight type, as ONNX Runtime names them."""
-        short = {"uint8": "U8", "int8": "S8"}
-        return short[self.activation_type] + short[self.weight_type]
+        """``u8s8``, ``s8s8``, ``u8s8-rr7`` (``scheme_name``)."""
+        return scheme_name(self.activation_type, self.weight_type, self.reduce_range)
+
+    @property
+    def optimum(self) -> str:
+        return INT8_TARGETS[self.target].optimum
+
+    def describe(self) -> str:
+        """One line for the export's output."""
+        host = (f"host -> {self.target} ({self.reason['host']})" if self.requested_target == HOST
+                else f"{self.target} (--target)")
+        bits = "7-bit (reduce_range)" if self.reduce_range else "8-bit"
+        over = [k for k in ("activation_type", "reduce_range") if self.chosen_by.get(k) == USER]
+        return (f"ONNX INT8 target {host}: scheme {self.scheme} ({self.activation_type} activations, {bits} "
+                f"{self.weight_type} weights" + (f"; {' and '.join(over)} given by the user" if over else "") + ")")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["scheme"] = self.scheme
+        d["optimum_preset"] = self.optimum
         return d
 
 
 def onnx_int8_settings(activation_type: str | None, reduce_range: bool | None, machine: str | None = None,
-                       flags=None) -> OnnxInt8Settings:
-    """Resolve the ONNX INT8 settings: a value given by the user wins, ``None`` means automatic for the
-    exporting CPU (``machine``/``flags`` default to this one's)."""
-    m = _machine(machine)
-    flags = _flags(flags)
-    vnni = [f for f in flags or () if f in VNNI_FLAGS]
-    cpu_text = (f"the exporting CPU ({m}, flags read: {', '.join(flags) or 'none'})" if flags is not None
-                else f"the exporting CPU ({m}, flags unknown: /proc/cpuinfo unreadable)")
+                       flags=None, target: str = HOST) -> OnnxInt8Settings:
+    """Resolve the ONNX INT8 settings: ``target`` (``host``: this CPU, or ``machine``/``flags``) gives the
+    scheme, and on ``host`` a value given by the user overrides it."""
+    check_int8_choices(target, activation_type, reduce_range)
+    m, fl = _machine(machine), _flags(flags)
     chosen, reason = {}, {}
+    if target == HOST:
+        resolved, why = host_target(m, fl)
+        reason["host"] = why
+        chosen["target"] = AUTOMATIC
+        reason["target"] = f"automatic (--target host): {why}, so {resolved}: {INT8_TARGETS[resolved].why}"
+    else:
+        resolved = target
+        chosen["target"] = USER
+        reason["target"] = f"user: --target {target}: {INT8_TARGETS[target].why}"
+    rule = INT8_TARGETS[resolved]
+    by = AUTOMATIC if target == HOST else TARGET
 
     if activation_type is not None:
         act, chosen["activation_type"] = activation_type, USER
         reason["activation_type"] = f"user: {activation_type} given (--onnx-activation-type / ExportOptions)"
     else:
-        act, chosen["activation_type"] = default_onnx_activation_type(m), AUTOMATIC
-        reason["activation_type"] = (
-            "automatic: int8 on arm64, where S8S8 is ONNX Runtime's fast path" if is_arm(m) else
-            "automatic: uint8 on x86 (and other non-arm64 CPUs): ONNX Runtime runs U8S8 QDQ residual nets "
-            "through its fast uint8 kernels, S8S8 keeps many convolutions in float there (DESIGN.md)")
+        act, chosen["activation_type"] = rule.activation_type, by
+        reason["activation_type"] = f"{by}: {rule.activation_type} for {resolved}"
 
     chosen["weight_type"] = FIXED
     if reduce_range is not None:
@@ -127,27 +243,23 @@ def onnx_int8_settings(activation_type: str | None, reduce_range: bool | None, m
         flag = "--onnx-reduce-range" if rr else "--no-onnx-reduce-range"
         reason["reduce_range"] = f"user: {flag} given (ExportOptions.onnx_reduce_range={rr})"
     else:
-        rr, chosen["reduce_range"] = default_onnx_reduce_range(m, flags), AUTOMATIC
-        if rr and flags is None:
-            reason["reduce_range"] = (
-                f"automatic: {cpu_text} is x86 and VNNI cannot be confirmed, so the safe side: 7-bit weights "
-                "(ONNX Runtime's U8S8 kernels saturate with 8-bit weights on x86 without VNNI, docs/export.md); "
-                "pass --no-onnx-reduce-range for a VNNI (or arm64) target")
+        rr, chosen["reduce_range"] = rule.reduce_range and act == "uint8", by
+        if rule.reduce_range and act != "uint8":
+            reason["reduce_range"] = f"{by}: off: reduce_range is never used with int8 activations (S8S8)"
         elif rr:
             reason["reduce_range"] = (
-                f"automatic: {cpu_text} is x86 without VNNI, where ONNX Runtime's U8S8 kernels use VPMADDUBSW, "
-                "whose 16-bit pair sums saturate with 8-bit weights (tiny ResNet agreement 0.705 vs 0.960 with "
-                "7-bit weights, docs/export.md); pass --no-onnx-reduce-range for a VNNI (or arm64) target")
-        elif is_x86(m):
-            reason["reduce_range"] = (
-                f"automatic: {cpu_text} has VNNI ({', '.join(vnni)}), which accumulates u8*s8 products in 32 bits "
-                "without saturation: full 8-bit weights; pass --onnx-reduce-range if this file will run on x86 "
-                "CPUs without VNNI")
+                f"{by}: on for {resolved}: ONNX Runtime's U8S8 kernels use VPMADDUBSW there, whose 16-bit pair "
+                "sums saturate with 8-bit weights (docs/export.md); --target x86-vnni or arm64 for a CPU with VNNI "
+                "or an arm64 CPU")
+        elif resolved == "x86-vnni":
+            reason["reduce_range"] = (f"{by}: off for {resolved}: VNNI accumulates u8*s8 products in 32 bits "
+                                      "without saturation, full 8-bit weights; --target x86-avx2 for x86 CPUs "
+                                      "without VNNI")
         else:
-            reason["reduce_range"] = (
-                f"automatic: {cpu_text} is not x86: the VPMADDUBSW saturation that reduce_range works around is "
-                "x86-only, so full 8-bit weights")
+            reason["reduce_range"] = (f"{by}: off for {resolved}: the VPMADDUBSW saturation that reduce_range "
+                                      "works around is x86-only, full 8-bit weights")
     reason["weight_type"] = ("fixed: symmetric int8 weights (not an option)" +
                              (", quantized to 7 bits (-64..64) because reduce_range is on" if rr else ", full 8 bits"))
-    return OnnxInt8Settings(act, WEIGHT_TYPE, rr, chosen, reason,
-                            {"machine": m, "flags": flags, "vnni": None if flags is None else bool(vnni)})
+    vnni = [f for f in fl or () if f in VNNI_FLAGS]
+    return OnnxInt8Settings(act, WEIGHT_TYPE, rr, resolved, target, chosen, reason,
+                            {"machine": m, "flags": fl, "vnni": None if fl is None else bool(vnni)})

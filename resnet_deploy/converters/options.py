@@ -2,7 +2,9 @@
 
 ``ExportOptions.targets()`` turns the switches into the ordered list of (format, precision,
 variant) artifacts; the pipeline, the CLI and the bench helper all read the same list, so file
-names are predictable: ``<model-stem>_<precision>[_qat].<tflite|onnx>`` in ``out_dir``.
+names are predictable: ``<model-stem>_<precision>[_qat].<tflite|onnx>`` in ``out_dir``, and the ONNX
+INT8 file carries its scheme, ``<model-stem>_int8_<scheme>.onnx`` (``u8s8``, ``s8s8``, ``u8s8-rr7``:
+``onnx_rules``), resolved from ``int8_target`` (``--target``) when the plan is made.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from resnet_deploy.config import Format, Precision
-from resnet_deploy.converters.onnx_rules import (ACTIVATION_TYPES, DEFAULT_OPSET, MAX_OPSET, MIN_OPSET,
-                                                 OnnxInt8Settings, default_onnx_activation_type,
-                                                 default_onnx_reduce_range, onnx_int8_settings)
+from resnet_deploy.converters.onnx_rules import (ACTIVATION_TYPES, DEFAULT_OPSET, HOST, MAX_OPSET, MIN_OPSET,
+                                                 TARGET_CHOICES, OnnxInt8Settings, check_int8_choices,
+                                                 default_onnx_activation_type, default_onnx_reduce_range,
+                                                 onnx_int8_settings)
 from resnet_deploy.data.preprocess import Preprocessing
 from resnet_deploy.errors import ExportError
 
@@ -21,21 +24,22 @@ CALIB_METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_MAX_DROP = 0.10  # accuracy-aware INT8: validation top-1 pp an INT8 file may lose
 EXPORT_FORMATS = (Format.TFLITE, Format.ONNX)
 
-__all__ = ["ACTIVATION_TYPES", "CALIB_METHODS", "EXPORT_FORMATS", "MAX_OPSET", "MIN_OPSET", "ExportOptions",
-           "Target", "default_onnx_activation_type", "default_onnx_reduce_range", "parse_formats"]
+__all__ = ["ACTIVATION_TYPES", "CALIB_METHODS", "EXPORT_FORMATS", "MAX_OPSET", "MIN_OPSET", "TARGET_CHOICES",
+           "ExportOptions", "Target", "default_onnx_activation_type", "default_onnx_reduce_range", "parse_formats"]
 
 
 @dataclass(frozen=True)
 class Target:
-    """One artifact to write."""
+    """One artifact to write; ``scheme`` is the ONNX INT8 quantization scheme (``u8s8``...), part of its name."""
 
     format: Format
     precision: Precision
     qat: bool = False
+    scheme: str | None = None
 
     @property
     def tag(self) -> str:
-        return self.precision.value + ("_qat" if self.qat else "")
+        return self.precision.value + ("_qat" if self.qat else "") + (f"_{self.scheme}" if self.scheme else "")
 
     def file_name(self, stem: str) -> str:
         return f"{stem}_{self.tag}.{self.format.value}"
@@ -51,8 +55,9 @@ class ExportOptions:
     out_dir: Path | None = None  # default: the model's folder
     force: bool = False
     opset: int = DEFAULT_OPSET
-    # ONNX INT8: None = automatic for the exporting CPU (onnx_rules), a value = the user's choice; the
-    # manifest records which, and why (``onnx_int8_settings``)
+    # ONNX INT8: the target CPU family (onnx_rules.TARGET_CHOICES; "host" = this CPU) sets the scheme;
+    # on "host", a value here overrides it (None = the target's); the manifest records who chose what, and why
+    int8_target: str = HOST
     onnx_activation_type: str | None = None
     onnx_reduce_range: bool | None = None  # 7-bit weights (x86 without VNNI)
     onnx_per_channel: bool = True
@@ -99,6 +104,11 @@ class ExportOptions:
         _check(self.onnx_reduce_range is None or isinstance(self.onnx_reduce_range, bool),
                f"onnx_reduce_range {self.onnx_reduce_range!r} is not True, False or None.",
                "True (7-bit weights), False (8-bit) or None (automatic)")
+        check_int8_choices(self.int8_target, self.onnx_activation_type, self.onnx_reduce_range)
+        _check(self.int8_target == HOST or (self.int8 and Format.ONNX in fmts),
+               f"--target {self.int8_target} was given without an ONNX INT8 file to make.",
+               "--target with --int8 and the onnx format (it sets the ONNX INT8 scheme; TFLite INT8 is the same "
+               "file on every CPU)", "add --int8 (and onnx to --formats), or drop --target")
         _check(self.calib_method in CALIB_METHODS, f"Unknown calibration method {self.calib_method!r}.",
                " / ".join(CALIB_METHODS))
         _check(self.calib_samples >= 1, f"--calib-samples {self.calib_samples} is too small.",
@@ -163,14 +173,17 @@ class ExportOptions:
             if self.dynamic_int8 and fmt is Format.TFLITE:
                 out.append(Target(fmt, Precision.DYNAMIC_INT8))
             if self.int8:
-                out.append(Target(fmt, Precision.INT8))
+                out.append(Target(fmt, Precision.INT8, scheme=self.onnx_int8().scheme if fmt is Format.ONNX
+                                  else None))
             if self.qat_epochs and fmt is Format.TFLITE:
                 out.append(Target(fmt, Precision.INT8, qat=True))
         return out
 
     def onnx_int8(self, machine: str | None = None, flags=None) -> OnnxInt8Settings:
-        """The ONNX INT8 types to use: the user's where given, else automatic for this CPU."""
-        return onnx_int8_settings(self.onnx_activation_type, self.onnx_reduce_range, machine, flags)
+        """The ONNX INT8 scheme for ``int8_target`` (``host``: this CPU, or ``machine``/``flags``), with the
+        user's overrides."""
+        return onnx_int8_settings(self.onnx_activation_type, self.onnx_reduce_range, machine, flags,
+                                  target=self.int8_target)
 
     @property
     def needs_calibration(self) -> bool:

@@ -1,9 +1,17 @@
 """TFLite artifacts: FP32, FP16, dynamic-range INT8 and full-integer INT8 (float or int8 I/O).
 
-``convert(model, out_path, target, options, calibration)`` writes one ``.tflite`` file with
-``TFLiteConverter.from_keras_model`` (it takes Keras 3 models and the tf_keras QAT twin alike) and
-returns its I/O specs and an op report read back from the flatbuffer: for INT8 targets, every
-CONV_2D / FULLY_CONNECTED must have integer inputs, or the conversion fails.
+``convert(model, out_path, target, options, calibration, work)`` writes one ``.tflite`` file and returns
+its I/O specs and an op report read back from the flatbuffer: for INT8 targets, every CONV_2D /
+FULLY_CONNECTED must have integer inputs, or the conversion fails.
+
+Under Keras 3, ``TFLiteConverter.from_keras_model`` writes the model into a temporary SavedModel on
+*every* call (about 5 s of the 6 s a ResNet20 file took). Within an export the float model is traced
+into a SavedModel once (``base.ExportWork.saved_model``, the same ``ExportArchive`` TensorFlow builds)
+and each file is converted from it with ``from_saved_model``; other models (the tf_keras QAT twin) and
+calls without an ``ExportWork`` still go through ``from_keras_model``.
+
+The op report reads the flatbuffer through its published schema (``ai_edge_litert.schema_py_generated``),
+not the interpreter's private ``_get_ops_details``; ``tests/test_converters.py`` pins the schema module.
 
 Accuracy-aware INT8 and layers kept in float (``options.int8_float_layers``, chosen by hand or by the
 accuracy-aware fallback) go through ``TFLiteInt8``: TensorFlow's ``QuantizationDebugger`` calibrates once and re-quantizes with
@@ -26,11 +34,23 @@ from resnet_deploy.converters.base import TFLITE_COMPUTE_OPS, ConvertResult
 from resnet_deploy.errors import ExportError
 
 
-def convert(model, out_path: Path, target, options, calibration=None) -> ConvertResult:
+def _converter(model, work=None):
+    """A TFLiteConverter for ``model``: from the export's shared SavedModel where there is one."""
     import tensorflow as tf
 
-    conv = tf.lite.TFLiteConverter.from_keras_model(model)
-    settings = {"converter": "tf.lite.TFLiteConverter.from_keras_model", "tensorflow": tf.__version__}
+    saved = work.saved_model(model) if work is not None else None
+    if saved is not None:
+        return (tf.lite.TFLiteConverter.from_saved_model(str(saved)),
+                "tf.lite.TFLiteConverter.from_saved_model (the model traced once per export, as from_keras_model "
+                "traces it: keras ExportArchive, training=False)")
+    return tf.lite.TFLiteConverter.from_keras_model(model), "tf.lite.TFLiteConverter.from_keras_model"
+
+
+def convert(model, out_path: Path, target, options, calibration=None, work=None) -> ConvertResult:
+    import tensorflow as tf
+
+    conv, how = _run(lambda: _converter(model, work), target.tag)
+    settings = {"converter": how, "tensorflow": tf.__version__}
     p = target.precision
     if p is Precision.FP16:
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -40,7 +60,7 @@ def convert(model, out_path: Path, target, options, calibration=None) -> Convert
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
         settings.update(weights="int8", activations="float32 (dynamic-range)")
     elif p is Precision.INT8 and (options.int8_float_layers or options.int8_aware) and not target.qat:
-        return _convert_selective(model, out_path, target, options, calibration, settings)
+        return _convert_selective(model, out_path, target, options, calibration, settings, work)
     elif p is Precision.INT8:
         if calibration is None:
             raise ExportError("Full-integer INT8 needs calibration images.", fix="pass --data with CIFAR-10")
@@ -88,14 +108,14 @@ class TFLiteInt8:
     Calibration is the slow part (about 20 s for a ResNet34); ``quantize(float_layers)`` only re-runs
     TensorFlow's MLIR quantizer with ``denylisted_nodes``, in well under a second."""
 
-    def __init__(self, model, calibration):
+    def __init__(self, model, calibration, work=None):
         import tensorflow as tf
 
         from resnet_deploy.converters.int8_analysis import keras_layer_index
 
         if calibration is None:
             raise ExportError("Full-integer INT8 needs calibration images.", fix="pass --data with CIFAR-10")
-        conv = tf.lite.TFLiteConverter.from_keras_model(model)
+        conv, _ = _run(lambda: _converter(model, work), "int8 calibration")
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
         conv.representative_dataset = calibration.representative_dataset
         # float kernels allowed, so denylisted layers can run in float
@@ -108,14 +128,12 @@ class TFLiteInt8:
     def op_names(self) -> dict[str, str | None]:
         """``{output tensor name: Keras layer}`` of the calibrated model's conv/dense ops (``denylisted_nodes``
         takes those names)."""
-        from ai_edge_litert.interpreter import Interpreter
-
         from resnet_deploy.converters.int8_analysis import tflite_op_layer
 
-        it = Interpreter(model_content=self.debugger.calibrated_model)
-        names = {t["index"]: t["name"] for t in it.get_tensor_details()}
+        ops, tensors = read_graph(self.debugger.calibrated_model)
+        names = {i: t["name"] for i, t in enumerate(tensors)}
         return {names[op["outputs"][0]]: tflite_op_layer(names[op["outputs"][0]], op["op_name"], self.index)
-                for op in it._get_ops_details() if op["op_name"] in TFLITE_COMPUTE_OPS}
+                for op in ops if op["op_name"] in TFLITE_COMPUTE_OPS}
 
     def quantize(self, float_layers=()) -> bytes:
         import tensorflow as tf
@@ -132,10 +150,10 @@ class TFLiteInt8:
         return _run(lambda: tflite_layer_errors(self.debugger, images, self.index), "int8 analysis")
 
 
-def _convert_selective(model, out_path, target, options, calibration, settings) -> ConvertResult:
+def _convert_selective(model, out_path, target, options, calibration, settings, work=None) -> ConvertResult:
     """Full-integer INT8 except ``options.int8_float_layers``, which compute in float."""
     layers = list(options.int8_float_layers)
-    Path(out_path).write_bytes(TFLiteInt8(model, calibration).quantize(layers))
+    Path(out_path).write_bytes(TFLiteInt8(model, calibration, work).quantize(layers))
     in_spec, out_spec = io_specs(out_path)
     ops = op_report(out_path)
     if len(ops["float_compute_ops"]) != len(layers):
@@ -171,13 +189,38 @@ def io_specs(path) -> tuple[TensorSpec, TensorSpec]:
     return _spec(it.get_input_details()[0]), _spec(it.get_output_details()[0])
 
 
+def read_graph(model) -> tuple[list[dict], list[dict]]:
+    """The main subgraph's operators (``index``, ``op_name``, ``inputs``, ``outputs``) and tensors (``name``,
+    ``dtype``) of a .tflite file (path or bytes), read with the flatbuffer schema LiteRT publishes."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    buf = model if isinstance(model, (bytes, bytearray)) else Path(model).read_bytes()
+    m = schema.Model.GetRootAs(buf, 0)
+    builtin = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    types = {v: k.lower() for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+    codes = []
+    for i in range(m.OperatorCodesLength()):
+        c = m.OperatorCodes(i)
+        code = max(c.BuiltinCode(), c.DeprecatedBuiltinCode())  # schema v3a: the larger of the two fields
+        custom = c.CustomCode()
+        codes.append(custom.decode() if code == schema.BuiltinOperator.CUSTOM and custom else builtin[code])
+    g = m.Subgraphs(0)
+    tensors = [{"name": g.Tensors(i).Name().decode(), "dtype": types[g.Tensors(i).Type()]}
+               for i in range(g.TensorsLength())]
+    ops = [{"index": i, "op_name": codes[g.Operators(i).OpcodeIndex()],
+            "inputs": [int(v) for v in g.Operators(i).InputsAsNumpy()] if g.Operators(i).InputsLength() else [],
+            "outputs": [int(v) for v in g.Operators(i).OutputsAsNumpy()] if g.Operators(i).OutputsLength() else []}
+           for i in range(g.OperatorsLength())]
+    return ops, tensors
+
+
 def op_report(path) -> dict:
     """Op-type counts, and which compute ops (conv/dense) read float inputs or weights."""
-    it = _interpreter(path)
-    dtypes = {t["index"]: np.dtype(t["dtype"]).name for t in it.get_tensor_details()}
+    ops, tensors = read_graph(path)
+    dtypes = {i: t["dtype"] for i, t in enumerate(tensors)}
     counts: Counter = Counter()
     float_compute, int_compute = [], 0
-    for op in it._get_ops_details():
+    for op in ops:
         name = op["op_name"]
         counts[name] += 1
         if name in TFLITE_COMPUTE_OPS:
