@@ -10,25 +10,63 @@ from typer.testing import CliRunner
 from resnet_deploy.cli import app
 
 
-def test_pipeline_runs_end_to_end(tmp_path, cifar_dir):
+def _run_pipeline(tmp_path, data) -> dict:
+    """train -> six artifacts -> bench -> report files, on ``data``; returns report.json."""
     out = tmp_path / "run"
-    args = ["pipeline", "--train", "--data", str(cifar_dir), "--out", str(out), "--arch", "resnet8", "--width", "0.25",
-            "--epochs", "1", "--limit-train", "1000", "--limit-test", "200", "--calib-samples", "50"]
+    args = ["pipeline", "--train", "--data", str(data), "--out", str(out), "--arch", "resnet8", "--width", "0.25",
+            "--epochs", "1", "--batch-size", "32", "--limit-train", "1000", "--limit-test", "200",
+            "--calib-samples", "50"]
     result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert (out / "train" / "model.keras").exists() and (out / "train" / "model.keras.json").exists()
     artifacts = sorted(p.name for p in (out / "artifacts").iterdir() if not p.name.endswith(".json"))
-    assert artifacts == ["model_fp16.onnx", "model_fp16.tflite", "model_fp32.onnx", "model_fp32.tflite",
-                         "model_int8.onnx", "model_int8.tflite"]
-    assert all((out / "artifacts" / f"{a}.json").exists() for a in artifacts)
+    assert len(artifacts) == 6 and all((out / "artifacts" / f"{a}.json").exists() for a in artifacts)
+    formats = sorted((a.rsplit(".", 1)[1], json.loads((out / "artifacts" / f"{a}.json").read_text())["precision"])
+                     for a in artifacts)
+    assert formats == [("onnx", "fp16"), ("onnx", "fp32"), ("onnx", "int8"),
+                       ("tflite", "fp16"), ("tflite", "fp32"), ("tflite", "int8")], formats
     report = json.loads((out / "report.json").read_text())
     assert len(report["results"]) == 7  # the float model and six artifacts
     assert all(r.get("error") is None for r in report["results"]), report["results"]
+    assert report["data"]["images"] == 200
     assert (out / "report.md").read_text().startswith("# resnet-deploy bench report")
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a second run refuses to overwrite the first without --force
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 2 and "--force" in again.output
+    return report
+
+
+def _float_accuracy_recomputed(tmp_path, data) -> tuple[float, float]:
+    """The trained model's accuracy on the first 200 test images, by a plain Keras call, and the report's."""
+    import keras
+    import numpy as np
+
+    from resnet_deploy.data import load_cifar10
+
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    ref = next(r for r in report["results"] if r["role"] == "reference")
+    test = load_cifar10(data).test
+    model = keras.saving.load_model(tmp_path / "run" / "train" / "model.keras", compile=False)
+    logits = np.asarray(model(test.x[:200].astype(np.float32), training=False))
+    return float(np.mean(logits.argmax(1) == test.y[:200])), ref["accuracy"]["top1"]
+
+
+@pytest.mark.slow  # about 3 minutes: six exports and a bench of seven files with their default timing
+def test_pipeline_runs_end_to_end(tmp_path, request):
+    """Once per slow tier: on the real copy where there is one, else on the synthetic set (conftest), whose
+    classes one epoch learns well above chance."""
+    from tests.conftest import _find_cifar
+
+    real = _find_cifar()
+    data = real if real is not None else request.getfixturevalue("synthetic_cifar_dir")
+    report = _run_pipeline(tmp_path, data)
+    acc, reported = _float_accuracy_recomputed(tmp_path, data)
+    assert reported == pytest.approx(acc)
+    if real is None:
+        assert acc >= 0.25, f"one epoch on the synthetic classes reached only {acc:.1%}: does training see the labels?"
+    for r in report["results"]:  # every artifact keeps the float model's accuracy, near enough
+        assert r["accuracy"] is None or r["accuracy"]["top1"] >= acc - 0.1, (r["label"], r["accuracy"]["top1"], acc)
 
 
 @pytest.mark.parametrize("bad,match", [(["--epochs", "0"], "epochs"), (["--limit-test", "10"], "too small")])
