@@ -1,11 +1,13 @@
-"""Evidence for the ONNX INT8 defaults on *this* CPU: every activation type x weight range, benched.
+"""Evidence for the ONNX INT8 targets on *this* CPU: the scheme of every ``--target``, benched.
 
-Exports one float model to ONNX INT8 four times (activations uint8 / int8, weights 8-bit / 7-bit
-``reduce_range``), each calibrated on the same CIFAR-10 training images through the real converter
-pipeline, then benches them in one `run_bench` call against the float model and the ONNX FP32 file:
+Exports one float model to ONNX INT8 once per target (x86-vnni: u8s8, x86-avx2: u8s8-rr7 with 7-bit
+``reduce_range`` weights, arm64: s8s8), each calibrated on the same CIFAR-10 training images through the
+real converter pipeline, then benches them in one `run_bench` call against the float model and the ONNX FP32 file:
 top-1 change, agreement with the float model, batch-1 latency and its ratio to ONNX FP32. Prints the
 CPU model and flags first: which setting is both fast and accurate depends on them (VNNI or not,
-x86 or arm64; see docs/export.md), and the tool's automatic choice is printed beside the table.
+x86 or arm64; see docs/export.md), and what ``--target host`` resolves to here is printed beside the
+table. A file whose scheme saturates on this CPU is benched anyway (``--allow-saturating`` where bench
+has it): showing that damage is the point.
 
     .venv/bin/python benchmarks/onnx_int8_settings.py --model demo/train/model.keras \
         --data ../shared/data/cifar10
@@ -24,7 +26,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-VARIANTS = (("uint8", False), ("uint8", True), ("int8", False), ("int8", True))  # activations, reduce_range
+TARGETS = ("x86-vnni", "x86-avx2", "arm64")  # u8s8, u8s8-rr7, s8s8 (converters/onnx_rules.py)
 
 
 def main() -> None:
@@ -40,30 +42,30 @@ def main() -> None:
     from resnet_deploy.bench.options import BenchOptions
     from resnet_deploy.bench import run_bench
     from resnet_deploy.config import Format
-    from resnet_deploy.converters.onnx_rules import default_onnx_activation_type, default_onnx_reduce_range
     from resnet_deploy.converters.options import ExportOptions
     from resnet_deploy.converters.export import export_model
     from resnet_deploy.data import load_cifar10
     from resnet_deploy.envinfo import machine_banner
 
     print(machine_banner())
-    print(f"automatic choice here: activations {default_onnx_activation_type()}, "
-          f"reduce_range {default_onnx_reduce_range()}")
+    print(ExportOptions(int8=True).onnx_int8().describe())
     data = load_cifar10(args.data)
     with tempfile.TemporaryDirectory() as tmp:
         files = [args.model]
         t0 = time.perf_counter()
-        for act, rr in VARIANTS:
-            out = Path(tmp) / f"{act}_{'w7' if rr else 'w8'}"
+        for target in TARGETS:
+            out = Path(tmp) / target
             opts = ExportOptions(formats=(Format.ONNX,), int8=True, out_dir=out, calib_samples=args.calib,
-                                 onnx_activation_type=act, onnx_reduce_range=rr)
+                                 int8_target=target)
             arts = export_model(args.model, opts, data=data)
             files += [a.path for a in arts if a.precision == "int8"]
             if len(files) == 2:  # one FP32 baseline is enough: every variant is measured against it
                 files += [a.path for a in arts if a.precision == "fp32"]
-        print(f"export: {len(VARIANTS)} INT8 variants in {time.perf_counter() - t0:.0f} s")
-        opts = BenchOptions(threads=args.threads, limit=args.limit, runs=args.runs, max_time_s=20,
-                            baselines=False)
+        print(f"export: {len(TARGETS)} INT8 targets in {time.perf_counter() - t0:.0f} s")
+        kw = dict(threads=args.threads, limit=args.limit, runs=args.runs, max_time_s=20, baselines=False)
+        if "allow_saturating" in BenchOptions.__dataclass_fields__:  # bench refuses saturating files by default
+            kw["allow_saturating"] = True
+        opts = BenchOptions(**kw)
         report = run_bench(files, opts, data=data)
         print_table(report, args.threads)  # inside: it reads the manifests beside the files
 
@@ -83,7 +85,7 @@ def print_table(report, threads: int) -> None:
             continue
         m = read_manifest(path) if r.format == "onnx" else None
         cal = (m.calibration if m else None) or {}
-        scheme = cal.get("scheme", r.precision) + (" w7" if cal.get("reduce_range") else "")
+        scheme = cal.get("scheme", r.precision)
         vf = r.vs_float or {}
         change, agree, p50 = vf.get("change_pp"), vf.get("agreement"), r.p50_ms(1) or float("nan")
         ratio = "base" if r is fp32 else f"{base / p50:.2f}x" if base and r.format == "onnx" else "-"

@@ -39,6 +39,7 @@ class ExportWork:
 
         self.model = model
         self.onnx_fp32: Path | None = None
+        self.onnx_fp32_sha256: str | None = None
         self._tmp = tempfile.TemporaryDirectory(prefix="rd-export-")
         self._saved_model: Path | None = None
         self.seconds: dict[str, float] = {}  # shared steps, for the manifest and benchmarks/export_time.py

@@ -179,7 +179,7 @@ def _export_all(model, paths: dict[Target, Path], options: ExportOptions, calibr
         say(f"{path.name}: {_how(target, work)}...")
         out.append(_export_one(src, path, target, opts, cal, reference, spec, common, extra, work))
         if target.format is Format.ONNX and target.precision is Precision.FP32:
-            work.onnx_fp32 = path  # validated: ONNX FP16 and INT8 are made from it
+            work.onnx_fp32, work.onnx_fp32_sha256 = path, out[-1].manifest.sha256  # validated: FP16/INT8 come from it
         m = out[-1].manifest
         v, t = m.validation, m.options["timing_s"]
         unit = "prob" if v.get("output") == "probabilities" else "logit"

@@ -67,7 +67,8 @@ def float_source(model, options, work=None):
     if fp32 is not None:
         from resnet_deploy.fileio import sha256_file
 
-        return onnx.load(str(fp32)), {"artifact": Path(fp32).name, "sha256": sha256_file(fp32),
+        sha = work.onnx_fp32_sha256 or sha256_file(fp32)  # the FP32 manifest's, read from the very file
+        return onnx.load(str(fp32)), {"artifact": Path(fp32).name, "sha256": sha,
                                       "note": "made from the validated FP32 ONNX file (one tf2onnx run per export)"}
     return to_onnx(model, options.opset), None
 

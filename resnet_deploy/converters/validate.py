@@ -49,6 +49,12 @@ def output_kind(scores: np.ndarray | None, tolerance: float = PROBABILITY_TOLERA
     return "probabilities" if in_range and bool(np.all(np.abs(s.sum(axis=1) - 1) <= tolerance)) else "logits"
 
 
+def usable_cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def parity(logits: np.ndarray, ref: np.ndarray) -> dict:
     diff = np.abs(logits.astype(np.float64) - ref.astype(np.float64))
     out = {"max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean()),
@@ -68,7 +74,8 @@ def validate_artifact(path, preprocessing: Preprocessing, reference: Reference, 
     """Run ``path`` on the reference images; raise ExportError when an FP32 artifact disagrees."""
     from resnet_deploy.runtimes import open_runner
 
-    with open_runner(path, preprocessing=preprocessing) as runner:
+    # every usable core (LiteRT's own default is one thread): the validation images are one big batch
+    with open_runner(path, preprocessing=preprocessing, threads=usable_cores()) as runner:
         logits = runner.predict(reference.images)
     if not np.all(np.isfinite(logits)):
         raise ExportError(f"The {precision.value} artifact produced NaN or infinite logits.",
