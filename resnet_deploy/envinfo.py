@@ -8,7 +8,7 @@ import platform
 
 _PACKAGES = (
     "resnet-deploy", "tensorflow", "keras", "tf-keras", "tensorflow-model-optimization", "tf2onnx",
-    "onnx", "onnxruntime", "onnxruntime-gpu", "ai-edge-litert", "numpy", "jax", "torch",
+    "onnx", "onnxruntime", "onnxruntime-gpu", "ai-edge-litert", "openvino", "numpy", "jax", "torch",
 )
 _INTERESTING_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512vnni", "avx_vnni", "avx512_bf16",
                       "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16", "asimddp", "i8mm")

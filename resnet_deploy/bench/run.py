@@ -330,6 +330,6 @@ def _machine() -> dict:
 
 
 def _libraries() -> dict:
-    from resnet_deploy.envinfo import _PACKAGES, library_versions
+    from resnet_deploy.envinfo import library_versions
 
-    return library_versions(_PACKAGES + ("openvino",))
+    return library_versions()
