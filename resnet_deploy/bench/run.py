@@ -105,6 +105,10 @@ def _participants(artifact_paths, options: BenchOptions) -> tuple[list[Entry], P
         raise BenchError("No artifact to bench.", expected="one or more .tflite/.onnx/.keras paths",
                          fix="resnet-deploy bench artifacts/*.tflite")
     entries = _dedupe([identify(p, "artifact") for p in paths])
+    if all(e.error for e in entries):  # nothing could run: said before any data is read or downloaded
+        raise BenchError("Nothing to bench: " + " ".join(e.error["what"] for e in entries),
+                         expected="at least one existing .tflite/.onnx/.keras file",
+                         fix=entries[0].error["fix"] or "check the paths")
     ref_path, ref_notes = resolve_reference(entries, options.reference)
     entries = [e for e in entries if ref_path is None or not _same_file(e.path, ref_path)]
     ref_entry = identify(ref_path, "reference") if ref_path is not None else None
