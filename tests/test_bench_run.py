@@ -208,10 +208,19 @@ def _finishes_within(seconds, fn):
     import threading
 
     box = {}
-    t = threading.Thread(target=lambda: box.setdefault("value", fn()), daemon=True)
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # raised again in the test's thread
+            box["error"] = exc
+
+    t = threading.Thread(target=target, daemon=True)
     t.start()
     t.join(seconds)
     assert not t.is_alive(), f"still running after {seconds} s"
+    if "error" in box:
+        raise box["error"]
     return box["value"]
 
 
@@ -257,7 +266,7 @@ def test_bad_manifests_and_unreadable_files_fail_alone(exported, test_split, tmp
     assert all(set(e) >= {"label", "kind", "message", "what", "expected", "fix"} for e in report.to_dict()["errors"])
 
 
-def test_a_hung_runtime_is_killed_after_the_timeout_and_a_fifo_is_refused(tmp_path, test_split):
+def test_a_hung_runtime_is_killed_after_the_timeout_and_a_fifo_is_refused(tmp_path, test_split, exported):
     """A FIFO named like a model makes LiteRT block forever in open(): the child must be killed."""
     import os
     import signal
@@ -278,9 +287,16 @@ def test_a_hung_runtime_is_killed_after_the_timeout_and_a_fifo_is_refused(tmp_pa
     err = _finishes_within(120, open_it)
     assert err["kind"] == "timeout" and "within 3 s" in err["what"] and err["fix"]
     assert not worker.proc.is_alive() and worker.proc.exitcode == -signal.SIGKILL  # killed, not left to hang
-    # run_bench never reads such a file in the parent (hashing it would hang the whole run)
-    report = _finishes_within(120, lambda: run_bench([fifo], BenchOptions(threads=1, **QUICK), data=test_split))
+    # run_bench never reads such a file in the parent (hashing it would hang the whole run): beside a good
+    # file it is that file's error, alone it is refused before any work
+    report = _finishes_within(120, lambda: run_bench([fifo, exported["tflite_fp32"]],
+                                                     BenchOptions(threads=1, latency=False, **QUICK), data=test_split))
     assert "not a regular file" in report.result("hangs.tflite").error["what"]
+    assert report.result(exported["tflite_fp32"].name).ok
+    from resnet_deploy.errors import BenchError
+
+    with pytest.raises(BenchError, match="not a regular file"):
+        _finishes_within(120, lambda: run_bench([fifo], BenchOptions(threads=1, **QUICK), data=test_split))
 
 
 def test_first_inference_is_the_load_and_the_first_call(exported, monkeypatch):
