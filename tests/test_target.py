@@ -237,3 +237,32 @@ def test_without_the_shared_work_each_converter_still_stands_alone(tmp_path, tin
     assert "converted_from" not in r.settings and onnx.load(str(tmp_path / "a.onnx")).graph.input[0].name == "image"
     t = tflite_converter.convert(model, tmp_path / "a.tflite", Target(Format.TFLITE, Precision.FP32), ExportOptions())
     assert t.settings["converter"] == "tf.lite.TFLiteConverter.from_keras_model"
+
+
+def test_reused_tflite_converter_gives_the_files_a_fresh_one_gives(tmp_path, tiny_model_path, small_npz_dir):
+    """The export converts its TFLite files with one converter of one SavedModel, settings put back before each
+    file: FP16 and INT8 made after FP32 (and INT8 after FP16) are byte for byte what a fresh converter makes."""
+    from resnet_deploy.converters import tflite as tflite_converter
+    from resnet_deploy.converters.base import ExportWork
+    from resnet_deploy.converters.calibration import build_calibration
+    from resnet_deploy.data import load_cifar10
+    from resnet_deploy.data.preprocess import Preprocessing
+    from resnet_deploy.models.io import load_model
+
+    model = load_model(tiny_model_path)
+    cal = build_calibration(load_cifar10(small_npz_dir, splits=("train",)).train, 20, 0, Preprocessing.pixels())
+    opts = ExportOptions(int8=True, formats=("tflite",))
+    t = {p: Target(Format.TFLITE, p) for p in (Precision.FP32, Precision.FP16, Precision.INT8)}
+
+    def make(order, folder):
+        folder.mkdir()
+        with ExportWork(model) as work:
+            for p in order:
+                r = tflite_converter.convert(model, folder / f"{p.value}.tflite", t[p], opts, cal, work)
+                assert r.settings["converter"].startswith("tf.lite.TFLiteConverter.from_saved_model")
+        return {p: (folder / f"{p.value}.tflite").read_bytes() for p in order}
+
+    reused = make([Precision.FP32, Precision.FP16, Precision.INT8], tmp_path / "reused")
+    assert make([Precision.INT8], tmp_path / "int8")[Precision.INT8] == reused[Precision.INT8]
+    assert make([Precision.FP16], tmp_path / "fp16")[Precision.FP16] == reused[Precision.FP16]
+    assert len({reused[p] for p in reused}) == 3  # three different files (the comparison can fail)

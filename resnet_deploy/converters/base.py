@@ -42,6 +42,7 @@ class ExportWork:
         self.onnx_fp32_sha256: str | None = None
         self._tmp = tempfile.TemporaryDirectory(prefix="rd-export-")
         self._saved_model: Path | None = None
+        self._tflite_converter = None
         self.seconds: dict[str, float] = {}  # shared steps, for the manifest and benchmarks/export_time.py
 
     def __enter__(self):
@@ -49,6 +50,19 @@ class ExportWork:
 
     def __exit__(self, *exc):
         self._tmp.cleanup()
+
+    def tflite_converter(self, model):
+        """One ``TFLiteConverter.from_saved_model`` of ``model``'s SavedModel, reused for each TFLite file (each
+        ``from_saved_model`` loads the whole SavedModel again); None where there is no SavedModel. The caller
+        sets every conversion setting before each ``convert()`` (``tflite._configure``)."""
+        saved = self.saved_model(model)
+        if saved is None:
+            return None
+        if self._tflite_converter is None:
+            import tensorflow as tf
+
+            self._tflite_converter = tf.lite.TFLiteConverter.from_saved_model(str(saved))
+        return self._tflite_converter
 
     def saved_model(self, model) -> Path | None:
         """The SavedModel of ``model`` when it is this export's float model (None for another model, such as

@@ -180,7 +180,7 @@ class _Trier:
             from resnet_deploy.converters.int8_analysis import keras_layer_index
             from resnet_deploy.converters.onnx import OnnxInt8, float_source
 
-            self.onnx = OnnxInt8(float_source(self.model, self.options, self.shared)[0], self.options,
+            self.onnx = OnnxInt8(float_source(self.model, self.options, self.shared, as_path=True)[0], self.options,
                                  keras_layer_index(self.model))
         return self.onnx
 

@@ -58,9 +58,10 @@ def to_onnx(model, opset: int):
     return proto
 
 
-def float_source(model, options, work=None):
+def float_source(model, options, work=None, as_path: bool = False):
     """The float graph FP16 and INT8 are made from: the export's validated FP32 ONNX file where there is one
-    (then also its name and sha256 for the manifest), else a fresh tf2onnx conversion."""
+    (then also its name and sha256 for the manifest; ``as_path``: the file itself, not loaded), else a fresh
+    tf2onnx conversion."""
     import onnx
 
     fp32 = work.onnx_fp32 if work is not None else None
@@ -68,7 +69,7 @@ def float_source(model, options, work=None):
         from resnet_deploy.fileio import sha256_file
 
         sha = work.onnx_fp32_sha256 or sha256_file(fp32)  # the FP32 manifest's, read from the very file
-        return onnx.load(str(fp32)), {"artifact": Path(fp32).name, "sha256": sha,
+        return Path(fp32) if as_path else onnx.load(str(fp32)), {"artifact": Path(fp32).name, "sha256": sha,
                                       "note": "made from the validated FP32 ONNX file (one tf2onnx run per export)"}
     return to_onnx(model, options.opset), None
 
@@ -81,7 +82,7 @@ def convert(model, out_path: Path, target, options, calibration=None, work=None)
     if p is Precision.FP32:
         proto = to_onnx(model, options.opset)
     else:
-        proto, source = float_source(model, options, work)
+        proto, source = float_source(model, options, work, as_path=p is Precision.INT8)
         if source is not None:
             settings["converted_from"] = source
     cal = None
@@ -130,7 +131,10 @@ class OnnxInt8:
         self._tmp = tempfile.TemporaryDirectory(prefix="rd-onnx-")
         self.dir = Path(self._tmp.name)
         fp32, self.pre = self.dir / "fp32.onnx", self.dir / "pre.onnx"
-        onnx.save(proto, str(fp32))
+        if isinstance(proto, (str, Path)):  # the validated FP32 file: read as it is
+            fp32 = Path(proto)
+        else:
+            onnx.save(proto, str(fp32))
         quant_pre_process(str(fp32), str(self.pre), skip_symbolic_shape=False)
 
     def __enter__(self):

@@ -34,16 +34,30 @@ from resnet_deploy.converters.base import TFLITE_COMPUTE_OPS, ConvertResult
 from resnet_deploy.errors import ExportError
 
 
-def _converter(model, work=None):
-    """A TFLiteConverter for ``model``: from the export's shared SavedModel where there is one."""
+def _converter(model, work=None, fresh: bool = False):
+    """A TFLiteConverter for ``model`` with every setting at its default: the export's one converter of the shared
+    SavedModel where there is one (``fresh``: a new one of it, for the QuantizationDebugger, which changes the
+    converter it is given), else ``from_keras_model``."""
     import tensorflow as tf
 
     saved = work.saved_model(model) if work is not None else None
     if saved is not None:
-        return (tf.lite.TFLiteConverter.from_saved_model(str(saved)),
-                "tf.lite.TFLiteConverter.from_saved_model (the model traced once per export, as from_keras_model "
-                "traces it: keras ExportArchive, training=False)")
+        conv = tf.lite.TFLiteConverter.from_saved_model(str(saved)) if fresh else work.tflite_converter(model)
+        _configure(conv)
+        return (conv, "tf.lite.TFLiteConverter.from_saved_model (the model traced once per export, as "
+                      "from_keras_model traces it: keras ExportArchive, training=False)")
     return tf.lite.TFLiteConverter.from_keras_model(model), "tf.lite.TFLiteConverter.from_keras_model"
+
+
+def _configure(conv) -> None:
+    """Put back every setting ``convert`` changes (a converter is reused for the export's TFLite files)."""
+    import tensorflow as tf
+
+    conv.optimizations = set()
+    conv.target_spec = tf.lite.TargetSpec()
+    conv.representative_dataset = None
+    conv.inference_input_type = tf.float32
+    conv.inference_output_type = tf.float32
 
 
 def convert(model, out_path: Path, target, options, calibration=None, work=None) -> ConvertResult:
@@ -115,7 +129,7 @@ class TFLiteInt8:
 
         if calibration is None:
             raise ExportError("Full-integer INT8 needs calibration images.", fix="pass --data with CIFAR-10")
-        conv, _ = _run(lambda: _converter(model, work), "int8 calibration")
+        conv, _ = _run(lambda: _converter(model, work, fresh=True), "int8 calibration")
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
         conv.representative_dataset = calibration.representative_dataset
         # float kernels allowed, so denylisted layers can run in float
