@@ -10,12 +10,12 @@ from typer.testing import CliRunner
 from resnet_deploy.cli import app
 
 
-def _run_pipeline(tmp_path, data) -> dict:
+def _run_pipeline(tmp_path, data, epochs: int = 1) -> dict:
     """train -> six artifacts -> bench -> report files, on ``data``; returns report.json."""
     out = tmp_path / "run"
     args = ["pipeline", "--train", "--data", str(data), "--out", str(out), "--arch", "resnet8", "--width", "0.25",
-            "--epochs", "1", "--batch-size", "32", "--limit-train", "1000", "--limit-test", "200",
-            "--calib-samples", "50"]
+            "--epochs", str(epochs), "--batch-size", "32", "--limit-train", "1000", "--limit-test", "200",
+            "--calib-samples", "50", "--runtimes", "onnxruntime"]  # OpenVINO rows: tests/test_openvino.py
     result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert (out / "train" / "model.keras").exists() and (out / "train" / "model.keras.json").exists()
@@ -55,16 +55,16 @@ def _float_accuracy_recomputed(tmp_path, data) -> tuple[float, float]:
 @pytest.mark.slow  # about 3 minutes: six exports and a bench of seven files with their default timing
 def test_pipeline_runs_end_to_end(tmp_path, request):
     """Once per slow tier: on the real copy where there is one, else on the synthetic set (conftest), whose
-    classes one epoch learns well above chance."""
+    classes two epochs learn to about 90 % (chance: 10 %)."""
     from tests.conftest import _find_cifar
 
     real = _find_cifar()
     data = real if real is not None else request.getfixturevalue("synthetic_cifar_dir")
-    report = _run_pipeline(tmp_path, data)
+    report = _run_pipeline(tmp_path, data, epochs=1 if real is not None else 2)
     acc, reported = _float_accuracy_recomputed(tmp_path, data)
     assert reported == pytest.approx(acc)
     if real is None:
-        assert acc >= 0.25, f"one epoch on the synthetic classes reached only {acc:.1%}: does training see the labels?"
+        assert acc >= 0.6, f"two epochs on the synthetic classes reached only {acc:.1%}: does training see the labels?"
     for r in report["results"]:  # every artifact keeps the float model's accuracy, near enough
         assert r["accuracy"] is None or r["accuracy"]["top1"] >= acc - 0.1, (r["label"], r["accuracy"]["top1"], acc)
 
