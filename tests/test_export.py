@@ -267,10 +267,19 @@ def test_forced_export_writes_the_manifest_before_the_artifact_takes_its_name(tm
         export_model(trained_path, ExportOptions(**opts, force=True), data=small_npz_dir)
     consistent()
     assert at_rename == [True] and _no_artifacts(tmp_path) == []  # no stale pair, no orphan, no temporary
-    # what a SIGKILL at that point would leave: the new manifest without its artifact, and the temporary
+    # what a SIGKILL at that point would leave: the new manifest without its artifact, and the killed process's
+    # stage folder (fileio.Stage: ``.resnet-deploy-stage.<pid>.<random>``) with the converted file in it
+    import subprocess
+    import sys
+
+    from resnet_deploy.fileio import STAGE_PREFIX
+
     side.write_text(json.dumps({"sha256": "0" * 64}))
-    stale = tmp_path / ".tiny_fp32.onnx.k1ll3d_x.tmp.onnx"
-    stale.write_bytes(b"half a model")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()  # a process that has ended
+    stale = tmp_path / f"{STAGE_PREFIX}{dead}.k1ll3d_x"
+    stale.mkdir()
+    (stale / "tiny_fp32.onnx").write_bytes(b"half a model")
     with pytest.raises(OutputExistsError, match="manifest without its artifact"):
         export_model(trained_path, ExportOptions(**opts), data=small_npz_dir)
     assert not stale.exists(), "a killed export's temporary is removed even when the run is then refused"
@@ -549,3 +558,38 @@ def test_softmax_model_is_said_and_recorded(tmp_path, trained_path, small_npz_di
     assert r.exit_code == 0 and "probabilities" not in r.output, r.output
     m = json.loads((tmp_path / "l" / "tiny_fp32.onnx.json").read_text())
     assert m["options"]["model_output"]["kind"] == "logits" and m["validation"]["output"] == "logits"
+
+
+def test_validation_overlaps_the_next_conversion_and_still_stops_the_export(tmp_path, trained_path, small_npz_dir,
+                                                                            monkeypatch):
+    """Each artifact's validation and commit run in a worker while the next one converts: the TFLite FP32
+    validation below waits until the ONNX conversion has started (a sequential export would never start it,
+    and the wait would time out). A failed validation still ends the export with nothing after it committed."""
+    import threading
+
+    from resnet_deploy.config import Format
+    from resnet_deploy.converters import export as export_module
+    from resnet_deploy.converters import validate as validate_module
+
+    started, seen = threading.Event(), []
+    real_validate, real_onnx = validate_module.validate_artifact, export_module.CONVERTERS[Format.ONNX]
+
+    def validate(path, *args, **kwargs):
+        if str(path).endswith(".tflite"):
+            seen.append((started.wait(30), threading.current_thread().name))
+        return real_validate(path, *args, **kwargs)
+
+    def onnx_convert(*args):
+        started.set()
+        return real_onnx(*args)
+
+    monkeypatch.setattr(validate_module, "validate_artifact", validate)
+    monkeypatch.setitem(export_module.CONVERTERS, Format.ONNX, onnx_convert)
+    arts = export_model(trained_path, ExportOptions(validate_samples=20, out_dir=tmp_path / "ok"), data=small_npz_dir)
+    assert [a.path.name for a in arts] == ["tiny_fp32.tflite", "tiny_fp32.onnx"]
+    assert len(seen) == 1 and seen[0][0] is True and seen[0][1].startswith("rd-validate"), seen
+    # the TFLite FP32 file fails its validation while the ONNX one converts: nothing is committed
+    with pytest.raises(ExportError, match="FP32 artifact disagrees"):
+        export_model(trained_path, ExportOptions(validate_samples=20, out_dir=tmp_path / "bad", fp32_tolerance=1e-12),
+                     data=small_npz_dir)
+    assert _no_artifacts(tmp_path / "bad") == []

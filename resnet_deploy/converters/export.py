@@ -22,7 +22,9 @@ Order of work, so that bad input costs nothing and loses nothing:
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,34 +161,68 @@ def export_model(model_path: str | os.PathLike, options: ExportOptions, data=Non
 
 def _export_all(model, paths: dict[Target, Path], options: ExportOptions, calibration, val, reference, spec,
                 common: dict, ds, qat_model, qat_info, work: ExportWork, say) -> list[ExportedArtifact]:
-    out = []
-    for target, path in paths.items():
-        src = qat_model if target.qat else model
-        extra = {"qat": qat_info} if target.qat else {}
-        opts, cal = options, calibration
-        if target.qat and qat_info.get("judged", {}).get("keep") is False:
-            left = " (the existing file of that name is left as it was)" if path.exists() else ""
-            say(f"{path.name}: not written{left}: {qat_info['judged']['note']}")
-            continue
-        if val is not None and target.precision is Precision.INT8 and not target.qat:
-            opts, cal, extra["int8_accuracy"] = _plan_int8(model, target, options, ds.train, spec, val, calibration,
-                                                           say, work)
-            if qat_model is not None and target.format is Format.TFLITE and options.int8_aware:
-                judged = _judge_qat(qat_model, options, cal, val, extra["int8_accuracy"], say)
-                judged["fine_tuning"] = {k: qat_info[k] for k in ("samples", "indices_sha256_16", "learning_rate",
-                                                                  "batchnorm", "disjoint_from_validation")}
-                qat_info["judged"] = extra["int8_accuracy"]["qat"] = judged
-        say(f"{path.name}: {_how(target, work)}...")
-        out.append(_export_one(src, path, target, opts, cal, reference, spec, common, extra, work))
-        if target.format is Format.ONNX and target.precision is Precision.FP32:
-            work.onnx_fp32, work.onnx_fp32_sha256 = path, out[-1].manifest.sha256  # validated: FP16/INT8 come from it
-        m = out[-1].manifest
-        v, t = m.validation, m.options["timing_s"]
-        unit = "prob" if v.get("output") == "probabilities" else "logit"
-        say(f"{path.name}: {m.size_bytes / 1e6:.2f} MB, max |d{unit}| {v[f'max_abs_{unit}_diff']:.3g}, "
-            f"top-1 agreement {v['top1_agreement']:.1%} (converted in {t['convert']:.1f} s, validated in "
-            f"{t['validate']:.1f} s)")
+    """Convert each artifact in turn; each one's validation, manifest and commit run in a worker thread while
+    the next one converts (the converters are mostly single-threaded, the runtimes release the GIL), in
+    order, one at a time: a failed validation stops the export before anything after it is committed."""
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    out: list[ExportedArtifact] = []
+    pending = None  # the previous artifact's validation and commit, in the worker
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rd-validate")
+
+    def collect():
+        nonlocal pending
+        if pending is None:
+            return
+        fut, pending = pending, None
+        art = fut.result()
+        out.append(art)
+        if art.manifest.format == Format.ONNX.value and art.manifest.precision == Precision.FP32.value:
+            work.onnx_fp32, work.onnx_fp32_sha256 = art.path, art.manifest.sha256  # validated: FP16/INT8 from it
+        _say_done(art, say)
+
+    try:
+        for target, path in paths.items():
+            src = qat_model if target.qat else model
+            extra = {"qat": qat_info} if target.qat else {}
+            opts, cal = options, calibration
+            if target.qat and qat_info.get("judged", {}).get("keep") is False:
+                left = " (the existing file of that name is left as it was)" if path.exists() else ""
+                say(f"{path.name}: not written{left}: {qat_info['judged']['note']}")
+                continue
+            if target.format is Format.ONNX and target.precision is not Precision.FP32 and work.onnx_fp32 is None:
+                collect()  # ONNX FP16 and INT8 are made from the FP32 file once it has passed validation
+            if val is not None and target.precision is Precision.INT8 and not target.qat:
+                opts, cal, extra["int8_accuracy"] = _plan_int8(model, target, options, ds.train, spec, val,
+                                                               calibration, say, work)
+                if qat_model is not None and target.format is Format.TFLITE and options.int8_aware:
+                    judged = _judge_qat(qat_model, options, cal, val, extra["int8_accuracy"], say)
+                    judged["fine_tuning"] = {k: qat_info[k] for k in ("samples", "indices_sha256_16", "learning_rate",
+                                                                      "batchnorm", "disjoint_from_validation")}
+                    qat_info["judged"] = extra["int8_accuracy"]["qat"] = judged
+            say(f"{path.name}: {_how(target, work)}...")
+            converted = _convert_one(src, path, target, opts, cal, work)
+            try:
+                collect()  # the previous artifact: validated and committed before this one may be
+            except BaseException:
+                converted.abort()
+                raise
+            pending = pool.submit(_finish_one, converted, reference, spec, common, extra)
+        collect()
+    finally:
+        if pending is not None:  # leaving on an error: the artifact in the worker finishes (or fails) first
+            wait([pending])
+        pool.shutdown(wait=True)
     return out
+
+
+def _say_done(art: ExportedArtifact, say) -> None:
+    m = art.manifest
+    v, t = m.validation, m.options["timing_s"]
+    unit = "prob" if v.get("output") == "probabilities" else "logit"
+    say(f"{art.path.name}: {m.size_bytes / 1e6:.2f} MB, max |d{unit}| {v[f'max_abs_{unit}_diff']:.3g}, "
+        f"top-1 agreement {v['top1_agreement']:.1%} (converted in {t['convert']:.1f} s, validated in "
+        f"{t['validate']:.1f} s)")
 
 
 def _how(target: Target, work: ExportWork) -> str:
@@ -313,34 +349,69 @@ def source_relative_to(source: dict, folder: Path) -> dict:
     return {"path": path, **source}
 
 
-def _export_one(model, final: Path, target: Target, options: ExportOptions, calibration, reference,
-                spec: Preprocessing, common: dict, extra: dict, work: ExportWork | None = None) -> ExportedArtifact:
+@dataclass
+class _Converted:
+    """An artifact converted into its temporary (inside ``atomic_path``), waiting for validation and commit."""
+
+    stack: contextlib.ExitStack  # holds atomic_path: closing it gives the temporary the final name
+    tmp: Path
+    final: Path
+    target: Target
+    options: ExportOptions
+    result: object
+    convert_s: float
+
+    def abort(self) -> None:
+        """Leave ``atomic_path`` with the exception being handled: the temporary is removed."""
+        self.stack.__exit__(*sys.exc_info())
+
+
+def _convert_one(model, final: Path, target: Target, options: ExportOptions, calibration,
+                 work: ExportWork | None = None) -> _Converted:
+    stack = contextlib.ExitStack()
+    try:
+        tmp = stack.enter_context(atomic_path(final, suffix=_temp_suffix(final)))
+        t0 = time.perf_counter()
+        result = CONVERTERS[target.format](model, tmp, target, options, calibration, work)
+        return _Converted(stack, tmp, final, target, options, result, time.perf_counter() - t0)
+    except BaseException:
+        stack.__exit__(*sys.exc_info())  # the temporary goes
+        raise
+
+
+def _finish_one(c: _Converted, reference, spec: Preprocessing, common: dict, extra: dict) -> ExportedArtifact:
+    """Validate the temporary against the float model, write its manifest, and only then give it its name."""
     from resnet_deploy.converters.validate import validate_artifact
 
-    side = sidecar_path(final)
+    final, side = c.final, sidecar_path(c.final)
     committing = False
     try:
-        with atomic_path(final, suffix=_temp_suffix(final)) as tmp:
-            t0 = time.perf_counter()
-            result = CONVERTERS[target.format](model, tmp, target, options, calibration, work)
-            t1 = time.perf_counter()
-            validation = validate_artifact(tmp, spec, reference, target.precision, options.fp32_tolerance)
-            t2 = time.perf_counter()
-            # the temporary is the very file that becomes final: its sha256 and size are the artifact's
-            manifest = _manifest(final, target, options, result, validation, common, extra,
-                                 file_facts(tmp),
-                                 {"convert": round(t1 - t0, 3), "validate": round(t2 - t1, 3)})
-            # --force: until here the old pair is intact (a failed conversion or validation keeps it). The old
-            # artifact goes first, so it never sits beside the new manifest; the manifest replaces the old one
-            # atomically; then atomic_path renames the temporary onto the final name.
-            committing = True  # before the unlink: a Ctrl-C right after it must not orphan the old manifest
-            final.unlink(missing_ok=True)
-            manifest.save(final)
+        t1 = time.perf_counter()
+        validation = validate_artifact(c.tmp, spec, reference, c.target.precision, c.options.fp32_tolerance)
+        t2 = time.perf_counter()
+        # the temporary is the very file that becomes final: its sha256 and size are the artifact's
+        manifest = _manifest(final, c.target, c.options, c.result, validation, common, extra, file_facts(c.tmp),
+                             {"convert": round(c.convert_s, 3), "validate": round(t2 - t1, 3)})
+        # --force: until here the old pair is intact (a failed conversion or validation keeps it). The old
+        # artifact goes first, so it never sits beside the new manifest; the manifest replaces the old one
+        # atomically; then atomic_path renames the temporary onto the final name.
+        committing = True  # before the unlink: a Ctrl-C right after it must not orphan the old manifest
+        final.unlink(missing_ok=True)
+        manifest.save(final)
+        c.stack.close()  # atomic_path: the temporary takes the final name
     except BaseException:
+        c.abort()  # a no-op once the stack is closed
         if committing and not final.exists():  # interrupted between the manifest and the rename
             side.unlink(missing_ok=True)
         raise
     return ExportedArtifact(final, manifest)
+
+
+def _export_one(model, final: Path, target: Target, options: ExportOptions, calibration, reference,
+                spec: Preprocessing, common: dict, extra: dict, work: ExportWork | None = None) -> ExportedArtifact:
+    """One artifact, converted, validated and committed in this thread."""
+    return _finish_one(_convert_one(model, final, target, options, calibration, work), reference, spec, common,
+                       extra)
 
 
 def _manifest(final: Path, target: Target, options: ExportOptions, result, validation: dict, common: dict,
