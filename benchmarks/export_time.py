@@ -10,8 +10,10 @@ Every export runs in its own Python process (``--child``) with the tree under te
 ``sys.path``, so both sides pay the same imports and neither warms the other's caches; the export itself
 (``export_model``) is timed inside the child, the process start and imports beside it. Steps are the
 manifests' ``timing_s`` (conversion and validation of each artifact, keyed by format and precision since
-the ONNX INT8 file name changed) and "shared" (model load, data, float reference logits, calibration
-sample: the export's wall time minus the artifacts' steps). With several rounds the median is reported.
+the ONNX INT8 file name changed; where validation overlaps the next conversion they add up to more than
+their wall time), "shared" (framework import, model load, data, float reference logits, calibration sample:
+up to the export's "calibration:" progress line, which old and new code both print) and "artifacts" (the
+wall time after it). With several rounds the median is reported.
 Machine load moves absolute times by tens of percent: compare ratios from one interleaved run, on a
 quiet machine. The project's target: this tree at most 0.60x the old one for ResNet34.
 """
@@ -84,14 +86,19 @@ def worktree(ref: str, where: Path) -> Path:
     return where
 
 
+def _shared(rec: dict) -> float:
+    """Seconds until the calibration sample was ready (the "calibration:" progress line)."""
+    return next((t for t, msg in rec["progress"] if msg.startswith("calibration:")), float("nan"))
+
+
 def summarize(records: list[dict]) -> dict:
     """Median seconds per step over the rounds: convert + validate of each artifact, shared, total."""
     out = {}
     for fmt, prec in STEPS:
         key = f"{fmt} {prec}"
         out[key] = statistics.median(r["steps"][key]["convert"] + r["steps"][key]["validate"] for r in records)
-    out["shared"] = statistics.median(
-        r["export_s"] - sum(s["convert"] + s["validate"] for s in r["steps"].values()) for r in records)
+    out["shared"] = statistics.median(_shared(r) for r in records)
+    out["artifacts"] = statistics.median(r["export_s"] - _shared(r) for r in records)
     out["export"] = statistics.median(r["export_s"] for r in records)
     out["import"] = statistics.median(r["import_s"] for r in records)
     return out
@@ -105,7 +112,7 @@ def print_table(results: dict[str, list[dict]], model: str) -> None:
     head = f"{'step':<14}" + "".join(f"{lab:>14}" for lab in labels) + (f"{'ratio':>9}" if len(labels) == 2 else "")
     print(head)
     print("-" * len(head))
-    for key in [f"{f} {p}" for f, p in STEPS] + ["shared", "export", "import"]:
+    for key in [f"{f} {p}" for f, p in STEPS] + ["shared", "artifacts", "export", "import"]:
         row = f"{key:<14}" + "".join(f"{sums[lab][key]:>14.1f}" for lab in labels)
         if len(labels) == 2:
             a, b = sums[labels[0]][key], sums[labels[1]][key]
