@@ -2,7 +2,7 @@
 
 Order of work, so that bad input costs nothing and loses nothing:
 
-1. plan the artifacts, clear the hidden temporaries a killed export left beside them, and refuse
+1. plan the artifacts, clear the stage folders a killed export left beside them (``fileio.sweep_stages``), and refuse
    existing ones (artifact or manifest) unless ``force``;
 2. load the model safely (a non-model, truncated or non-CIFAR model is a ModelError, nothing written);
 3. resolve the preprocessing (model metadata, else options, else raw pixels) and load CIFAR-10;
@@ -41,7 +41,7 @@ from resnet_deploy.converters.options import ExportOptions, Target
 from resnet_deploy.data.constants import CLASS_NAMES
 from resnet_deploy.data.preprocess import Preprocessing, preprocess
 from resnet_deploy.errors import ExportError, OutputExistsError
-from resnet_deploy.fileio import atomic_path, remove_stale_temporaries, sha256_file, sidecar_path
+from resnet_deploy.fileio import atomic_path, sha256_file, sidecar_path, sweep_stages
 
 # The registry: one module per format, each ``convert(model, out_path, target, options, calibration, work)``.
 CONVERTERS: dict[Format, Callable] = {Format.TFLITE: tflite_converter.convert, Format.ONNX: onnx_converter.convert}
@@ -72,11 +72,10 @@ def plan(model_path: str | os.PathLike, options: ExportOptions) -> dict[Target, 
 
 
 def _refuse_existing(paths: dict[Target, Path], force: bool) -> None:
-    """Delete the hidden temporaries a killed export left beside these artifacts (never finished files,
-    ``fileio.remove_stale_temporaries``), then refuse existing artifacts or manifests unless ``force``."""
-    for path in paths.values():
-        remove_stale_temporaries(path, suffix=_temp_suffix(path))
-        remove_stale_temporaries(sidecar_path(path))
+    """Delete the stage folders a killed export left beside these artifacts (never finished files, never a
+    live process's: ``fileio.sweep_stages``), then refuse existing artifacts or manifests unless ``force``."""
+    for folder in dict.fromkeys(path.parent for path in paths.values()):
+        sweep_stages(folder)
     if force:
         return
     taken = [str(p) for path in paths.values() for p in (path, sidecar_path(path)) if p.exists()]
@@ -87,11 +86,6 @@ def _refuse_existing(paths: dict[Target, Path], force: bool) -> None:
         raise OutputExistsError(f"Refusing to overwrite {len(taken)} existing file(s): {', '.join(taken)}{note}",
                                 expected="an output folder without these artifacts",
                                 fix="pass --force to replace them, or --out to write elsewhere")
-
-
-def _temp_suffix(final: Path) -> str:
-    """``.<name>.<random>.tmp.onnx``: the converters' writers want the real extension at the end."""
-    return f".tmp{final.suffix}"
 
 
 def resolve_preprocessing(metadata: dict | None, given: Preprocessing | None) -> tuple[Preprocessing, str]:
@@ -370,7 +364,7 @@ def _convert_one(model, final: Path, target: Target, options: ExportOptions, cal
                  work: ExportWork | None = None) -> _Converted:
     stack = contextlib.ExitStack()
     try:
-        tmp = stack.enter_context(atomic_path(final, suffix=_temp_suffix(final)))
+        tmp = stack.enter_context(atomic_path(final))  # the final name, in a stage folder beside it
         t0 = time.perf_counter()
         result = CONVERTERS[target.format](model, tmp, target, options, calibration, work)
         return _Converted(stack, tmp, final, target, options, result, time.perf_counter() - t0)
