@@ -48,8 +48,8 @@ class Manifest:
     # {"path": relative to this manifest's folder (absolute only where no relative path exists),
     #  "abs_path": where it was at export, "sha256", "architecture", "width", "stem", "has_metadata"}
     source_model: dict | None = None
-    # INT8 only: sampler recipe, method; ONNX INT8 also activation_type, weight_type, reduce_range,
-    # chosen_by and reason (user or automatic, and why), cpu (what the automatic choice was made on)
+    # INT8 only: sampler recipe, method; ONNX INT8 also activation_type, weight_type, reduce_range, target,
+    # requested_target, scheme, chosen_by and reason (user or automatic, and why), cpu (what "host" was resolved on)
     calibration: dict | None = None
     options: dict = field(default_factory=dict)  # converter options that made it
     validation: dict | None = None  # parity figures against the float model

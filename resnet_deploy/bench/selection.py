@@ -179,8 +179,8 @@ def u8s8_saturation_warning(manifest: Manifest, machine: str | None = None, flag
     target = cal.get("target")
     made_for = f" (exported for target {target})" if target else ""
     return (f"uint8 activations with 8-bit int8 weights{made_for} on an x86 CPU without VNNI: ONNX Runtime's U8S8 "
-            "kernels saturate here and accuracy can collapse; re-export on this CPU or with --onnx-reduce-range "
-            "(7-bit weights)")
+            "kernels saturate here and accuracy can collapse; re-export on this CPU, or with --target x86-avx2 "
+            "(u8s8-rr7: 7-bit weights; --onnx-reduce-range on --target host)")
 
 
 # The CPU facts the rule needs (the same as converters/onnx_rules.py's export rule, kept here so that bench
@@ -231,8 +231,9 @@ def refuse_saturating(entries: list[Entry], allow: bool, machine: str | None = N
               "products added in 16 bits), so its accuracy and speed would describe the saturation, not the file.",
             expected="an ONNX INT8 file exported for this CPU (7-bit weights with --onnx-reduce-range, or int8 "
                      "activations)",
-            fix="re-export on this CPU (the automatic settings avoid it) or with --onnx-reduce-range; or bench it "
-                "anyway with --allow-saturating (rows marked SATURATING)"))
+            fix="re-export on this CPU (--target host avoids it), or with --target x86-avx2 (7-bit weights; "
+                "--onnx-reduce-range on --target host); or bench it anyway with --allow-saturating (rows marked "
+                "SATURATING)"))
     return notes
 
 
