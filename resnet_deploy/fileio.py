@@ -107,10 +107,9 @@ def staged(folder: str | os.PathLike) -> Iterator[Stage]:
 
 
 @contextlib.contextmanager
-def atomic_path(final: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
-    """Yield a path to write ``final`` at (a file or a folder, under its own name in a stage);
-    it takes the final name, fsynced, only when the block succeeds. ``suffix`` is ignored (the staged
-    path has the final name and extension); TODO(integration): drop it once no caller passes it."""
+def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a path to write ``final`` at (a file or a folder, under its own name and extension in a
+    stage); it takes the final name, fsynced, only when the block succeeds."""
     final = Path(final)
     with staged(final.parent) as stage:
         yield stage.path(final.name)
@@ -227,11 +226,6 @@ def sweep_stages(folder: str | os.PathLike) -> list[Path]:
     for p in found:
         _remove(p)
     return found
-
-
-def remove_stale_temporaries(final: str | os.PathLike, suffix: str | None = None) -> list[Path]:
-    """TODO(integration): the old per-file sweep, kept while converters/export.py still calls it."""
-    return sweep_stages(Path(final).parent)
 
 
 def _alive(pid: int) -> bool:

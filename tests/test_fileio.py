@@ -24,10 +24,10 @@ def test_atomic_file_replaces_only_on_success(tmp_path):
 
 def test_atomic_folder(tmp_path):
     final = tmp_path / "saved_model"
-    with atomic_path(final, suffix="") as tmp:
+    with atomic_path(final) as tmp:
         tmp.mkdir()
         (tmp / "x").write_text("1")
-    with atomic_path(final, suffix="") as tmp:
+    with atomic_path(final) as tmp:
         tmp.mkdir()
         (tmp / "y").write_text("2")
     assert sorted(p.name for p in final.iterdir()) == ["y"]

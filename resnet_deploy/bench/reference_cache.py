@@ -62,7 +62,7 @@ def store(key: str, logits: np.ndarray, root: Path | None = None) -> Path | None
 
     p = cache_path(key, root)
     try:
-        with atomic_path(p, suffix=".tmp.npz") as tmp:
+        with atomic_path(p) as tmp:  # the staged path keeps the .npz name, so savez adds nothing
             np.savez(tmp, logits=np.asarray(logits, np.float32))
     except OSError:
         return None

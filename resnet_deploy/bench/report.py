@@ -252,7 +252,7 @@ def write_plot(report: BenchReport, path: str | os.PathLike) -> Path:
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     suffix = Path(path).suffix or ".png"
-    with atomic_path(path, suffix=".tmp" + suffix) as tmp:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format=suffix.lstrip("."))
     plt.close(fig)
     return Path(path)
