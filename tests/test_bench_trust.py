@@ -20,6 +20,7 @@ import pytest
 
 from resnet_deploy.bench.options import BenchOptions
 from resnet_deploy.bench.run import run_bench
+from resnet_deploy.errors import BenchError
 from tests.conftest import copy_with_sidecar
 
 QUICK = dict(warmup=1, runs=5, max_time_s=0.3, large_batch=4, bootstrap=200, min_rounds=3)
@@ -145,10 +146,14 @@ def test_a_file_copied_over_another_name_is_refused_and_baselines_share_the_sour
 
     run = _copy_run(tiny_export, tmp_path / "run")
     shutil.copy(run["int8"], run["fp32"])  # the INT8 bytes under the FP32 name, beside the FP32 manifest
-    report = run_bench([run["fp32"]], BenchOptions(reference=run["model"], isolate=False, threads=1, latency=False,
-                                                    **QUICK), data=test_split)
+    opts = BenchOptions(reference=run["model"], isolate=False, threads=1, latency=False, **QUICK)
+    report = run_bench([run["fp32"], run["int8"]], opts, data=test_split)  # beside a good file: its row's error
     err = report.result("model_fp32.tflite").error
     assert err is not None and "manifest" in err["what"] and "sha256" in err["what"] and err["fix"]
+    assert report.result("model_int8.tflite").error is None
+    with pytest.raises(BenchError) as info:  # alone: nothing can be benched, refused before any work
+        run_bench([run["fp32"]], opts, data=test_split)
+    assert "manifest" in info.value.what and "sha256" in info.value.what
     # a quantized file's FP32 baseline must come from the same float model
     good = _copy_run(tiny_export, tmp_path / "good")
     q, base = identify(good["int8"], "artifact"), identify(good["fp32"], "artifact")
@@ -162,7 +167,6 @@ def test_artifacts_that_declare_different_preprocessing_are_an_error_naming_them
 
     from resnet_deploy.bench.contract import resolve_contract
     from resnet_deploy.bench.selection import identify
-    from resnet_deploy.errors import BenchError
 
     run = _copy_run(tiny_export, tmp_path / "run")
     side = Path(str(run["int8"]) + ".json")
