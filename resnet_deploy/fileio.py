@@ -57,8 +57,9 @@ class Stage:
 
     ``commit(name, *companions)`` puts a file (or folder) in place together with what describes it
     (a sidecar, a manifest): the old file goes first, then the companions take their names, then the
-    file itself. A kill in between leaves a companion without its file (recognised, and refused or
-    replaced by the next run), never a file beside the description of another one. A folder cannot
+    file itself. An exception in between (Ctrl-C) removes the companions whose file is not there; only
+    a kill can leave a companion without its file (recognised, and refused or replaced by the next
+    run), and nothing leaves a file beside the description of another one. A folder cannot
     replace a folder in one rename: the old one is renamed aside (``aside_path``) first and deleted
     after, so at every instant a complete copy carries the final name or the aside name
     (``existing_version``, ``recover_replaced``).
@@ -83,11 +84,17 @@ class Stage:
             _fsync_tree(p)
         _fsync_dir(self.root)
         final = self.folder / name
-        if companions and final.exists() and not final.is_dir():
-            final.unlink()  # the old file goes before its description is replaced
-        for n in companions:
-            os.replace(self.root / n, self.folder / n)
-        _replace(self.root / name, final)
+        try:
+            if companions and final.exists() and not final.is_dir():
+                final.unlink()  # the old file goes before its description is replaced
+            for n in companions:
+                os.replace(self.root / n, self.folder / n)
+            _replace(self.root / name, final)
+        except BaseException:  # Ctrl-C or a disk error half-way: no description is left without its file
+            if companions and not final.exists():
+                for n in companions:
+                    _remove(self.folder / n)
+            raise
         _fsync_dir(self.folder)
         return final
 

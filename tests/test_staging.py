@@ -188,3 +188,24 @@ def test_two_live_writers_in_one_folder_keep_their_own_stages(tmp_path):
         proc.wait()
     # the killed process is reaped: its stage is now stale
     assert len(stale_stages(tmp_path)) == 1
+
+
+def test_an_interrupted_commit_leaves_no_description_without_its_file(tmp_path, monkeypatch):
+    """Ctrl-C between the sidecar's rename and the model's: the sidecar (new) and the old one are gone
+    with the model they described, rather than left as an orphan that names a file that is not there."""
+    from resnet_deploy.models.io import save_model
+
+    final = tmp_path / "model.keras"
+    save_model(_FakeModel(1), final, {"v": 1})
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(dst) == final:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(fileio.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(_FakeModel(2), final, {"v": 2}, force=True)
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []  # no model, no sidecar, no stage

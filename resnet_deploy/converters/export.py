@@ -9,22 +9,19 @@ Order of work, so that bad input costs nothing and loses nothing:
 4. compute the float model's logits on the validation images and build the calibration sample (with
    ``--accuracy-aware``/``--int8-max-drop``/``--analyze``, first an INT8 validation split of training images,
    disjoint from calibration; ``int8_search`` then picks each INT8 file's calibration and float layers);
-5. per artifact: convert into a temporary file beside the final name (the float model is traced once
-   into a SavedModel for every TFLite file, and tf2onnx runs once: ONNX FP16 and INT8 are made from the
-   validated FP32 ONNX file; ``base.ExportWork``), validate that file against the
-   float logits (an FP32 mismatch fails the export and the temporary is removed), write its manifest
-   (sha256 and size read from the temporary, which is the file that becomes final), and only then
-   rename the temporary onto the final name. A final-named artifact therefore always has its own
-   manifest beside it; under ``--force`` the old artifact is removed just before the new manifest
-   replaces the old one, so a kill in between leaves a manifest without an artifact, never an artifact
-   with a wrong manifest.
+5. per artifact: convert into a stage folder beside the final name (``fileio.Stage``; the float model is
+   traced once into a SavedModel for every TFLite file, and tf2onnx runs once: ONNX FP16 and INT8 are made
+   from the validated FP32 ONNX file; ``base.ExportWork``), validate that file against the float logits
+   (an FP32 mismatch fails the export and the stage is discarded), write its manifest into the stage
+   (sha256 and size read from the staged file, which is the file that becomes final), and commit the two:
+   fsynced, the old artifact removed, the manifest renamed in, then the artifact. A final-named artifact
+   therefore always has its own manifest beside it; a kill between the renames leaves a manifest without
+   an artifact (refused, or replaced under ``--force``), never an artifact with a wrong manifest.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +38,7 @@ from resnet_deploy.converters.options import ExportOptions, Target
 from resnet_deploy.data.constants import CLASS_NAMES
 from resnet_deploy.data.preprocess import Preprocessing, preprocess
 from resnet_deploy.errors import ExportError, OutputExistsError
-from resnet_deploy.fileio import atomic_path, sha256_file, sidecar_path, sweep_stages
+from resnet_deploy.fileio import Stage, sha256_file, sidecar_path, sweep_stages, write_json
 
 # The registry: one module per format, each ``convert(model, out_path, target, options, calibration, work)``.
 CONVERTERS: dict[Format, Callable] = {Format.TFLITE: tflite_converter.convert, Format.ONNX: onnx_converter.convert}
@@ -345,9 +342,9 @@ def source_relative_to(source: dict, folder: Path) -> dict:
 
 @dataclass
 class _Converted:
-    """An artifact converted into its temporary (inside ``atomic_path``), waiting for validation and commit."""
+    """An artifact converted into its stage (``fileio.Stage``), waiting for validation and commit."""
 
-    stack: contextlib.ExitStack  # holds atomic_path: closing it gives the temporary the final name
+    stage: Stage  # the artifact under its final name; its manifest joins it there, and both are committed together
     tmp: Path
     final: Path
     target: Target
@@ -356,49 +353,43 @@ class _Converted:
     convert_s: float
 
     def abort(self) -> None:
-        """Leave ``atomic_path`` with the exception being handled: the temporary is removed."""
-        self.stack.__exit__(*sys.exc_info())
+        """Discard the stage: the converted file never takes its name."""
+        self.stage.discard()
 
 
 def _convert_one(model, final: Path, target: Target, options: ExportOptions, calibration,
                  work: ExportWork | None = None) -> _Converted:
-    stack = contextlib.ExitStack()
+    stage = Stage(final.parent)
     try:
-        tmp = stack.enter_context(atomic_path(final))  # the final name, in a stage folder beside it
+        tmp = stage.path(final.name)
         t0 = time.perf_counter()
         result = CONVERTERS[target.format](model, tmp, target, options, calibration, work)
-        return _Converted(stack, tmp, final, target, options, result, time.perf_counter() - t0)
+        return _Converted(stage, tmp, final, target, options, result, time.perf_counter() - t0)
     except BaseException:
-        stack.__exit__(*sys.exc_info())  # the temporary goes
+        stage.discard()
         raise
 
 
 def _finish_one(c: _Converted, reference, spec: Preprocessing, common: dict, extra: dict) -> ExportedArtifact:
-    """Validate the temporary against the float model, write its manifest, and only then give it its name."""
+    """Validate the staged file against the float model, write its manifest beside it in the stage, and
+    commit the two (``Stage.commit``: the old artifact goes first, then the manifest takes its name, then
+    the artifact). Until the commit the old pair under ``--force`` is intact: a failed conversion or
+    validation keeps it."""
     from resnet_deploy.converters.validate import validate_artifact
 
-    final, side = c.final, sidecar_path(c.final)
-    committing = False
     try:
         t1 = time.perf_counter()
         validation = validate_artifact(c.tmp, spec, reference, c.target.precision, c.options.fp32_tolerance)
         t2 = time.perf_counter()
-        # the temporary is the very file that becomes final: its sha256 and size are the artifact's
-        manifest = _manifest(final, c.target, c.options, c.result, validation, common, extra, file_facts(c.tmp),
+        # the staged file is the very file that becomes final: its sha256 and size are the artifact's
+        manifest = _manifest(c.final, c.target, c.options, c.result, validation, common, extra, file_facts(c.tmp),
                              {"convert": round(c.convert_s, 3), "validate": round(t2 - t1, 3)})
-        # --force: until here the old pair is intact (a failed conversion or validation keeps it). The old
-        # artifact goes first, so it never sits beside the new manifest; the manifest replaces the old one
-        # atomically; then atomic_path renames the temporary onto the final name.
-        committing = True  # before the unlink: a Ctrl-C right after it must not orphan the old manifest
-        final.unlink(missing_ok=True)
-        manifest.save(final)
-        c.stack.close()  # atomic_path: the temporary takes the final name
-    except BaseException:
-        c.abort()  # a no-op once the stack is closed
-        if committing and not final.exists():  # interrupted between the manifest and the rename
-            side.unlink(missing_ok=True)
-        raise
-    return ExportedArtifact(final, manifest)
+        side = sidecar_path(c.final)
+        write_json(c.stage.path(side.name), manifest.to_dict())
+        c.stage.commit(c.final.name, side.name)
+    finally:
+        c.stage.discard()
+    return ExportedArtifact(c.final, manifest)
 
 
 def _export_one(model, final: Path, target: Target, options: ExportOptions, calibration, reference,
