@@ -69,8 +69,8 @@ def run_child(tree: Path, model: Path, args, out: Path, label: str) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--tree", str(tree), "--model", str(model),
            "--calib", str(args.calib), "--validate-samples", str(args.validate_samples), "--out", str(out / label),
            "--result", str(result)]
-    if args.data:
-        cmd += ["--data", str(args.data)]
+    if args.data:  # absolute: the child runs in the tree's folder (a worktree elsewhere for --baseline-ref)
+        cmd += ["--data", str(Path(args.data).resolve())]
     env = dict(os.environ, PYTHONPATH=str(tree))
     t0 = time.perf_counter()
     subprocess.run(cmd, cwd=tree, env=env, check=True, stdout=sys.stderr if args.verbose else subprocess.DEVNULL,
