@@ -201,6 +201,18 @@ def small_npz_dir(request) -> Path:
 # ----------------------------------------------------------------------------------------------
 # Tiny models
 # ----------------------------------------------------------------------------------------------
+def export_tiny_onnx(folder: Path, model_path: Path, data) -> dict[str, Path]:
+    """The tiny model copied into ``folder`` and exported there to ONNX FP32, FP16 and INT8 through the real
+    converters: ``{"model": ..., "fp32": ..., "fp16": ..., "int8": ...}``."""
+    from resnet_deploy.converters.export import export_model
+    from resnet_deploy.converters.options import ExportOptions
+
+    model = copy_with_sidecar(model_path, folder / "model.keras")
+    arts = export_model(model, ExportOptions(formats=("onnx",), int8=True, fp16=True, calib_samples=50,
+                                             validate_samples=32), data=data)
+    return {"model": model, **{a.precision: a.path for a in arts}}
+
+
 def copy_with_sidecar(model: Path, dest: Path) -> Path:
     """Copy a .keras model and its metadata sidecar to ``dest`` (a .keras path); returns ``dest``."""
     import shutil

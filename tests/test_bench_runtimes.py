@@ -22,7 +22,7 @@ from resnet_deploy.bench.options import BenchOptions
 from resnet_deploy.bench.run import run_bench
 from resnet_deploy.cli import app
 from resnet_deploy.errors import BenchError
-from tests.conftest import copy_with_sidecar
+from tests.conftest import export_tiny_onnx
 
 QUICK = dict(warmup=1, runs=5, max_time_s=0.3, large_batch=8, bootstrap=200, min_rounds=3)
 AVX2 = ["avx2", "fma"]  # an x86 CPU without VNNI, as /proc/cpuinfo names its flags
@@ -37,14 +37,8 @@ def _private_cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def onnx_export(tmp_path_factory, tiny_model_path, small_npz_dir) -> dict[str, Path]:
-    from resnet_deploy.converters.export import export_model
-    from resnet_deploy.converters.options import ExportOptions
-
-    d = tmp_path_factory.mktemp("runtimes_export")
-    model = copy_with_sidecar(tiny_model_path, d / "model.keras")
-    arts = export_model(model, ExportOptions(formats=("onnx",), int8=True, fp16=True, calib_samples=50,
-                                             validate_samples=32), data=small_npz_dir)
-    return {"model": model, **{a.precision: a.path for a in arts}}
+    """The tiny model exported to ONNX FP32, FP16 and INT8 through the real converters."""
+    return export_tiny_onnx(tmp_path_factory.mktemp("runtimes_export"), tiny_model_path, small_npz_dir)
 
 
 @pytest.fixture(scope="module")

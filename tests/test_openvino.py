@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from resnet_deploy.errors import ResnetDeployError
-from tests.conftest import copy_with_sidecar
+from tests.conftest import export_tiny_onnx
 
 pytest.importorskip("openvino")
 
@@ -20,14 +20,7 @@ pytest.importorskip("openvino")
 @pytest.fixture(scope="module")
 def onnx_export(tmp_path_factory, tiny_model_path, small_npz_dir) -> dict[str, Path]:
     """The tiny model exported to ONNX FP32, FP16 and INT8 through the real converters."""
-    from resnet_deploy.converters.export import export_model
-    from resnet_deploy.converters.options import ExportOptions
-
-    d = tmp_path_factory.mktemp("ov_export")
-    model = copy_with_sidecar(tiny_model_path, d / "model.keras")
-    arts = export_model(model, ExportOptions(formats=("onnx",), int8=True, fp16=True, calib_samples=50,
-                                             validate_samples=32), data=small_npz_dir)
-    return {"model": model, **{a.precision: a.path for a in arts}}
+    return export_tiny_onnx(tmp_path_factory.mktemp("ov_export"), tiny_model_path, small_npz_dir)
 
 
 @pytest.fixture(scope="module")
