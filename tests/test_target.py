@@ -223,6 +223,43 @@ def test_one_tf2onnx_run_and_one_saved_model_per_export(tmp_path, tiny_model_pat
                                                                                      rel=1e-4, abs=1e-6)
 
 
+def test_onnx_fp16_and_int8_convert_while_fp32_validates_and_are_never_committed_if_it_fails(
+        tmp_path, tiny_model_path, small_npz_dir, monkeypatch):
+    """The FP16 and INT8 files are made from the FP32 ONNX file before its validation has ended (the FP32
+    validation below waits for the FP16 conversion to start: a sequential export would time out), yet an FP32
+    file that fails validation leaves no ONNX file at all."""
+    import threading
+
+    from resnet_deploy.converters import export as export_module
+    from resnet_deploy.converters import validate as validate_module
+    from resnet_deploy.errors import ExportError as Err
+
+    fp16_started, seen = threading.Event(), []
+    real_validate, real_onnx = validate_module.validate_artifact, export_module.CONVERTERS[Format.ONNX]
+
+    def validate(path, *args, **kwargs):
+        if path.name == "model_fp32.onnx":
+            seen.append(fp16_started.wait(30))
+        return real_validate(path, *args, **kwargs)
+
+    def onnx_convert(model, out_path, target, *args):
+        if target.precision is Precision.FP16:
+            fp16_started.set()
+        return real_onnx(model, out_path, target, *args)
+
+    monkeypatch.setattr(validate_module, "validate_artifact", validate)
+    monkeypatch.setitem(export_module.CONVERTERS, Format.ONNX, onnx_convert)
+    opts = dict(formats=(Format.ONNX,), fp16=True, int8=True, int8_target="x86-vnni", **SMALL)
+    arts = export_model(tiny_model_path, ExportOptions(out_dir=tmp_path / "ok", **opts), data=small_npz_dir)
+    assert [a.path.name for a in arts] == ["model_fp32.onnx", "model_fp16.onnx", "model_int8_u8s8.onnx"]
+    assert seen == [True]
+    fp16_started.clear()
+    with pytest.raises(Err, match="FP32 artifact disagrees"):
+        export_model(tiny_model_path, ExportOptions(out_dir=tmp_path / "bad", fp32_tolerance=1e-12, **opts),
+                     data=small_npz_dir)
+    assert not (tmp_path / "bad").exists() or sorted(p.name for p in (tmp_path / "bad").iterdir()) == []
+
+
 def test_without_the_shared_work_each_converter_still_stands_alone(tmp_path, tiny_model_path):
     """The converters keep their registry shape: called without an ExportWork (as int8_search's QAT judge and
     other callers do) they convert from the model itself."""

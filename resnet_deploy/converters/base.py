@@ -30,8 +30,10 @@ class ExportWork:
       ``TFLiteConverter.from_keras_model`` writes on each call under Keras 3 (an ``ExportArchive`` whose
       ``serve`` endpoint calls the model with ``training=False``); every TFLite file of this model is
       converted from it with ``from_saved_model``.
-    - ``onnx_fp32``: the validated FP32 ONNX file; the FP16 and INT8 ONNX files are made from it, so
-      tf2onnx runs once per export.
+    - ``onnx_fp32``: the FP32 ONNX file of this export (``keep_onnx_fp32``: a private link to the converted
+      file, so its commit may rename it meanwhile); the FP16 and INT8 ONNX files are made from it, so tf2onnx
+      runs once per export. They convert while it is validated and are committed only after it has passed
+      (``export._export_all`` commits in order and stops at the first failure).
     """
 
     def __init__(self, model=None):
@@ -50,6 +52,22 @@ class ExportWork:
 
     def __exit__(self, *exc):
         self._tmp.cleanup()
+
+    def keep_onnx_fp32(self, path: Path) -> None:
+        """Keep the just-converted FP32 ONNX file (a hard link, or a copy across file systems) under its own name
+        in this export's folder, with its sha256, as the source of the FP16 and INT8 files."""
+        import os
+        import shutil
+
+        from resnet_deploy.fileio import sha256_file
+
+        kept = Path(self._tmp.name) / Path(path).name
+        kept.unlink(missing_ok=True)
+        try:
+            os.link(path, kept)
+        except OSError:
+            shutil.copyfile(path, kept)
+        self.onnx_fp32, self.onnx_fp32_sha256 = kept, sha256_file(kept)
 
     def tflite_converter(self, model):
         """One ``TFLiteConverter.from_saved_model`` of ``model``'s SavedModel, reused for each TFLite file (each

@@ -11,7 +11,8 @@ Order of work, so that bad input costs nothing and loses nothing:
    disjoint from calibration; ``int8_search`` then picks each INT8 file's calibration and float layers);
 5. per artifact: convert into a stage folder beside the final name (``fileio.Stage``; the float model is
    traced once into a SavedModel for every TFLite file, and tf2onnx runs once: ONNX FP16 and INT8 are made
-   from the validated FP32 ONNX file; ``base.ExportWork``), validate that file against the float logits
+   from the FP32 ONNX file while it is validated, committed after it passes; ``base.ExportWork``), validate
+   that file against the float logits
    (an FP32 mismatch fails the export and the stage is discarded), write its manifest into the stage
    (sha256 and size read from the staged file, which is the file that becomes final), and commit the two:
    fsynced, the old artifact removed, the manifest renamed in, then the artifact. A final-named artifact
@@ -168,8 +169,6 @@ def _export_all(model, paths: dict[Target, Path], options: ExportOptions, calibr
         fut, pending = pending, None
         art = fut.result()
         out.append(art)
-        if art.manifest.format == Format.ONNX.value and art.manifest.precision == Precision.FP32.value:
-            work.onnx_fp32, work.onnx_fp32_sha256 = art.path, art.manifest.sha256  # validated: FP16/INT8 from it
         _say_done(art, say)
 
     try:
@@ -181,8 +180,6 @@ def _export_all(model, paths: dict[Target, Path], options: ExportOptions, calibr
                 left = " (the existing file of that name is left as it was)" if path.exists() else ""
                 say(f"{path.name}: not written{left}: {qat_info['judged']['note']}")
                 continue
-            if target.format is Format.ONNX and target.precision is not Precision.FP32 and work.onnx_fp32 is None:
-                collect()  # ONNX FP16 and INT8 are made from the FP32 file once it has passed validation
             if val is not None and target.precision is Precision.INT8 and not target.qat:
                 opts, cal, extra["int8_accuracy"] = _plan_int8(model, target, options, ds.train, spec, val,
                                                                calibration, say, work)
@@ -224,8 +221,8 @@ def _how(target: Target, work: ExportWork) -> str:
                 else "converting") + (" with calibration" if target.precision is Precision.INT8 else "")
     if target.precision is Precision.FP32:
         return "tf2onnx conversion (the only one of this export)"
-    return ("quantizing the validated FP32 ONNX graph" if target.precision is Precision.INT8
-            else "converting the validated FP32 ONNX graph to float16")
+    return ("quantizing the FP32 ONNX graph" if target.precision is Precision.INT8
+            else "converting the FP32 ONNX graph to float16")
 
 
 def model_output(model, float_outputs: np.ndarray) -> dict:

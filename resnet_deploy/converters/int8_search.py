@@ -134,7 +134,7 @@ class _Trier:
     def __init__(self, model, fmt: Format, options, train, spec, val: ValidationSet, work: Path, shared=None):
         self.model, self.fmt, self.options, self.train, self.spec, self.val, self.work = \
             model, fmt, options, train, spec, val, work
-        self.shared = shared  # base.ExportWork: the export's SavedModel and validated FP32 ONNX file
+        self.shared = shared  # base.ExportWork: the export's SavedModel and FP32 ONNX file
         self.calibrations: dict[int, object] = {}
         self.tflite: dict[int, object] = {}  # calibrated TFLiteInt8 per sample size
         self.onnx = None

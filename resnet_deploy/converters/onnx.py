@@ -59,9 +59,9 @@ def to_onnx(model, opset: int):
 
 
 def float_source(model, options, work=None, as_path: bool = False):
-    """The float graph FP16 and INT8 are made from: the export's validated FP32 ONNX file where there is one
-    (then also its name and sha256 for the manifest; ``as_path``: the file itself, not loaded), else a fresh
-    tf2onnx conversion."""
+    """The float graph FP16 and INT8 are made from: the export's FP32 ONNX file where there is one (then also its
+    name and sha256 for the manifest; ``as_path``: the file itself, not loaded), else a fresh tf2onnx
+    conversion. FP16 and INT8 files made from it are committed only after it has passed validation."""
     import onnx
 
     fp32 = work.onnx_fp32 if work is not None else None
@@ -70,7 +70,8 @@ def float_source(model, options, work=None, as_path: bool = False):
 
         sha = work.onnx_fp32_sha256 or sha256_file(fp32)  # the FP32 manifest's, read from the very file
         return Path(fp32) if as_path else onnx.load(str(fp32)), {"artifact": Path(fp32).name, "sha256": sha,
-                                      "note": "made from the validated FP32 ONNX file (one tf2onnx run per export)"}
+                                      "note": "made from the FP32 ONNX file of this export, committed after it passed validation "
+                                              "(one tf2onnx run per export)"}
     return to_onnx(model, options.opset), None
 
 
@@ -88,6 +89,8 @@ def convert(model, out_path: Path, target, options, calibration=None, work=None)
     cal = None
     if p is Precision.FP32:
         onnx.save(proto, str(out_path))
+        if work is not None:  # the source of this export's FP16 and INT8 files
+            work.keep_onnx_fp32(Path(out_path))
     elif p is Precision.FP16:
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -131,7 +134,7 @@ class OnnxInt8:
         self._tmp = tempfile.TemporaryDirectory(prefix="rd-onnx-")
         self.dir = Path(self._tmp.name)
         fp32, self.pre = self.dir / "fp32.onnx", self.dir / "pre.onnx"
-        if isinstance(proto, (str, Path)):  # the validated FP32 file: read as it is
+        if isinstance(proto, (str, Path)):  # the export's FP32 file: read as it is
             fp32 = Path(proto)
         else:
             onnx.save(proto, str(fp32))
