@@ -260,6 +260,47 @@ def test_onnx_fp16_and_int8_convert_while_fp32_validates_and_are_never_committed
     assert not (tmp_path / "bad").exists() or sorted(p.name for p in (tmp_path / "bad").iterdir()) == []
 
 
+def test_tf2onnx_in_a_second_process_gives_the_in_process_graph(tmp_path, tiny_model_path, small_npz_dir,
+                                                                 monkeypatch):
+    """``parallel_onnx``: the FP32 ONNX file comes from a child process (no tf2onnx call in this one), says so
+    in its manifest, and computes what an in-process conversion computes (plain ONNX Runtime sessions)."""
+    import onnxruntime as ort
+    import tf2onnx
+
+    calls = []
+    real = tf2onnx.convert.from_keras
+    monkeypatch.setattr(tf2onnx.convert, "from_keras", lambda *a, **k: calls.append(1) or real(*a, **k))
+    opts = dict(fp16=True, int8=True, int8_target="x86-vnni", **SMALL)
+    par = {a.path.name: a for a in export_model(tiny_model_path, ExportOptions(out_dir=tmp_path / "p",
+                                                                               parallel_onnx=True, **opts),
+                                                data=small_npz_dir)}
+    assert calls == []  # tf2onnx ran in the child
+    assert "second process" in par["model_fp32.onnx"].manifest.options["converter"]["process"]
+    src = par["model_int8_u8s8.onnx"].manifest.options["converter"]["converted_from"]
+    assert src["sha256"] == par["model_fp32.onnx"].manifest.sha256
+    seq = {a.path.name: a for a in export_model(tiny_model_path, ExportOptions(out_dir=tmp_path / "s",
+                                                                               parallel_onnx=False, **opts),
+                                                data=small_npz_dir)}
+    assert calls == [1] and "process" not in seq["model_fp32.onnx"].manifest.options["converter"]
+    x = np.load(small_npz_dir / "test.npz")["x"][:32].astype(np.float32)
+    outs = [ort.InferenceSession(str(d["model_fp32.onnx"].path)).run(None, {"image": x})[0] for d in (par, seq)]
+    np.testing.assert_allclose(outs[0], outs[1], rtol=0, atol=1e-6)
+
+
+def test_the_tf2onnx_process_reports_errors_and_is_killed_when_the_export_ends(tmp_path, tiny_model_path):
+    from resnet_deploy.converters.onnx_process import PARALLEL_MIN_PARAMS, OnnxProcess, wanted
+
+    bad = OnnxProcess(tmp_path / "missing.keras", 17, False, tmp_path / "a.onnx")
+    with pytest.raises(ExportError, match="missing.keras does not exist"):
+        bad.result()
+    assert bad.process.returncode == 1 and not (tmp_path / "a.onnx").exists()
+    running = OnnxProcess(tiny_model_path, 17, False, tmp_path / "b.onnx")
+    running.close()  # what ExportWork does when an export fails or is interrupted first
+    assert running.process.returncode is not None and running.process.returncode != 0
+    assert wanted(None, PARALLEL_MIN_PARAMS) and not wanted(None, PARALLEL_MIN_PARAMS - 1)
+    assert wanted(True, 10) and not wanted(False, 10**9)
+
+
 def test_without_the_shared_work_each_converter_still_stands_alone(tmp_path, tiny_model_path):
     """The converters keep their registry shape: called without an ExportWork (as int8_search's QAT judge and
     other callers do) they convert from the model itself."""

@@ -42,6 +42,7 @@ class ExportWork:
         self.model = model
         self.onnx_fp32: Path | None = None
         self.onnx_fp32_sha256: str | None = None
+        self.onnx_process = None  # onnx_process.OnnxProcess: tf2onnx started beside the TFLite conversions
         self._tmp = tempfile.TemporaryDirectory(prefix="rd-export-")
         self._saved_model: Path | None = None
         self._tflite_converter = None
@@ -51,7 +52,15 @@ class ExportWork:
         return self
 
     def __exit__(self, *exc):
+        if self.onnx_process is not None:  # an export that ended before it needed the file (error, Ctrl-C)
+            self.onnx_process.close()
         self._tmp.cleanup()
+
+    def start_onnx_process(self, model_path: Path, opset: int, trust: bool) -> None:
+        """Start the FP32 ONNX conversion of ``model_path`` in a second process now (``onnx_process``)."""
+        from resnet_deploy.converters.onnx_process import OnnxProcess
+
+        self.onnx_process = OnnxProcess(model_path, opset, trust, Path(self._tmp.name) / "tf2onnx-fp32.onnx")
 
     def keep_onnx_fp32(self, path: Path) -> None:
         """Keep the just-converted FP32 ONNX file (a hard link, or a copy across file systems) under its own name

@@ -147,8 +147,21 @@ def export_model(model_path: str | os.PathLike, options: ExportOptions, data=Non
     common = _common_manifest_fields(model_path, metadata, spec, spec_source)
     common["model_output"] = output
     with ExportWork(model) as work:
+        if _starts_onnx_process(paths, options, model):
+            work.start_onnx_process(model_path, options.opset, options.trust_model)
+            say("ONNX FP32: tf2onnx started in a second process, beside the TFLite conversions")
         return _export_all(model, paths, options, calibration, val, reference, spec, common, ds, qat_model,
                            qat_info, work, say)
+
+
+def _starts_onnx_process(paths: dict[Target, Path], options: ExportOptions, model) -> bool:
+    """tf2onnx beside the TFLite conversions: when there is an FP32 ONNX file to make and TFLite work to overlap
+    it with, for a large model (``onnx_process.wanted``)."""
+    from resnet_deploy.converters.onnx_process import wanted
+
+    formats = {t.format for t in paths}
+    return (Target(Format.ONNX, Precision.FP32) in paths and Format.TFLITE in formats
+            and wanted(options.parallel_onnx, model.count_params()))
 
 
 def _export_all(model, paths: dict[Target, Path], options: ExportOptions, calibration, val, reference, spec,

@@ -12,8 +12,9 @@ Runtime's VPMADDUBSW kernels (``onnx_rules``); ``options.onnx_activation_type`` 
 ``OnnxInt8`` prepares the float graph once and quantizes it for each try of the accuracy-aware search;
 ``options.int8_float_layers`` become ``nodes_to_exclude`` (those convolutions compute in float).
 
-One conversion per export: tf2onnx runs for the FP32 file only; the FP16 and INT8 files are made from
-that file once it has passed validation (``base.ExportWork.onnx_fp32``), and their manifests name it
+One conversion per export: tf2onnx runs for the FP32 file only (for a large model in a second process
+beside the TFLite conversions: ``onnx_process``); the FP16 and INT8 files are made from that file and
+committed after it has passed validation (``base.ExportWork.onnx_fp32``), and their manifests name it
 (``options.converter.converted_from``). The INT8 scheme comes from ``--target`` (``onnx_rules``) and must
 be the one the planned file name carries.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import shutil
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -81,14 +83,23 @@ def convert(model, out_path: Path, target, options, calibration=None, work=None)
     p = target.precision
     settings = {"converter": "tf2onnx.convert.from_keras", "opset": options.opset, "dynamic_batch": True}
     if p is Precision.FP32:
-        proto = to_onnx(model, options.opset)
+        proc, proto = work.onnx_process if work is not None else None, None
+        if proc is not None:  # started beside the TFLite conversions (onnx_process)
+            work.onnx_process = None
+            made = proc.result()
+            settings["process"] = "a second process, beside the TFLite conversions (onnx_process)"
+        else:
+            proto = to_onnx(model, options.opset)
     else:
         proto, source = float_source(model, options, work, as_path=p is Precision.INT8)
         if source is not None:
             settings["converted_from"] = source
     cal = None
     if p is Precision.FP32:
-        onnx.save(proto, str(out_path))
+        if proto is None:
+            shutil.move(made, out_path)
+        else:
+            onnx.save(proto, str(out_path))
         if work is not None:  # the source of this export's FP16 and INT8 files
             work.keep_onnx_fp32(Path(out_path))
     elif p is Precision.FP16:

@@ -84,6 +84,8 @@ class ExportOptions:
     qat_batch_size: int = 64
     preprocessing: Preprocessing | None = None  # for models without metadata
     trust_model: bool = False  # run a SavedModel whose serving function has ops outside models.io.SAFE_OPS
+    # tf2onnx in a second process beside the TFLite conversions (onnx_process); None: for large models only
+    parallel_onnx: bool | None = None
 
     def __post_init__(self):
         fmts = tuple(Format(f) if not isinstance(f, Format) else f for f in self.formats)
