@@ -171,37 +171,18 @@ def u8s8_saturation_warning(manifest: Manifest, machine: str | None = None, flag
     if (manifest.format != Format.ONNX.value or manifest.precision != Precision.INT8.value
             or activations != "uint8" or weights != "int8" or cal.get("reduce_range", False)):
         return None
+    from resnet_deploy.converters.onnx_rules import has_vnni, is_x86
+
     env_machine, env_flags = cpu_override()
     machine = machine if machine is not None else env_machine
     flags = flags if flags is not None else env_flags
-    if not _is_x86(machine) or _has_vnni(flags) is not False:  # VNNI, or flags unknown: no claim
+    if not is_x86(machine) or has_vnni(flags) is not False:  # VNNI, or flags unknown: no claim
         return None
     target = cal.get("target")
     made_for = f" (exported for target {target})" if target else ""
     return (f"uint8 activations with 8-bit int8 weights{made_for} on an x86 CPU without VNNI: ONNX Runtime's U8S8 "
             "kernels saturate here and accuracy can collapse; re-export on this CPU, or with --target x86-avx2 "
             "(u8s8-rr7: 7-bit weights; --onnx-reduce-range on --target host)")
-
-
-# The CPU facts the rule needs (the same as converters/onnx_rules.py's export rule, kept here so that bench
-# judges a file by what it is and where it runs, whatever the export rules become).
-_X86 = ("x86_64", "amd64", "x86", "i386", "i686", "x64")
-_VNNI_FLAGS = ("avx512_vnni", "avx512vnni", "avx_vnni")  # /proc/cpuinfo names
-
-
-def _is_x86(machine: str | None) -> bool:
-    import platform
-
-    return (machine or platform.machine()).lower() in _X86
-
-
-def _has_vnni(flags) -> bool | None:
-    """Whether ``flags`` (default: this machine's, ``envinfo.read_cpu_flags``) include VNNI; None: unknown."""
-    if flags is None:
-        from resnet_deploy import envinfo
-
-        flags = envinfo.read_cpu_flags()
-    return None if flags is None else any(f in _VNNI_FLAGS for f in flags)
 
 
 def refuse_saturating(entries: list[Entry], allow: bool, machine: str | None = None, flags=None) -> list[str]:
@@ -222,11 +203,11 @@ def refuse_saturating(entries: list[Entry], allow: bool, machine: str | None = N
                              "damage, not the file's quality on a CPU it was made for")
             done.add(e.path)
             continue
+        cal = e.manifest.calibration or {}
         e.error = error_dict(BenchError(
             f"{e.path.name} is an ONNX INT8 file with uint8 activations and 8-bit int8 weights (manifest: "
-            f"reduce_range {bool((e.manifest.calibration or {}).get('reduce_range', False))}"
-            + (f", target {(e.manifest.calibration or {}).get('target')}"
-               if (e.manifest.calibration or {}).get("target") else "")
+            f"reduce_range {bool(cal.get('reduce_range', False))}"
+            + (f", target {cal['target']}" if cal.get("target") else "")
             + "), and this is an x86 CPU without VNNI: ONNX Runtime's U8S8 kernels saturate here (pairs of "
               "products added in 16 bits), so its accuracy and speed would describe the saturation, not the file.",
             expected="an ONNX INT8 file exported for this CPU (7-bit weights with --onnx-reduce-range, or int8 "
