@@ -122,17 +122,12 @@ class FileSession:
 REQUESTS = ("open", "series", "memory", "logits", "close")  # what a FileSession answers
 
 
-_ENGINE_MODULES = {"keras": "keras", "litert": "ai_edge_litert.interpreter", "onnxruntime": "onnxruntime",
-                   "openvino": "openvino"}
-
-
 def _import_engine(fmt, runtime: str | None = None) -> None:
     import importlib
 
-    from resnet_deploy.runtimes import DEFAULT_RUNTIME, check_runtime
+    from resnet_deploy.runtimes import engine_module
 
-    runtime = check_runtime(runtime, fmt) if runtime else DEFAULT_RUNTIME[fmt]
-    importlib.import_module(_ENGINE_MODULES[runtime])
+    importlib.import_module(engine_module(fmt, runtime))
 
 
 def check_io(path: Path, io) -> None:

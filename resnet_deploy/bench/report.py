@@ -271,8 +271,11 @@ def _label(r: ArtifactResult) -> str:
 
 
 def _runtime(r: ArtifactResult) -> str:
-    return r.runtime_name or (r.runtime or {}).get("runtime") or {"keras": "keras", "tflite": "litert",
-                                                                  "onnx": "onnxruntime"}.get(r.format or "", "?")
+    from resnet_deploy.config import Format
+    from resnet_deploy.runtimes import DEFAULT_RUNTIME
+
+    return (r.runtime_name or (r.runtime or {}).get("runtime")
+            or (DEFAULT_RUNTIME[Format(r.format)] if r.format else "?"))
 
 
 def _inverse_x(ratio) -> str:

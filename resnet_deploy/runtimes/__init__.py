@@ -10,19 +10,30 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import NamedTuple
 
 from resnet_deploy.config import Format
 from resnet_deploy.data.preprocess import Preprocessing
 from resnet_deploy.errors import ResnetDeployError
 from resnet_deploy.runtimes.base import Runner
 
-# runtime name -> (module, class, Python package it needs, how to install it)
+class _Runtime(NamedTuple):
+    module: str  # the runner's module
+    cls: str  # its Runner class
+    package: str  # the Python package the runtime needs (found without importing it)
+    engine: str  # the module a user of the runtime imports (bench times its import before loading a file)
+    install: str  # how to install it
+
+
 _RUNNERS = {
-    "keras": ("resnet_deploy.runtimes.keras_runner", "KerasRunner", "keras", "pip install resnet-deploy"),
-    "litert": ("resnet_deploy.runtimes.litert_runner", "LiteRTRunner", "ai_edge_litert", "pip install resnet-deploy"),
-    "onnxruntime": ("resnet_deploy.runtimes.onnx_runner", "OnnxRunner", "onnxruntime", "pip install resnet-deploy"),
-    "openvino": ("resnet_deploy.runtimes.openvino_runner", "OpenVINORunner", "openvino",
-                 "pip install 'resnet-deploy[openvino]'"),
+    "keras": _Runtime("resnet_deploy.runtimes.keras_runner", "KerasRunner", "keras", "keras",
+                      "pip install resnet-deploy"),
+    "litert": _Runtime("resnet_deploy.runtimes.litert_runner", "LiteRTRunner", "ai_edge_litert",
+                       "ai_edge_litert.interpreter", "pip install resnet-deploy"),
+    "onnxruntime": _Runtime("resnet_deploy.runtimes.onnx_runner", "OnnxRunner", "onnxruntime", "onnxruntime",
+                            "pip install resnet-deploy"),
+    "openvino": _Runtime("resnet_deploy.runtimes.openvino_runner", "OpenVINORunner", "openvino", "openvino",
+                         "pip install 'resnet-deploy[openvino]'"),
 }
 RUNTIMES_BY_FORMAT = {Format.KERAS: ("keras",), Format.TFLITE: ("litert",), Format.ONNX: ("onnxruntime", "openvino")}
 DEFAULT_RUNTIME = {fmt: names[0] for fmt, names in RUNTIMES_BY_FORMAT.items()}
@@ -36,7 +47,7 @@ def runtimes_for(fmt: Format) -> tuple[str, ...]:
 def is_installed(runtime: str) -> bool:
     """Whether the runtime's Python package can be imported here (found without importing it)."""
     try:
-        return importlib.util.find_spec(_RUNNERS[runtime][2]) is not None
+        return importlib.util.find_spec(_RUNNERS[runtime].package) is not None
     except (ImportError, ValueError):
         return False
 
@@ -60,17 +71,26 @@ def check_runtime(runtime: str, fmt: Format | None = None, option: str = "--runt
                                 fix=f"leave {option} out (default {DEFAULT_RUNTIME[Format(fmt)]}) or pass one of those")
     if not is_installed(runtime):
         raise ResnetDeployError(f"The {runtime} runtime is not installed (no Python package "
-                                f"{_RUNNERS[runtime][2]!r}).",
+                                f"{_RUNNERS[runtime].package!r}).",
                                 expected=f"{runtime} installed, to run artifacts in it",
-                                fix=_RUNNERS[runtime][3])
+                                fix=_RUNNERS[runtime].install)
     return runtime
+
+
+def _resolve(fmt: Format, runtime: str | None) -> _Runtime:
+    """``runtime`` checked to run ``fmt`` (``check_runtime``), or the format's own when None."""
+    return _RUNNERS[check_runtime(runtime, fmt) if runtime is not None else DEFAULT_RUNTIME[Format(fmt)]]
 
 
 def runner_class(fmt: Format, runtime: str | None = None) -> type[Runner]:
     """The Runner class of ``runtime`` (default: the format's own), checked to run ``fmt``."""
-    runtime = check_runtime(runtime, fmt) if runtime is not None else DEFAULT_RUNTIME[Format(fmt)]
-    module, cls, _, _ = _RUNNERS[runtime]
-    return getattr(importlib.import_module(module), cls)
+    entry = _resolve(fmt, runtime)
+    return getattr(importlib.import_module(entry.module), entry.cls)
+
+
+def engine_module(fmt: Format, runtime: str | None = None) -> str:
+    """The module a program running ``fmt`` files in ``runtime`` (default: the format's own) imports."""
+    return _resolve(fmt, runtime).engine
 
 
 def open_runner(path: str | os.PathLike, preprocessing: Preprocessing | None = None,
@@ -98,4 +118,4 @@ def recorded_preprocessing(path, fmt: Format) -> Preprocessing:
 
 
 __all__ = ["Runner", "open_runner", "runner_class", "recorded_preprocessing", "runtimes_for", "available_runtimes",
-           "check_runtime", "is_installed", "DEFAULT_RUNTIME", "RUNTIMES_BY_FORMAT"]
+           "check_runtime", "engine_module", "is_installed", "DEFAULT_RUNTIME", "RUNTIMES_BY_FORMAT"]
