@@ -7,7 +7,8 @@ import pytest
 
 from resnet_deploy.config import Format, Precision
 from resnet_deploy.converters.command import parse_preprocessing
-from resnet_deploy.converters.options import ExportOptions, Target, default_onnx_activation_type, parse_formats
+from resnet_deploy.converters.onnx_rules import onnx_int8_settings
+from resnet_deploy.converters.options import ExportOptions, Target, parse_formats
 from resnet_deploy.converters.export import plan, resolve_preprocessing
 from resnet_deploy.converters.validate import fp32_limit, parity
 from resnet_deploy.data.constants import CIFAR10_MEAN, CIFAR10_STD
@@ -54,8 +55,12 @@ def test_parse_formats_and_activation_default():
     for bad in ("", "tflite,pt", "keras"):
         with pytest.raises(ExportError):
             parse_formats(bad)
-    assert default_onnx_activation_type("x86_64") == "uint8" and default_onnx_activation_type("AMD64") == "uint8"
-    assert default_onnx_activation_type("aarch64") == "int8" and default_onnx_activation_type("arm64") == "int8"
+
+    def activations(machine):  # what --target host resolves to on that CPU (flags given: no /proc read)
+        return onnx_int8_settings(None, None, machine=machine, flags=["avx2"]).activation_type
+
+    assert activations("x86_64") == "uint8" and activations("AMD64") == "uint8"
+    assert activations("aarch64") == "int8" and activations("arm64") == "int8"
 
 
 def test_preprocessing_options_are_in_pixel_units():
@@ -179,15 +184,18 @@ def test_onnx_int8_settings_rule_and_reasons():
 
 def test_onnx_reduce_range_default_reads_this_cpu(monkeypatch):
     from resnet_deploy import envinfo
-    from resnet_deploy.converters.onnx_rules import default_onnx_reduce_range, has_vnni
+    from resnet_deploy.converters.onnx_rules import has_vnni
+
+    def host_reduce_range(machine):  # what --target host resolves to, reading this CPU's flags
+        return onnx_int8_settings(None, None, machine=machine).reduce_range
 
     monkeypatch.setattr(envinfo, "read_cpu_flags", lambda: ["avx2", "avx512_vnni"])
-    assert has_vnni() and default_onnx_reduce_range("x86_64") is False
+    assert has_vnni() and host_reduce_range("x86_64") is False
     monkeypatch.setattr(envinfo, "read_cpu_flags", lambda: ["avx2"])
-    assert not has_vnni() and default_onnx_reduce_range("x86_64") is True
-    assert default_onnx_reduce_range("arm64") is False
+    assert not has_vnni() and host_reduce_range("x86_64") is True
+    assert host_reduce_range("arm64") is False
     monkeypatch.setattr(envinfo, "read_cpu_flags", lambda: None)  # no /proc/cpuinfo
-    assert has_vnni() is None and default_onnx_reduce_range("x86_64") is True  # the safe side
+    assert has_vnni() is None and host_reduce_range("x86_64") is True  # the safe side
 
 
 def test_unknown_cpu_flags_are_said_so_and_do_not_warn(monkeypatch):

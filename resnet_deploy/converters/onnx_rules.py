@@ -130,17 +130,6 @@ def host_target(machine: str | None = None, flags=None) -> tuple[str, str]:
                       fix="pass --target for the CPU the ONNX INT8 file will run on")
 
 
-def default_onnx_activation_type(machine: str | None = None) -> str:
-    """The host rule for activations: uint8 on x86 (and other non-arm64 CPUs), int8 on arm64."""
-    return "int8" if is_arm(machine) else "uint8"
-
-
-def default_onnx_reduce_range(machine: str | None = None, flags=None) -> bool:
-    """The host rule for 7-bit weights: x86 CPUs without VNNI, and x86 CPUs whose flags are unknown (the
-    safe side); 8-bit everywhere else."""
-    return is_x86(machine) and has_vnni(flags) is not True
-
-
 def check_int8_choices(target: str, activation_type: str | None, reduce_range: bool | None) -> None:
     """Refuse what cannot be made, before any work: an unknown target, reduce_range with int8 activations,
     and an explicit target contradicted by an override (a ``host`` export may override freely)."""

@@ -15,7 +15,6 @@ from pathlib import Path
 from resnet_deploy.config import Format, Precision
 from resnet_deploy.converters.onnx_rules import (ACTIVATION_TYPES, DEFAULT_OPSET, HOST, MAX_OPSET, MIN_OPSET,
                                                  TARGET_CHOICES, OnnxInt8Settings, check_int8_choices,
-                                                 default_onnx_activation_type, default_onnx_reduce_range,
                                                  onnx_int8_settings)
 from resnet_deploy.data.preprocess import Preprocessing
 from resnet_deploy.errors import ExportError
@@ -25,7 +24,7 @@ DEFAULT_MAX_DROP = 0.10  # accuracy-aware INT8: validation top-1 pp an INT8 file
 EXPORT_FORMATS = (Format.TFLITE, Format.ONNX)
 
 __all__ = ["ACTIVATION_TYPES", "CALIB_METHODS", "EXPORT_FORMATS", "MAX_OPSET", "MIN_OPSET", "TARGET_CHOICES",
-           "ExportOptions", "Target", "default_onnx_activation_type", "default_onnx_reduce_range", "parse_formats"]
+           "ExportOptions", "Target", "parse_formats"]
 
 
 @dataclass(frozen=True)
