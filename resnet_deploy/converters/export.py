@@ -402,13 +402,6 @@ def _finish_one(c: _Converted, reference, spec: Preprocessing, common: dict, ext
     return ExportedArtifact(c.final, manifest)
 
 
-def _export_one(model, final: Path, target: Target, options: ExportOptions, calibration, reference,
-                spec: Preprocessing, common: dict, extra: dict, work: ExportWork | None = None) -> ExportedArtifact:
-    """One artifact, converted, validated and committed in this thread."""
-    return _finish_one(_convert_one(model, final, target, options, calibration, work), reference, spec, common,
-                       extra)
-
-
 def _manifest(final: Path, target: Target, options: ExportOptions, result, validation: dict, common: dict,
               extra: dict, facts: dict, timing: dict) -> Manifest:
     opts = {"target": target.tag, "export": options.to_dict(), "converter": result.settings,
