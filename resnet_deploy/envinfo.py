@@ -54,6 +54,14 @@ def library_versions(packages=_PACKAGES) -> dict[str, str]:
     return out
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity; the machine's count where that is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def machine_info() -> dict:
     return {
         "cpu": cpu_model(),

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from resnet_deploy.envinfo import usable_cores
 from resnet_deploy.errors import BenchError
 
 
@@ -63,17 +63,18 @@ class BenchOptions:
 
     def __post_init__(self):
         if self.threads is None:
-            object.__setattr__(self, "threads", _usable_cores())
+            object.__setattr__(self, "threads", usable_cores())
         for name in ("reference", "data", "cache_dir"):
             v = getattr(self, name)
             if v is not None:
                 object.__setattr__(self, name, Path(v))
         object.__setattr__(self, "runtimes", _onnx_runtimes(self.runtimes))
         _positive(self, "batch_size", "threads", "large_batch", "runs", "bootstrap", "min_rounds")
-        if self.threads > _usable_cores():
-            raise BenchError(f"--threads {self.threads} is more than the {_usable_cores()} cores this process may use.",
-                             expected=f"1 to {_usable_cores()}: more threads than cores time contention, not the model",
-                             fix=f"pass --threads {_usable_cores()} or less, or leave it out (every usable core)")
+        cores = usable_cores()
+        if self.threads > cores:
+            raise BenchError(f"--threads {self.threads} is more than the {cores} cores this process may use.",
+                             expected=f"1 to {cores}: more threads than cores time contention, not the model",
+                             fix=f"pass --threads {cores} or less, or leave it out (every usable core)")
         if not 0 < self.steady_width:
             raise BenchError(f"steady_width must be positive, got {self.steady_width}.", expected="e.g. 0.10")
         if self.limit is not None and self.limit < 1:
@@ -150,13 +151,6 @@ def _onnx_runtimes(names) -> tuple[str, ...]:
         except ResnetDeployError as exc:
             raise BenchError(exc.what, expected=exc.expected, fix=exc.fix) from None
     return out
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def _positive(opts, *names: str) -> None:

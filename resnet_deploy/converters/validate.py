@@ -20,6 +20,7 @@ import numpy as np
 
 from resnet_deploy.config import Precision
 from resnet_deploy.data.preprocess import Preprocessing
+from resnet_deploy.envinfo import usable_cores
 from resnet_deploy.errors import ExportError
 
 # Rough agreement expected of lossy precisions on a trained model (recorded, not enforced).
@@ -47,12 +48,6 @@ def output_kind(scores: np.ndarray | None, tolerance: float = PROBABILITY_TOLERA
     s = np.asarray(scores, np.float64)
     in_range = s.min() >= -tolerance and s.max() <= 1 + tolerance
     return "probabilities" if in_range and bool(np.all(np.abs(s.sum(axis=1) - 1) <= tolerance)) else "logits"
-
-
-def usable_cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def parity(logits: np.ndarray, ref: np.ndarray) -> dict:
