@@ -46,10 +46,11 @@ launch() {
   {
     echo "=== $(date -u +%FT%TZ) $* (tree $(git -C "$TREE" rev-parse HEAD), preload '${preload}')"
   } >>"$LOG"
-  (cd "$TREE" && TF_ENABLE_ONEDNN_OPTS=1 LD_PRELOAD=$preload PYTHONUNBUFFERED=1 \
-     setsid nohup .venv/bin/resnet-deploy train "$@" --out "$RUN" --data "$DATA" >>"$LOG" 2>&1 </dev/null &
-   echo $! >"$PIDFILE")
-  sleep 1
+  # setsid: the run is the leader of its own session and process group (so pause/cont reach every
+  # thread and child) and of its own autogroup; the pid file holds the process that becomes Python.
+  (cd "$TREE" && setsid bash -c 'echo $$ >"$0"; p=$1; shift; exec env TF_ENABLE_ONEDNN_OPTS=1 LD_PRELOAD="$p" PYTHONUNBUFFERED=1 "$@"' \
+     "$PIDFILE" "$preload" .venv/bin/resnet-deploy train "$@" --out "$RUN" --data "$DATA" >>"$LOG" 2>&1 </dev/null &)
+  sleep 2
   echo "$NICE" >"/proc/$(cat "$PIDFILE")/autogroup" 2>/dev/null || echo "(could not set the autogroup nice value)"
   echo "started pid $(cat "$PIDFILE"), log $LOG"
 }
