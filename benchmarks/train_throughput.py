@@ -77,7 +77,15 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--data", default=None)
     p.add_argument("--json", default=None, help="also write the figures here")
+    p.add_argument("--onednn", choices=("train", "on", "off"), default="train",
+                   help="TensorFlow's oneDNN kernels: as `resnet-deploy train` sets them (train: on for x86 CPUs "
+                        "unless TF_ENABLE_ONEDNN_OPTS is set), or forced on/off; compare them in two runs")
     a = p.parse_args(argv)
+    if a.onednn != "train":
+        os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1" if a.onednn == "on" else "0"
+    from resnet_deploy.training.devices import enable_tf_onednn
+
+    onednn = enable_tf_onednn()  # before TensorFlow is imported, as the train command does
 
     from resnet_deploy.envinfo import library_versions, machine_info
 
@@ -89,13 +97,14 @@ def main(argv=None) -> int:
               f"backend {r['backend']}, {r['precision']}, batch {r['batch_size']}, {r['steps']} steps in {r['seconds']} s",
               flush=True)
     machine, versions = machine_info(), library_versions()
-    print(f"device: {rows[0]['device']}")
+    print(f"device: {rows[0]['device']}; TF_ENABLE_ONEDNN_OPTS={onednn}")
     print(f"machine: {machine['cpu']} ({machine['cpu_count']} cores; {', '.join(machine['cpu_flags'])}), "
           f"python {machine['python']}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     if a.json:
         with open(a.json, "w") as fh:
-            json.dump({"results": rows, "machine": machine, "versions": versions}, fh, indent=2)
+            json.dump({"results": rows, "machine": machine, "versions": versions, "tf_enable_onednn_opts": onednn},
+                      fh, indent=2)
     return 0
 
 

@@ -58,10 +58,17 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in the output folder "
                                                           "from its last checkpoint.")] = False,
     workers: Annotated[int, typer.Option(help="Threads preparing batches.")] = 1,
+    checkpoint_every: Annotated[float, typer.Option(
+        help="Minutes between checkpoints inside an epoch, so that a stopped run loses at most that much "
+             "(--resume continues from the batch it reached, with the batches the uninterrupted run would "
+             "have seen). 0: a checkpoint at each epoch's end only. May change on --resume.")] = 0.0,
     data: DataOption = None,
 ) -> None:
     """Train a ResNet on CIFAR-10 (GPU if present): writes model.keras + metadata, log.csv, curves.png, checkpoints."""
     quiet_frameworks()
+    from resnet_deploy.training.devices import enable_tf_onednn
+
+    enable_tf_onednn()
     from resnet_deploy.training.recipe import TrainConfig
     from resnet_deploy.training.trainer import train_model
 
