@@ -82,6 +82,24 @@ class TrainBatches(keras.utils.PyDataset):
         return self.batch(self.epoch, idx)
 
 
+class EpochTail(keras.utils.PyDataset):
+    """The batches of one epoch from batch ``start`` on, exactly as ``batches`` serves them in that epoch:
+    what a run resumed from a checkpoint taken inside an epoch trains on first."""
+
+    def __init__(self, batches: TrainBatches, epoch: int, start: int, workers: int = 1):
+        if not 0 < start < batches.num_batches:
+            raise ValueError(f"an epoch tail starts inside the epoch: 0 < {start} < {batches.num_batches}")
+        super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=max(4, 2 * workers))
+        self.batches, self.epoch, self.start = batches, epoch, start
+
+    @property
+    def num_batches(self) -> int:
+        return self.batches.num_batches - self.start
+
+    def __getitem__(self, idx: int):
+        return self.batches.batch(self.epoch, self.start + idx)
+
+
 class EvalBatches(keras.utils.PyDataset):
     """Test batches in order, as ``(x, y, weight)``. With ``multiple`` > 1 (data-parallel replicas)
     the last batch gets up to ``multiple - 1`` zero-weight copies so that it splits evenly:

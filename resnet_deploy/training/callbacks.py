@@ -20,7 +20,7 @@ from resnet_deploy.fileio import atomic_path
 from resnet_deploy.training.checkpoint import RunState, current_lr, optimizer_iterations, save_last
 
 CSV_FIELDS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "iterations", "epoch_s", "train_s",
-              "test_s", "train_images_per_s")
+              "test_s", "train_images_per_s", "from_step")
 CURVES_SKIPPED = ("curves.png skipped: matplotlib is not installed (log.csv has every figure; "
                   "pip install matplotlib to get the PNG)")
 
@@ -100,22 +100,49 @@ class RunRecorder(keras.callbacks.Callback):
     """At each epoch's end: history row, best model, resume checkpoint, CSV, PNG, a progress line."""
 
     def __init__(self, out_dir: Path, state: RunState, total_epochs: int, steps: int, batch_size: int,
-                 log: Callable[[str], None], student=None, best=None, clock: Callable[[], float] = time.perf_counter):
+                 log: Callable[[str], None], student=None, best=None, clock: Callable[[], float] = time.perf_counter,
+                 checkpoint_every_s: float = 0.0):
         """``student``: the network whose weights the checkpoint keeps (None: the compiled model itself);
-        ``best``: a ``trainer.BestModel`` that writes best.keras when the validation accuracy improves (None: none)."""
+        ``best``: a ``trainer.BestModel`` that writes best.keras when the validation accuracy improves (None: none);
+        ``checkpoint_every_s``: also write the resume checkpoint inside an epoch, at the first batch that
+        starts this many seconds after the last checkpoint (0: at epoch ends only)."""
         super().__init__()
         self.student, self.best = student, best
         self.out_dir, self.state, self.total_epochs = out_dir, state, total_epochs
         self.log = log
+        self.steps = steps
         self.clock = EpochClock(batch_size, steps, clock)
+        self._now = clock
+        self.checkpoint_every_s = checkpoint_every_s
+        self._last_save = clock()
+        self._from_step = 0  # the batch the current epoch started at (a resumed epoch's tail starts later)
+        self._carry_s = 0.0  # seconds the current epoch had run before the interruption it resumes from
         self._durations: list[float] = []
         self._curves_skipped = False
+
+    def begin_tail(self, start: int) -> None:
+        """The next epoch is the tail of an interrupted one: its first batch is ``start``."""
+        self._from_step, self._carry_s = start, self.state.step_elapsed_s
+        self.clock.steps = self.steps - start
 
     def on_epoch_begin(self, epoch, logs=None):
         self.clock.epoch_begin()
 
     def on_train_batch_begin(self, batch, logs=None):
         self.clock.train_batch_begin(batch)
+        if self.checkpoint_every_s and batch and self._now() - self._last_save >= self.checkpoint_every_s:
+            self._save_inside_epoch(batch)
+
+    def _save_inside_epoch(self, batch: int) -> None:
+        """The resume checkpoint after ``batch`` batches of this epoch (every earlier step has run: reading
+        the optimizer's counter waits for it)."""
+        st = self.state
+        st.step = self._from_step + batch
+        st.step_elapsed_s = self._carry_s + (self._now() - self.clock.t_epoch)
+        st.iterations = optimizer_iterations(self.model)
+        save_last(self.out_dir, self.model, st, self.student)
+        self._last_save = self._now()
+        self.log(f"checkpoint inside epoch {st.epoch + 1}: batch {st.step}/{self.steps}, optimizer step {st.iterations}")
 
     def on_test_begin(self, logs=None):
         self.clock.test_begin()
@@ -133,16 +160,21 @@ class RunRecorder(keras.callbacks.Callback):
         row |= {k: None if v is None else round(v, 1 if k == "train_images_per_s" else 3) for k, v in times.items()}
         row = {k: (float(v) if isinstance(v, (int, float)) and k not in ("epoch", "iterations") else v)
                for k, v in row.items()}
+        if self._from_step:  # the tail of an interrupted epoch: its figures cover these batches only
+            row["from_step"] = self._from_step
         st = self.state
         st.history.append(row)
         st.epoch, st.iterations = epoch + 1, row["iterations"]
-        st.elapsed_s += times["epoch_s"]
+        st.elapsed_s += times["epoch_s"] + self._carry_s
+        st.step, st.step_elapsed_s = 0, 0.0
+        self._from_step, self._carry_s, self.clock.steps = 0, 0.0, self.steps
         acc = row["val_accuracy"]
         if acc is not None and math.isfinite(acc) and (st.best_accuracy is None or acc > st.best_accuracy):
             st.best_epoch, st.best_accuracy = epoch + 1, acc
             if self.best is not None:
                 self.best.save(epoch + 1, acc)
         save_last(self.out_dir, self.model, st, self.student)
+        self._last_save = self._now()
         write_csv(self.out_dir / "log.csv", st.history)
         self._curves(self.out_dir / "curves.png", st.history)
         self.log(self._line(row))

@@ -38,6 +38,8 @@ CHECKED_FILES = ("weights.weights.h5", "optimizer.npz")
 @dataclass
 class RunState:
     epoch: int = 0  # epochs completed
+    step: int = 0  # batches of the next epoch already trained (a checkpoint taken inside an epoch; 0 at epoch ends)
+    step_elapsed_s: float = 0.0  # wall-clock seconds of those batches, added to elapsed_s when their epoch ends
     iterations: int = 0
     best_epoch: int | None = None
     best_accuracy: float | None = None
@@ -45,6 +47,7 @@ class RunState:
     precision: str | None = None  # the resolved dtype policy the run trains in (None: a checkpoint from before it was kept)
     sessions: int = 0
     history: list[dict] = field(default_factory=list)
+    budget_changes: list[dict] = field(default_factory=list)  # `--resume --epochs N` changes, oldest first
     config: dict = field(default_factory=dict)
     optimizer_variables: list[str] = field(default_factory=list)
     file_sha256: dict = field(default_factory=dict)  # weights and optimizer files, checked on --resume

@@ -33,7 +33,7 @@ WARMUP_START = 0.1  # the warm-up starts at this fraction of the peak learning r
 DEFAULT_WARMUP = 2.0  # epochs of linear warm-up when --warmup-epochs is not given
 
 # Fields that only steer where and how a run is written, not what it learns.
-RUN_FIELDS = ("out_dir", "force", "resume", "workers", "verbose")
+RUN_FIELDS = ("out_dir", "force", "resume", "workers", "verbose", "checkpoint_every")
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,7 @@ class TrainConfig:
     force: bool = False
     resume: bool = False
     workers: int = 1  # threads preparing batches (keras.utils.PyDataset workers)
+    checkpoint_every: float = 0.0  # minutes between checkpoints inside an epoch (0: at each epoch's end only)
     verbose: bool = True
 
     def __post_init__(self):
@@ -140,6 +141,10 @@ class TrainConfig:
             bad("--warmup-epochs", self.warmup_epochs, f"a value in [0, epochs={self.epochs}]",
                 f"pass --warmup-epochs {min(DEFAULT_WARMUP, self.epochs / 4):g}, or leave it out (it then "
                 f"defaults to {DEFAULT_WARMUP:g} epochs, or a quarter of a shorter run)")
+        if not (math.isfinite(self.checkpoint_every) and 0 <= self.checkpoint_every <= 24 * 60):
+            bad("--checkpoint-every", self.checkpoint_every,
+                "minutes between checkpoints inside an epoch, from 0 (each epoch's end only) to 1440",
+                "pass --checkpoint-every 10 for a checkpoint every ten minutes")
         if not (0 <= self.final_lr_fraction <= 1):
             bad("--final-lr-fraction", self.final_lr_fraction, "a fraction of the peak learning rate in [0, 1]")
         if not (math.isfinite(self.kd_temperature) and 0 < self.kd_temperature <= 100):

@@ -13,6 +13,7 @@ without it, ``val_*`` are test-split figures for monitoring only and no ``best.k
 from __future__ import annotations
 
 import datetime
+import os
 import shutil
 import sys
 import time
@@ -72,6 +73,7 @@ class Run:
     data: RunData
     log: Callable[[str], None]
     engine: str | None = None
+    precision_choice: Any = None  # devices.PrecisionChoice: the policy with the reason it was chosen
 
     @property
     def steps(self) -> int:
@@ -122,12 +124,13 @@ def train_model(config: TrainConfig, data=None, log: Callable[[str], None] | Non
 
 
 def _train_locked(config: TrainConfig, data, log: Callable[[str], None]) -> TrainResult:
-    from resnet_deploy.training.devices import probe_devices, replica_count, resolve_precision
+    from resnet_deploy.training.devices import choose_precision, probe_devices, replica_count
 
     out = config.output_dir
     state = _prepare_state(config, out)
     dev = probe_devices()
-    precision = resolve_precision(config.precision, dev)
+    choice = choose_precision(config.precision, dev)
+    precision = choice.policy
     if config.resume:
         note = _check_resumed_precision(config, state, precision, dev, out)
         if note:
@@ -140,7 +143,7 @@ def _train_locked(config: TrainConfig, data, log: Callable[[str], None]) -> Trai
         from resnet_deploy.training.distill import load_teacher
 
         load_teacher(config.teacher)  # fail now on a wrong teacher; it is loaded again in the device scope
-    run = Run(config, out, state, dev, precision, replicas, _load_data(config, data), log)
+    run = Run(config, out, state, dev, precision, replicas, _load_data(config, data), log, precision_choice=choice)
     if not config.resume and config.force:
         _clean(out)
     if config.resume:
@@ -175,9 +178,12 @@ def _prepare_state(config: TrainConfig, out: Path):
         for recipe in (saved, now):
             recipe.pop("precision")
         diffs = recipe_differences(saved, now)
+        if diffs == [f"epochs: checkpoint {saved['epochs']!r}, now {now['epochs']!r}"]:
+            return _change_budget(state, saved["epochs"], config)
         if diffs:
             raise TrainError(f"--resume would change the recipe of the run in {out}: " + "; ".join(diffs),
-                             expected="the options of the interrupted run (resume continues the same schedule)",
+                             expected="the options of the interrupted run (resume continues the same schedule; "
+                                      "--epochs alone may change, and is recorded)",
                              fix="leave those options out when resuming, or start a new run with another --out")
         return state
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not config.force:
@@ -186,6 +192,45 @@ def _prepare_state(config: TrainConfig, out: Path):
                                 expected="a new or empty output folder",
                                 fix=f"choose another --out, pass --force to overwrite it{hint}")
     return RunState(config=config.to_dict())
+
+
+def _change_budget(state, before: int, config: TrainConfig):
+    """``--resume --epochs N`` on a run planned for another number of epochs: allowed, openly.
+
+    The learning-rate schedule is a function of the total number of steps, so from the next step on it
+    follows the new budget (a jump in the learning rate where the two schedules differ there). The change
+    is recorded in the checkpoint state and in the final model's metadata (``budget_changes``), with the
+    learning rates of both schedules at that step (``_note_budget_change``, once the steps per epoch are known)."""
+    import datetime
+
+    done = state.epoch + (1 if state.step else 0)  # an epoch begun inside is finished under the new budget
+    if config.epochs < max(done, 1):
+        raise TrainError(f"--epochs {config.epochs} is fewer than the run has trained or begun ({done}).",
+                         expected=f"--epochs {max(done, 1)} or more", fix=f"pass --epochs {max(done, 1)} or more")
+    state.budget_changes.append({"after_epoch": state.epoch, "batch": state.step, "optimizer_step": state.iterations,
+                                 "epochs_before": before, "epochs_after": config.epochs,
+                                 "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+    state.config = dict(state.config, epochs=config.epochs)
+    return state
+
+
+def _note_budget_change(run: "Run") -> None:
+    """Add both schedules' learning rates at the resumed step to a budget change made by this resume, and say it."""
+    from resnet_deploy.training.recipe import lr_at
+
+    change = run.state.budget_changes[-1] if run.state.budget_changes else None
+    if change is None or "lr_after" in change:
+        return
+    c, step = run.config, change["optimizer_step"]
+
+    def lr(epochs):
+        return lr_at(step, c.peak_lr, run.steps * epochs, round(c.warmup_epochs * run.steps), c.schedule,
+                     c.final_lr_fraction)
+
+    change["lr_before"], change["lr_after"] = lr(change["epochs_before"]), lr(change["epochs_after"])
+    run.log(f"budget changed by --resume --epochs: {change['epochs_before']} -> {change['epochs_after']} epochs "
+            f"after optimizer step {step}; the learning rate there goes from {change['lr_before']:.4g} "
+            f"(old schedule) to {change['lr_after']:.4g} (recorded in the metadata as budget_changes)")
 
 
 def _check_resumed_precision(config: TrainConfig, state, precision: str, dev, out: Path) -> str | None:
@@ -303,7 +348,7 @@ def _run(run: Run) -> TrainResult:
 
     from resnet_deploy.models.builder import build_model, transfer_weights
     from resnet_deploy.models.io import base_metadata
-    from resnet_deploy.training.batches import EvalBatches, TrainBatches
+    from resnet_deploy.training.batches import EpochTail, EvalBatches, TrainBatches
     from resnet_deploy.training.callbacks import EpochSeeder, RunRecorder
     from resnet_deploy.training.checkpoint import restore_last
     from resnet_deploy.training.devices import distribution_scope
@@ -320,8 +365,10 @@ def _run(run: Run) -> TrainResult:
             _log_header(run, student)
             if config.resume:
                 restore_last(run.out, model, state, student)
-                run.log(f"resuming after epoch {state.epoch}/{config.epochs} "
+                inside = f", batch {state.step}/{run.steps} of epoch {state.epoch + 1}" if state.step else ""
+                run.log(f"resuming after epoch {state.epoch}/{config.epochs}{inside} "
                         f"(optimizer step {state.iterations}, lr {_lr(model):.4g})")
+                _note_budget_change(run)
             train_b = TrainBatches(data.train.x, data.train.y, config.batch_size, config.seed, config.pad, config.flip,
                                    config.cutout, epoch=state.epoch, workers=config.workers)
             monitor_b = EvalBatches(data.monitor.x, data.monitor.y, config.batch_size, multiple=run.replicas)
@@ -332,10 +379,19 @@ def _run(run: Run) -> TrainResult:
             state.sessions += 1
             state.precision = run.precision
             recorder = RunRecorder(run.out, state, config.epochs, run.steps, config.batch_size, run.log,
-                                   student=student, best=best)
+                                   student=student, best=best, checkpoint_every_s=60 * config.checkpoint_every)
             verbose = 1 if config.verbose and sys.stdout.isatty() else 0
-            model.fit(train_b, epochs=config.epochs, initial_epoch=state.epoch, validation_data=monitor_b,
-                      callbacks=[EpochSeeder(train_b), recorder], verbose=verbose)
+            if state.step:  # resumed from a checkpoint inside an epoch: first the rest of that epoch
+                recorder.begin_tail(state.step)
+                tail = EpochTail(train_b, state.epoch, state.step, workers=config.workers)
+                model.fit(tail, epochs=state.epoch + 1, initial_epoch=state.epoch, validation_data=monitor_b,
+                          callbacks=[recorder], verbose=verbose, shuffle=False)
+            if state.epoch < config.epochs:
+                # shuffle=False: TrainBatches already draws each epoch's order from (seed, epoch); fit's own
+                # shuffle would reorder the batches with Python's `random`, whose state a resumed run does
+                # not share with the uninterrupted one (its batches would come in another order)
+                model.fit(train_b, epochs=config.epochs, initial_epoch=state.epoch, validation_data=monitor_b,
+                          callbacks=[EpochSeeder(train_b), recorder], verbose=verbose, shuffle=False)
             transfer_weights(student, export_model)
     finally:
         keras.config.set_dtype_policy(previous_policy)
@@ -357,7 +413,8 @@ def _log_header(run: Run, student) -> None:
     log(f"resnet-deploy train: {config.arch} (width {config.width:g}, {student.count_params() / 1e6:.3f} M params) "
         f"on CIFAR-10 from {data.source}")
     log(f"  device: {run.dev.describe()}")
-    log(f"  precision: {run.precision} (logits and loss in float32); engine: "
+    why = f" [{run.precision_choice.reason}]" if run.precision_choice is not None else ""
+    log(f"  precision: {run.precision}{why} (logits and loss in float32); engine: "
         + (f"{run.engine} over {run.replicas} devices" if run.engine else "single device"))
     held = f" (+ {len(data.val):,} held out for validation)" if data.val is not None else ""
     log(f"  data: {len(data.train):,} train{held} / {len(data.test):,} test images; batch {config.batch_size}, "
@@ -410,8 +467,11 @@ def _finish(run: Run, export_model, session_s: float) -> TrainResult:
         "selection": run.selection_note,
         "recipe": config.recipe(),
         "precision": run.precision,
+        "precision_choice": run.precision_choice.to_dict() if run.precision_choice is not None else None,
+        "tf_onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
         "distribution": {"mode": config.distribute, "engine": run.engine, "replicas": run.replicas},
         "optimizer_steps": state.iterations,
+        "budget_changes": state.budget_changes,
         "train_time_s": round(state.elapsed_s, 1),  # epoch wall-clock, test passes included
         **_timing(state.history),
         "sessions": state.sessions,
