@@ -18,9 +18,10 @@ import typer
 
 from resnet_deploy import __version__
 from resnet_deploy.bench.command import bench
-from resnet_deploy.cli_common import VERBOSE_ENV, FrameworkLogFilter, handle_errors, verbose_requested
+from resnet_deploy.cli_common import handle_errors
 from resnet_deploy.converters.command import export
 from resnet_deploy.data.command import data
+from resnet_deploy.logfilter import VERBOSE_ENV, FrameworkLogFilter, verbose_requested
 from resnet_deploy.models.command import models
 from resnet_deploy.pipeline.command import pipeline
 from resnet_deploy.predict.command import predict

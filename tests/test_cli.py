@@ -223,7 +223,7 @@ def test_log_filter_hides_chatter_from_this_process_and_children_and_keeps_the_r
     script = tmp_path / "s.py"
     script.write_text(
         "import os, subprocess, sys\n"
-        "from resnet_deploy.cli_common import FrameworkLogFilter\n"
+        "from resnet_deploy.logfilter import FrameworkLogFilter\n"
         f"noise = {noise!r}\n"
         "with FrameworkLogFilter() as f:\n"
         "    os.write(2, (noise + 'real problem one\\n').encode())\n"

@@ -12,7 +12,8 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from resnet_deploy.cli_common import DataOption, quiet_frameworks
+from resnet_deploy.cli_common import DataOption
+from resnet_deploy.logfilter import quiet_frameworks
 
 _PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 

@@ -161,7 +161,7 @@ def cpu_override() -> tuple[str | None, list[str] | None]:
 def u8s8_saturation_warning(manifest: Manifest, machine: str | None = None, flags=None) -> str | None:
     """Why an ONNX INT8 file with uint8 activations and full 8-bit int8 weights saturates on this CPU (an
     x86 CPU without VNNI, where ONNX Runtime's U8S8 kernels add pairs of products in saturating 16-bit
-    sums, see converters/onnx_rules.py), or None. The file was exported for another CPU (its
+    sums, see docs/export.md), or None. The file was exported for another CPU (its
     ``calibration.target``, when recorded), or before the rule existed (no ``reduce_range`` recorded).
     ``machine``/``flags`` default to ``cpu_override()``, then to this machine's."""
     cal = manifest.calibration or {}
@@ -171,7 +171,7 @@ def u8s8_saturation_warning(manifest: Manifest, machine: str | None = None, flag
     if (manifest.format != Format.ONNX.value or manifest.precision != Precision.INT8.value
             or activations != "uint8" or weights != "int8" or cal.get("reduce_range", False)):
         return None
-    from resnet_deploy.converters.onnx_rules import has_vnni, is_x86
+    from resnet_deploy.envinfo import has_vnni, is_x86
 
     env_machine, env_flags = cpu_override()
     machine = machine if machine is not None else env_machine

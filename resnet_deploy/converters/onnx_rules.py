@@ -12,23 +12,23 @@ target      Optimum preset         scheme       why
 =========== ===================== ============ ============================================================
 x86-vnni    avx512_vnni            u8s8         VPDPBUSD accumulates u8*s8 in 32 bits: full 8-bit weights
 x86-avx2    avx2 / avx512          u8s8-rr7     VPMADDUBSW adds u8*s8 pairs into a *saturating* int16: 8-bit
-            (reduce_range=True)                 weights clip (tiny ResNet agreement 0.705 instead of 0.96), so
-                                                weights are quantized to 7 bits (``reduce_range``)
-arm64       arm64                  s8s8         ONNX Runtime's fast QDQ path on arm64 (Optimum picks u8s8;
-                                                DESIGN.md measured S8S8 as the arm64 choice)
+            (reduce_range=True)                 weights clip, so weights are quantized to 7 bits (``reduce_range``)
+arm64       arm64                  s8s8         ONNX Runtime's fast QDQ path on arm64 (Optimum picks u8s8)
 host        (this CPU)             one of the above, from this CPU's architecture and flags
 =========== ===================== ============ ============================================================
 
-uint8 activations on x86 because ONNX Runtime runs U8S8 QDQ residual nets about 3.8x faster than S8S8
-there (DESIGN.md). ``reduce_range`` is used only where it is needed (U8S8 on x86 without VNNI), never
+uint8 activations on x86 because ONNX Runtime's U8S8 kernels are its fast x86 path. The measurements
+behind each choice are in docs/export.md; the strings written into manifests state the rule, not the
+figures. ``reduce_range`` is used only where it is needed (U8S8 on x86 without VNNI), never
 with int8 activations. ``--onnx-activation-type`` / ``--onnx-reduce-range`` still override the host's
 choice; with an explicit target, an override that contradicts it is refused (``check_int8_choices``).
 """
 
 from __future__ import annotations
 
-import platform
 from dataclasses import asdict, dataclass, field
+
+from resnet_deploy.envinfo import has_vnni, is_arm, is_x86, known_flags, machine_name, vnni_flags  # noqa: F401
 
 # QDQ with per-channel weights (QuantizeLinear/DequantizeLinear ``axis``) needs opset 13.
 MIN_OPSET = 13
@@ -39,14 +39,9 @@ DEFAULT_OPSET = 17
 
 ACTIVATION_TYPES = ("uint8", "int8")
 WEIGHT_TYPE = "int8"  # symmetric, per-channel; not an option
-VNNI_FLAGS = ("avx512_vnni", "avx512vnni", "avx_vnni")  # /proc/cpuinfo names (envinfo reads them)
-_ARM = ("arm64", "aarch64", "armv8l")
-_X86 = ("x86_64", "amd64", "x86", "i386", "i686", "x64")
 
 USER, AUTOMATIC, FIXED, TARGET = "user", "automatic", "fixed", "target"
 HOST = "host"
-
-
 
 @dataclass(frozen=True)
 class Int8Target:
@@ -61,16 +56,15 @@ class Int8Target:
 
 INT8_TARGETS = {t.name: t for t in (
     Int8Target("x86-vnni", "uint8", False, "AutoQuantizationConfig.avx512_vnni",
-               "x86 with VNNI (avx512_vnni or avx_vnni): ONNX Runtime's U8S8 kernels (uint8 activations, 3.8x "
-               "S8S8 on a residual net, DESIGN.md) accumulate with VPDPBUSD in 32 bits, no saturation: full "
-               "8-bit weights"),
+               "x86 with VNNI (avx512_vnni or avx_vnni): ONNX Runtime's U8S8 kernels (uint8 activations, its "
+               "fast x86 path) accumulate with VPDPBUSD in 32 bits, no saturation: full 8-bit weights"),
     Int8Target("x86-avx2", "uint8", True, "AutoQuantizationConfig.avx2 / avx512 with reduce_range=True",
                "x86 without VNNI (AVX2, AVX-512 without VNNI): ONNX Runtime's U8S8 kernels multiply with "
-               "VPMADDUBSW, whose 16-bit pair sums saturate with 8-bit weights (tiny ResNet agreement 0.705 vs "
-               "0.960 with 7-bit weights, docs/export.md): weights quantized to 7 bits (reduce_range)"),
+               "VPMADDUBSW, whose 16-bit pair sums saturate with 8-bit weights: weights quantized to 7 bits "
+               "(reduce_range)"),
     Int8Target("arm64", "int8", False, "AutoQuantizationConfig.arm64 (Optimum keeps uint8 activations there)",
-               "arm64: int8 activations, ONNX Runtime's fast QDQ path there (DESIGN.md); no VPMADDUBSW, so "
-               "full 8-bit weights"),
+               "arm64: int8 activations, ONNX Runtime's fast QDQ path there; no VPMADDUBSW, so full 8-bit "
+               "weights"),
 )}
 TARGET_CHOICES = (HOST, *INT8_TARGETS)
 _SHORT = {"uint8": "u8", "int8": "s8"}
@@ -82,42 +76,15 @@ def scheme_name(activation_type: str, weight_type: str = WEIGHT_TYPE, reduce_ran
     return _SHORT[activation_type] + _SHORT[weight_type] + ("-rr7" if reduce_range else "")
 
 
-def _machine(machine: str | None) -> str:
-    return (machine or platform.machine()).lower()
-
-
-def is_arm(machine: str | None = None) -> bool:
-    return _machine(machine) in _ARM
-
-
-def is_x86(machine: str | None = None) -> bool:
-    return _machine(machine) in _X86
-
-
-def _flags(flags) -> list[str] | None:
-    """The given flags, or this machine's (``envinfo.read_cpu_flags``); None when they are unknown."""
-    if flags is None:
-        from resnet_deploy.envinfo import read_cpu_flags
-
-        flags = read_cpu_flags()
-    return None if flags is None else list(flags)
-
-
-def has_vnni(flags=None) -> bool | None:
-    """Whether the CPU flags (default: this machine's) include VNNI; None when the flags are unknown."""
-    fl = _flags(flags)
-    return None if fl is None else any(f in VNNI_FLAGS for f in fl)
-
-
 def host_target(machine: str | None = None, flags=None) -> tuple[str, str]:
     """The target ``host`` stands for on this CPU (or the given ``machine``/``flags``), and why."""
-    m, fl = _machine(machine), _flags(flags)
+    m, fl = machine_name(machine), known_flags(flags)
     cpu = (f"this CPU ({m}, flags read: {', '.join(fl) or 'none'})" if fl is not None
            else f"this CPU ({m}, flags unknown: /proc/cpuinfo unreadable)")
     if is_arm(m):
         return "arm64", f"{cpu} is arm64"
     if is_x86(m):
-        vnni = [f for f in fl or () if f in VNNI_FLAGS]
+        vnni = vnni_flags(fl)
         if vnni:
             return "x86-vnni", f"{cpu} is x86 with VNNI ({', '.join(vnni)})"
         if fl is None:
@@ -205,7 +172,7 @@ def onnx_int8_settings(activation_type: str | None, reduce_range: bool | None, m
     """Resolve the ONNX INT8 settings: ``target`` (``host``: this CPU, or ``machine``/``flags``) gives the
     scheme, and on ``host`` a value given by the user overrides it."""
     check_int8_choices(target, activation_type, reduce_range)
-    m, fl = _machine(machine), _flags(flags)
+    m, fl = machine_name(machine), known_flags(flags)
     chosen, reason = {}, {}
     if target == HOST:
         resolved, why = host_target(m, fl)
@@ -249,6 +216,5 @@ def onnx_int8_settings(activation_type: str | None, reduce_range: bool | None, m
                                       "works around is x86-only, full 8-bit weights")
     reason["weight_type"] = ("fixed: symmetric int8 weights (not an option)" +
                              (", quantized to 7 bits (-64..64) because reduce_range is on" if rr else ", full 8 bits"))
-    vnni = [f for f in fl or () if f in VNNI_FLAGS]
     return OnnxInt8Settings(act, WEIGHT_TYPE, rr, resolved, target, chosen, reason,
-                            {"machine": m, "flags": fl, "vnni": None if fl is None else bool(vnni)})
+                            {"machine": m, "flags": fl, "vnni": None if fl is None else bool(vnni_flags(fl))})

@@ -40,7 +40,7 @@ def pipeline(
 ) -> None:
     """The main job: load the best pretrained ResNet (or --model, or --train one), export all six artifacts,
     bench them on the test split, write the report."""
-    from resnet_deploy.cli_common import quiet_frameworks
+    from resnet_deploy.logfilter import quiet_frameworks
 
     quiet_frameworks()
     from resnet_deploy.pipeline import job
