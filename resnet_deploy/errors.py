@@ -64,3 +64,23 @@ class OutputExistsError(ResnetDeployError):
 
 class OutputLockedError(ResnetDeployError):
     """Another run holds the output folder."""
+
+
+class UntrustedFileError(ResnetDeployError):
+    """A model, artifact, manifest or image refused before any of it was used: not a regular file, a
+    checksum that does not match its manifest, a malformed or implausible manifest, over a size budget."""
+
+
+class ModelRunError(ResnetDeployError):
+    """An untrusted model crashed, ran out of its memory cap, or hung in its isolated child process.
+
+    ``kind`` says which: "crash" (a signal), "memory" (over ``--max-memory``), "timeout" (no progress),
+    "start" (the child could not start) or "runtime" (the engine refused the file with an exception)."""
+
+    def __init__(self, what: str, expected: str | None = None, fix: str | None = None, kind: str = "runtime"):
+        self.kind = kind
+        super().__init__(what, expected, fix)
+
+
+class OutputWriteError(ResnetDeployError):
+    """An output could not be written (disk full, quota, name too long); nothing half-written was left."""

@@ -2,7 +2,10 @@
 
 Thin: parses options, calls ``classify``, prints a line per image (or JSON with ``--json``). Inputs
 that cannot be read get an error each and the rest still run; the exit code is then 2 (as bench's
-for a file it cannot measure). No framework is imported at module level.
+for a file it cannot measure). No framework is imported at module level (the model runs in a child
+process, ``untrusted.run_model``). Every string that came from a file (class names, file names, the
+manifest's precision) is escaped before it reaches the terminal (``terminal.safe``); ``--json`` keeps
+the exact strings (``json.dumps`` escapes control characters itself).
 """
 
 from __future__ import annotations
@@ -38,26 +41,36 @@ def predict(
     runtime: Annotated[Optional[str], typer.Option(
         help="The runtime to run the artifact in. Default: its format's own (keras, litert, onnxruntime); "
              "an .onnx file also runs in openvino.", show_default=False)] = None,
+    max_memory: Annotated[str, typer.Option(
+        "--max-memory", help="Memory cap of the process that loads and runs the artifact (binary units: "
+                             "512M, 2G); also bounds image decoding (1/16 of it, at most 40 megapixels an "
+                             "image) and .npz inputs (1/4 of it).")] = "2G",
+    timeout: Annotated[float, typer.Option(
+        "--timeout", help="Seconds the artifact's process may go without progress (start-up included) "
+                          "before it is stopped.")] = 300.0,
 ) -> None:
     """Classify images with an artifact: top-k classes, names and probabilities; accuracy for an .npz
     with labels. Exit code 2 when an input or the artifact could not be used."""
     quiet_frameworks()
     from resnet_deploy.predict.core import classify
     from resnet_deploy.predict.images import PredictError
+    from resnet_deploy.terminal import safe, safe_lines
+    from resnet_deploy.untrusted import parse_memory
 
     result = classify(artifact, images, top_k=top_k, fit=fit, limit=limit, batch_size=batch_size, threads=threads,
-                      runtime=runtime)
+                      runtime=runtime, max_memory=parse_memory(max_memory), timeout_s=timeout)
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
         print_result(result)
     for e in result.inputs.errors:  # one message per input, on stderr
-        _eprint(f"error: {e.error.render()}")
+        _eprint(f"error: {safe_lines(e.error.render())}")
     for note in result.inputs.notes:
-        _eprint(f"note: {note}")
+        _eprint(f"note: {safe(note)}")
     failed = result.inputs.errors
     if failed:
-        names = ", ".join(e.input for e in failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
+        names = ", ".join(safe(e.input) for e in failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5
+                                                                 else "")
         raise PredictError(f"{len(failed)} of {len(failed) + _files(result)} input(s) could not be used: {names}.",
                            expected="PNG or JPEG images, folders of them, or .npz files",
                            fix="see the error lines above; the other inputs' predictions are printed")
@@ -93,23 +106,27 @@ def _files(result) -> int:
 
 
 def print_result(result) -> None:
+    """The text report; every string from a file (class names, input names, the manifest's precision, the
+    artifact's name) goes through ``terminal.safe``."""
+    import shutil
+
     from resnet_deploy.predict.images import RESIZE_METHOD
+    from resnet_deploy.terminal import safe
 
     a = result.artifact
-    names = a.class_names
-    what = " ".join(x for x in (a.format, a.precision) if x)
-    print(f"{a.path.name} ({what}, {result.runtime or 'not run'}): top-{result.top_k} of {len(names)} classes")
+    names = [safe(n) for n in a.class_names]
+    what = " ".join(safe(x) for x in (a.format, a.precision) if x)
+    print(f"{safe(a.path.name)} ({what}, {result.runtime or 'not run'}): top-{result.top_k} of {len(names)} classes")
     print(f"  probabilities: {result.scores}")
     print(f"  resize: {RESIZE_METHOD[result.fit]}")
     if a.sidecar is None:
         print("  no manifest beside the artifact: pixels 0..255 and CIFAR-10 class names assumed")
     if not len(result.inputs):
         return
-    import shutil
-
     columns = shutil.get_terminal_size().columns
-    width = min(max(len(n) for n in result.inputs.names), 28)
-    for i, name in enumerate(result.inputs.names):
+    shown_names = [safe(n) for n in result.inputs.names]
+    width = min(max(len(n) for n in shown_names), 28)
+    for i, name in enumerate(shown_names):
         shown = name if len(name) <= width else "…" + name[-(width - 1):]
         cells = [f"{names[c]} {result.probabilities[i, c]:.1%}" for c in result.top[i]]
         label = int(result.inputs.labels[i])
@@ -119,5 +136,6 @@ def print_result(result) -> None:
             line = "\n".join([name + mark, *_pack(cells, columns - 4, indent="    ")])
         print(line)
     for acc in result.accuracy:
-        print(f"accuracy on {acc['source']}: top-1 {acc['top1']:.2%} ({acc['top1_correct']:,}/{acc['images']:,}), "
+        print(f"accuracy on {safe(acc['source'])}: top-1 {acc['top1']:.2%} "
+              f"({acc['top1_correct']:,}/{acc['images']:,}), "
               f"top-{acc['k']} {acc['topk']:.2%} ({acc['topk_correct']:,}/{acc['images']:,})")

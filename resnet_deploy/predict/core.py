@@ -1,8 +1,17 @@
 """Classify images with any artifact: top-k classes with names and probabilities.
 
-The artifact's runner (``resnet_deploy.runtimes.open_runner``) applies the preprocessing recorded in
-its manifest (or the .keras model's metadata sidecar), so the same 32x32 pixels go to every format.
-Class names come from the same sidecar (CIFAR-10's names when a file has none).
+Nothing in the artifact or beside it is taken on faith (``resnet_deploy.untrusted``):
+
+- the artifact must be a regular file (or a SavedModel folder); its manifest (or the .keras model's
+  metadata sidecar) is read bounded and checked field by field (``untrusted.read_sidecar``), and an
+  artifact's sha256 must be the one its manifest records;
+- the model is loaded and run in a child process under a memory cap (``max_memory``, ``--max-memory``)
+  and a timeout (``timeout_s``); a crash, an out-of-memory failure or a hang is one ``ModelRunError``;
+- its outputs must be finite, one per class name; a model whose sidecar says it outputs
+  probabilities must produce rows that are probabilities.
+
+The child applies the checked preprocessing, so the same 32x32 pixels go to every format. Class
+names come from the sidecar (CIFAR-10's names when a file has none).
 
 Probabilities: resnet-deploy's models output logits (the metadata says ``"output": "logits (no
 softmax)"``), so predict applies a softmax. A model whose sidecar says it outputs probabilities, or,
@@ -19,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from resnet_deploy.predict.images import Inputs, PredictError, collect
+from resnet_deploy.untrusted import DEFAULT_MAX_MEMORY, DEFAULT_TIMEOUT_S
 
 SUM_TOLERANCE = 2e-2  # an INT8 artifact's dequantized probabilities sum to 1 within a few 1/256 steps
 
@@ -31,6 +41,7 @@ class ArtifactInfo:
     class_names: list[str]
     declared_output: str | None  # "logits", "probabilities" or None (not stated)
     sidecar: Path | None  # the manifest / metadata file read, None when there is none
+    preprocessing: dict | None = None  # the checked Preprocessing.to_dict(); None: raw pixels 0..255
 
 
 @dataclass
@@ -70,35 +81,35 @@ class Result:
 
 
 def artifact_info(path: str | os.PathLike) -> ArtifactInfo:
-    """Format, precision, class names and the declared output kind, from the artifact's sidecar."""
+    """Format, precision, class names, preprocessing and the declared output kind, from the artifact's
+    sidecar, every field checked; an artifact's sha256 is compared with its manifest's."""
     from resnet_deploy.config import Format
     from resnet_deploy.data.constants import CLASS_NAMES
-    from resnet_deploy.fileio import sidecar_path
+    from resnet_deploy.errors import UntrustedFileError
+    from resnet_deploy.terminal import safe
+    from resnet_deploy.untrusted import check_regular, read_sidecar
 
-    path = resolve_artifact(path)
-    fmt = Format.from_path(path)
-    if not path.exists():
-        raise PredictError(f"The artifact {path} does not exist.",
+    from resnet_deploy.untrusted.files import os_error
+
+    try:
+        path = resolve_artifact(path)
+        fmt = Format.from_path(path)
+        missing = not path.exists()
+    except OSError as exc:  # a name too long, a path through a file
+        e = os_error(path, exc, "model")
+        raise PredictError(e.what, expected=e.expected, fix=e.fix) from None
+    if missing:
+        raise PredictError(f"The artifact {safe(path)} does not exist.",
                            expected="a .tflite or .onnx file written by `resnet-deploy export`, or a .keras model",
                            fix="check the path (export writes <model>_<precision>.tflite/.onnx beside the model)")
-    side = sidecar_path(path)
-    if fmt is Format.KERAS:
-        from resnet_deploy.models.io import read_metadata
-
-        meta = read_metadata(path) or {}
-        precision = "fp32"
-        names = meta.get("class_names")
-        declared = _declared_output(meta)
-    else:
-        from resnet_deploy.artifact import read_manifest
-
-        m = read_manifest(path)
-        meta = m.to_dict() if m else {}
-        precision = m.precision if m else None
-        names = m.class_names if m else None
-        declared = _declared_output(meta)
-    return ArtifactInfo(path, fmt.value, precision, list(names or CLASS_NAMES), declared,
-                        side if side.exists() else None)
+    try:
+        check_regular(path, "model", allow_dir=fmt is Format.KERAS)
+        side = read_sidecar(path, fmt.value)
+    except UntrustedFileError as exc:
+        raise PredictError(exc.what, expected=exc.expected, fix=exc.fix) from None
+    precision = "fp32" if fmt is Format.KERAS else side.precision
+    return ArtifactInfo(path, fmt.value, precision, list(side.class_names or CLASS_NAMES), side.declared_output,
+                        side.path, side.preprocessing)
 
 
 ARTIFACT_SUFFIXES = (".tflite", ".onnx", ".keras", ".h5", ".hdf5")
@@ -125,22 +136,6 @@ def _check_runtime(runtime: str, info: ArtifactInfo) -> None:
         raise PredictError(exc.what, expected=exc.expected, fix=exc.fix) from None
 
 
-def _declared_output(meta: dict) -> str | None:
-    """What a sidecar says the model outputs: ``output_kind`` ("logits"/"probabilities"), or the model
-    metadata's ``output`` text ("logits (no softmax)")."""
-    kind = meta.get("output_kind")
-    if kind in ("logits", "probabilities"):
-        return kind
-    text = meta.get("output")
-    if isinstance(text, str):
-        t = text.lower()
-        if "logit" in t:
-            return "logits"
-        if "probabilit" in t or ("softmax" in t and "no softmax" not in t):
-            return "probabilities"
-    return None
-
-
 def softmax(z: np.ndarray) -> np.ndarray:
     z = np.asarray(z, np.float64)
     e = np.exp(z - z.max(axis=1, keepdims=True))
@@ -154,11 +149,28 @@ def looks_like_probabilities(out: np.ndarray) -> bool:
                                    and np.all(np.abs(out.sum(axis=1) - 1) <= SUM_TOLERANCE))
 
 
-def to_probabilities(out: np.ndarray, declared: str | None) -> tuple[np.ndarray, str]:
-    """(probabilities, how they were obtained)."""
+def to_probabilities(out: np.ndarray, declared: str | None, source: str | os.PathLike = "the model"
+                     ) -> tuple[np.ndarray, str]:
+    """(probabilities, how they were obtained). Non-finite outputs are refused, and so is a declared
+    "probabilities" output whose rows are not probabilities."""
+    from resnet_deploy.terminal import safe
+
+    out = np.asarray(out)
+    bad = ~np.isfinite(out).all(axis=1) if out.ndim == 2 else np.zeros(0, bool)
+    if bad.any():
+        raise PredictError(f"{safe(source)} output NaN or infinity for {int(bad.sum())} of {len(out)} image(s).",
+                           expected="finite scores for every image",
+                           fix="the file is damaged or was exported from a broken model: re-export it")
     if declared == "logits":
         return softmax(out), "softmax of the logits (the sidecar says logits)"
     if declared == "probabilities":
+        if len(out) and not looks_like_probabilities(out):
+            sums = np.asarray(out, np.float64).sum(axis=1)
+            raise PredictError(
+                f"The sidecar of {safe(source)} says the model outputs probabilities, but its rows are not: they sum "
+                f"to {sums.min():.4g} .. {sums.max():.4g} and range over {out.min():.4g} .. {out.max():.4g}.",
+                expected=f"rows of values in [0, 1] that sum to 1 (within {SUM_TOLERANCE:g})",
+                fix='correct the sidecar\'s "output_kind" (to "logits"), or delete the sidecar')
         return np.asarray(out, np.float64), "the model's own (the sidecar says probabilities)"
     if looks_like_probabilities(out):
         return np.asarray(out, np.float64), "the model's own (every output row sums to 1)"
@@ -188,15 +200,24 @@ def accuracy_by_source(inputs: Inputs, top: np.ndarray) -> list[dict]:
 
 def classify(artifact: str | os.PathLike, inputs: list[str | os.PathLike], top_k: int = 3, fit: str = "crop",
              limit: int | None = None, batch_size: int = 256, threads: int | None = None,
-             runtime: str | None = None) -> Result:
+             runtime: str | None = None, max_memory: int | None = DEFAULT_MAX_MEMORY,
+             timeout_s: float | None = DEFAULT_TIMEOUT_S) -> Result:
     """Run ``artifact`` on every readable input, in ``runtime`` (default: its format's own; an .onnx file
-    also runs in ``"openvino"``). Inputs that cannot be read are in ``result.inputs.errors``; an artifact
-    that cannot be used, or a runtime that cannot run it or is not installed, raises ``PredictError``
-    (or the runtime's ``ResnetDeployError``) before any image is read."""
+    also runs in ``"openvino"``), in a child process capped at ``max_memory`` bytes (None: no cap) that
+    may go ``timeout_s`` seconds without progress. Inputs that cannot be read are in
+    ``result.inputs.errors``; an artifact that cannot be used, or a runtime that cannot run it or is not
+    installed, raises ``PredictError`` before any image is read; a model that crashes, runs out of memory
+    or hangs raises ``ModelRunError``."""
+    from resnet_deploy.data.preprocess import Preprocessing
+    from resnet_deploy.untrusted import run_model
+
     if limit is not None and limit < 1:
         raise PredictError(f"--limit {limit} selects no image.", expected="a positive number", fix="e.g. --limit 100")
     if batch_size < 1:
         raise PredictError(f"--batch-size {batch_size} is not positive.", expected="1 or more", fix="e.g. 256")
+    if timeout_s is not None and not timeout_s > 0:
+        raise PredictError(f"--timeout {timeout_s} is not a positive number of seconds.", expected="seconds > 0",
+                           fix="e.g. --timeout 300")
     info = artifact_info(artifact)
     if runtime is not None:
         _check_runtime(runtime, info)
@@ -204,20 +225,14 @@ def classify(artifact: str | os.PathLike, inputs: list[str | os.PathLike], top_k
     if not 1 <= top_k <= n_classes:
         raise PredictError(f"--top-k {top_k} is out of range for {n_classes} classes.",
                            expected=f"1 to {n_classes}", fix="e.g. --top-k 3")
-    data = collect([Path(p) for p in inputs], fit=fit, limit=limit, num_classes=n_classes)
+    data = collect([Path(p) for p in inputs], fit=fit, limit=limit, num_classes=n_classes, max_memory=max_memory)
     ran_in = None
     out = np.zeros((0, n_classes), np.float32)
     if len(data):
-        from resnet_deploy.runtimes import open_runner
-
-        with open_runner(info.path, threads=threads, batch_size=batch_size, runtime=runtime) as runner:
-            ran_in = runner.name
-            out = runner.predict(data.pixels)
-        if out.ndim != 2 or out.shape[1] != n_classes:
-            where = f"its sidecar {info.sidecar.name}" if info.sidecar else "CIFAR-10 (no sidecar found)"
-            raise PredictError(f"{info.path} outputs shape {out.shape[1:]}, but {where} names {n_classes} classes.",
-                               expected="one score per class name",
-                               fix="use the manifest written with this artifact by `resnet-deploy export`")
-    probs, scores = to_probabilities(out, info.declared_output)
+        run = run_model(info.path, data.pixels, preprocessing=info.preprocessing or Preprocessing.pixels().to_dict(),
+                        n_classes=n_classes, runtime=runtime, threads=threads, batch_size=batch_size,
+                        max_memory=max_memory, timeout_s=timeout_s)
+        ran_in, out = run.runtime, run.outputs
+    probs, scores = to_probabilities(out, info.declared_output, info.path)
     top = top_k_indices(probs, top_k)
     return Result(info, ran_in, scores, top_k, fit, data, probs, top, accuracy_by_source(data, top))
