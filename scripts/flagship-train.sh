@@ -2,9 +2,11 @@
 # Start or resume the flagship ResNet34 training run in the background (issue 20).
 #
 #   scripts/flagship-train.sh start  COMMIT   clone the repo at COMMIT into $FLAGSHIP_TREE, install it, start the run
-#   scripts/flagship-train.sh resume          continue the run from its last checkpoint
+#   scripts/flagship-train.sh resume          continue the run from its last checkpoint (one every $EVERY minutes)
+#   scripts/flagship-train.sh pin COMMIT      move the stopped run's checkout to COMMIT (changes that keep the recipe)
 #   scripts/flagship-train.sh status          epochs done, last line of the log, whether it runs
 #   scripts/flagship-train.sh pause|cont      SIGSTOP / SIGCONT the run (for timing benchmarks on a shared machine)
+#   scripts/flagship-train.sh stop            Ctrl-C the run and wait for it to exit (its checkpoints stay)
 #
 # The run trains from its own checkout ($FLAGSHIP_TREE, default ../flagship), pinned at the commit
 # that holds the recipe, so later changes to training/ in the main checkout cannot change a resumed
@@ -21,6 +23,7 @@ TREE=${FLAGSHIP_TREE:-$here/../flagship}
 RUN=${FLAGSHIP_RUN:-$here/../flagship-runs/resnet34}
 DATA=${FLAGSHIP_DATA:-$here/../shared/data/cifar10}
 NICE=${FLAGSHIP_AUTOGROUP_NICE:--10}
+EVERY=${FLAGSHIP_CHECKPOINT_MINUTES:-10}
 LOG=$RUN.log
 PIDFILE=$RUN.pid
 
@@ -68,7 +71,17 @@ case "${1:-}" in
   resume)
     running && { echo "the run is already going (pid $(cat "$PIDFILE"))"; exit 1; }
     [ -x "$TREE/.venv/bin/resnet-deploy" ] || make -C "$TREE" install
-    launch --resume
+    launch --resume --checkpoint-every "$EVERY"
+    ;;
+  pin)
+    commit=${2:?"pin needs a commit"}
+    running && { echo "stop the run first (kill -INT -- -\$(cat $PIDFILE)); it resumes from its last checkpoint"; exit 1; }
+    git -C "$TREE" fetch -q "$here" "$commit" 2>/dev/null || true
+    old=$(git -C "$TREE" rev-parse HEAD)
+    git -C "$TREE" checkout -q --detach "$commit"
+    echo "=== $(date -u +%FT%TZ) checkout moved from $old to $(git -C "$TREE" rev-parse HEAD); training/ changes:" >>"$LOG"
+    git -C "$TREE" diff --stat "$old" HEAD -- resnet_deploy/training >>"$LOG"
+    tail -n 12 "$LOG"
     ;;
   status)
     if running; then echo "running: pid $(cat "$PIDFILE")"; else echo "not running"; fi
@@ -76,7 +89,14 @@ case "${1:-}" in
     [ -f "$RUN/log.csv" ] && tail -n 3 "$RUN/log.csv"
     [ -f "$LOG" ] && tail -n 2 "$LOG"
     ;;
+  stop)
+    running || { echo "not running"; exit 0; }
+    pid=$(cat "$PIDFILE"); kill -CONT -- "-$pid" 2>/dev/null; kill -INT -- "-$pid"
+    for _ in $(seq 120); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+    if kill -0 "$pid" 2>/dev/null; then echo "still running after 120 s (pid $pid)"; exit 1; fi
+    tail -n 2 "$LOG"
+    ;;
   pause) running && kill -STOP -- "-$(cat "$PIDFILE")" && echo paused ;;
   cont) running && kill -CONT -- "-$(cat "$PIDFILE")" && echo continued ;;
-  *) sed -n '2,8p' "$0"; exit 2 ;;
+  *) sed -n '2,10p' "$0"; exit 2 ;;
 esac
