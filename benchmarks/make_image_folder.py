@@ -3,7 +3,7 @@ keras.utils.image_dataset_from_directory and torchvision's ImageFolder.
 
     .venv/bin/python benchmarks/make_image_folder.py /tmp/cifar10_png                     # lossless, 32x32
     .venv/bin/python benchmarks/make_image_folder.py /tmp/cifar10_jpg224 --format jpeg --size 224 \\
-        --splits test --limit 10000                                                          # the scale benchmark's input
+        --splits test --limit 10000                                   # the scale benchmark's input
 
 Files are named by their index in the source split (``00042.png``), so the folder reads back in the npz's
 order (``resnet_deploy.data.folder``): as PNG at the source size the images come back byte for byte, which

@@ -112,7 +112,10 @@ def test_folder_without_split_subfolders_says_what_layout_is_expected(tmp_path):
         open_image_folder(tmp_path / "missing")
     with pytest.raises(FolderLayoutError, match="regular file, not a folder"):
         open_image_folder(flat / "a.png")
-    assert isinstance(FolderLayoutError("x"), DataError)
+    for cls in (NotAnImageError, CorruptImageError, ImageTooLargeError, NotRegularFileError):
+        assert issubclass(cls, ImageFileError) and issubclass(cls, DataError)
+    for cls in (FolderLayoutError, EmptyClassError, ClassMismatchError):
+        assert issubclass(cls, DataError)
 
 
 def test_split_without_class_folders_and_missing_split(tmp_path):
@@ -187,7 +190,8 @@ def test_non_image_by_content_and_corrupt_jpeg_skipped_with_count_or_refused(tmp
     assert len(x) == 6 and x.shape[1:] == (32, 32, 3)
     bad = {s.path: s.kind for s in stream.report.skipped}
     assert bad == {"test/cat/1b_fake.png": "not an image", "test/dog/1c_broken.jpg": "corrupt"}
-    assert [te.files[i] for i in range(len(te)) if i not in set(idx.tolist())] == ["cat/1b_fake.png", "dog/1c_broken.jpg"]
+    left_out = [te.files[i] for i in range(len(te)) if i not in set(idx.tolist())]
+    assert left_out == ["cat/1b_fake.png", "dog/1c_broken.jpg"]
     np.testing.assert_array_equal(y, te.y[idx])
     notes = " ".join(stream.report.notes())
     assert "skipped 2 file(s)" in notes and "1 corrupt" in notes and "1 not an image" in notes

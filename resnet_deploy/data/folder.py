@@ -504,7 +504,8 @@ def _list_dir(p: Path, what: str) -> list[os.DirEntry]:
         e = os_error(p, exc, "folder")
         raise FolderLayoutError(e.what, expected=LAYOUT, fix=e.fix) from None
     except ValueError:
-        raise FolderLayoutError(f"{safe(p)} is not a usable path (it holds a NUL byte).", fix="check the path") from None
+        raise FolderLayoutError(f"{safe(p)} is not a usable path (it holds a NUL byte).",
+                                fix="check the path") from None
     if not stat.S_ISDIR(st.st_mode):
         raise FolderLayoutError(f"{safe(p)} is a {kind_of(st.st_mode)}, not a folder.", expected=f"a {what}: {LAYOUT}",
                                 fix="pass the folder that holds train/ (and val/, test/)")
