@@ -1,4 +1,10 @@
-"""Staged, fsynced writes (nothing half-written carries a final name), hashing, one writer per folder."""
+"""Staged, fsynced writes (nothing half-written carries a final name), hashing, one writer per folder.
+
+Outputs never replace a FIFO, a device or a socket (not even with ``--force``); names too long for the
+file system, a full disk or quota, a read-only file system are ``OutputWriteError``\ s saying so, with
+nothing half-written left; the lock and aside names stay legal for any legal output name; the user's
+cache folder falls back to a private temporary folder, and says so, when ``$HOME`` is empty or unset.
+"""
 
 from __future__ import annotations
 
@@ -11,31 +17,124 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from resnet_deploy.errors import OutputExistsError
+from resnet_deploy.errors import OutputExistsError, OutputWriteError
+from resnet_deploy.terminal import safe
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """sha256 of a file, or of every file in a folder (sorted by relative path)."""
+    """sha256 of a file, or of every file in a folder (sorted by relative path). Only regular files are
+    read (``untrusted.open_regular``): a FIFO or a device is an ``UntrustedFileError``, never a wait."""
+    from resnet_deploy.untrusted.files import open_regular
+
     p = Path(path)
     h = hashlib.sha256()
     files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
     for f in files:
         if p.is_dir():
             h.update(str(f.relative_to(p)).encode())
-        with open(f, "rb") as fh:
+        with open_regular(f) as fh:
             for block in iter(lambda: fh.read(chunk), b""):
                 h.update(block)
     return h.hexdigest()
 
 
+def special_kind(path: str | os.PathLike) -> str | None:
+    """"FIFO (named pipe)", "character device", "block device" or "socket" when ``path`` (links followed) is
+    one; None for a regular file, a folder or nothing."""
+    import stat
+
+    from resnet_deploy.untrusted.files import kind_of
+
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    return None if stat.S_ISREG(mode) or stat.S_ISDIR(mode) else kind_of(mode)
+
+
 def check_can_write(path: str | os.PathLike, force: bool, what: str = "file") -> None:
+    """Before any work: ``path`` may be written. A name too long is refused; an existing FIFO, device or
+    socket always (``--force`` replaces files and folders only); any other existing path without ``force``."""
     p = Path(path)
+    check_name_length(p, what)
+    kind = special_kind(p)
+    if kind is not None:
+        raise OutputExistsError(
+            f"{safe(p)} is a {kind}, not a {what}: resnet-deploy never writes over FIFOs, devices or sockets.",
+            expected=f"a path where no {what} exists yet, or a regular file to replace",
+            fix="choose another output path")
     if p.exists() and not force:
         raise OutputExistsError(
-            f"{p} already exists.",
+            f"{safe(p)} already exists.",
             expected=f"a path where no {what} exists yet",
             fix="choose another output path or pass --force to overwrite it",
         )
+
+
+NAME_MAX = 255  # bytes in one name, where the file system does not say (ext4, xfs, btrfs, tmpfs)
+PATH_MAX = 4096
+
+
+def name_max(folder: Path) -> int:
+    try:
+        return int(os.pathconf(folder, "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):
+        return NAME_MAX
+
+
+def check_name_length(path: str | os.PathLike, what: str = "file", flag: str | None = None) -> None:
+    """An ``OutputWriteError`` when a part of ``path`` is longer than its file system allows (255 bytes on
+    most) or the whole path longer than 4096 bytes."""
+    p = Path(path)
+    where = f"{flag} " if flag else ""
+    if len(os.fsencode(str(p.absolute()))) >= PATH_MAX:
+        raise OutputWriteError(f"The {what} path {where}{safe(str(p))[:80]}... is longer than {PATH_MAX} bytes.",
+                               expected=f"a path of at most {PATH_MAX} bytes", fix="choose a shorter path")
+    existing = next((a for a in (p.parent, *p.parent.parents) if _is_dir(a)), Path("."))
+    limit = name_max(existing)
+    for part in p.parts:
+        if len(os.fsencode(part)) > limit:
+            raise OutputWriteError(
+                f"The {what} name {where}{safe(part)[:60]}... is {len(os.fsencode(part))} bytes long.",
+                expected=f"names of at most {limit} bytes (this file system's limit)", fix="choose a shorter name")
+
+
+def _is_dir(p: Path) -> bool:
+    try:
+        return p.is_dir()
+    except (OSError, ValueError):
+        return False
+
+
+def short_name(name: str, prefix: str = "", suffix: str = "", limit: int = NAME_MAX) -> str:
+    """``prefix + name + suffix``, or, when that is longer than ``limit`` bytes, ``prefix`` + the start of
+    ``name`` + a hash of all of it + ``suffix`` (deterministic: every run finds the same name)."""
+    full = f"{prefix}{name}{suffix}"
+    if len(os.fsencode(full)) <= limit:
+        return full
+    digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+    room = limit - len(os.fsencode(f"{prefix}-{digest}{suffix}"))
+    head = os.fsencode(name)[:max(room, 0)].decode("utf-8", "ignore")
+    return f"{prefix}{head}-{digest}{suffix}"
+
+
+WRITE_ERRNOS = {"ENOSPC": "no space left on device", "EDQUOT": "disk quota exceeded", "EFBIG": "file too large",
+                "EROFS": "read-only file system", "ENAMETOOLONG": "name too long"}
+
+
+def write_error(final: str | os.PathLike, exc: OSError) -> OutputWriteError | None:
+    """An ``OutputWriteError`` for a write that failed for want of space, quota or a legal name; None for
+    any other error (that one keeps its traceback)."""
+    import errno
+
+    names = {getattr(errno, k): (k, v) for k, v in WRITE_ERRNOS.items() if hasattr(errno, k)}
+    if exc.errno not in names:
+        return None
+    code, text = names[exc.errno]
+    return OutputWriteError(f"Could not write {safe(final)}: {text} ({code}). Nothing half-written was left: the "
+                            "staged copy was removed and any earlier file of that name is unchanged.",
+                            expected="room (and a legal name) for the output",
+                            fix="free space or choose another location, then run the command again")
 
 
 ASIDE_SUFFIX = ".old"  # ``.<name>.old``: the previous folder, kept while its replacement is renamed in
@@ -76,6 +175,12 @@ class Stage:
         return self.root / name
 
     def commit(self, name: str, *companions: str) -> Path:
+        for n in (name, *companions):
+            kind = special_kind(self.folder / n)
+            if kind is not None:  # a FIFO or device got there after the command's checks: never replace it
+                raise OutputExistsError(f"{safe(self.folder / n)} is a {kind}: resnet-deploy never writes over "
+                                        "FIFOs, devices or sockets.", expected="a regular file or a new name",
+                                        fix="choose another output path")
         staged = [self.root / n for n in (name, *companions)]
         missing = [str(p) for p in staged if not p.exists()]
         if missing:
@@ -106,11 +211,29 @@ class Stage:
 def staged(folder: str | os.PathLike) -> Iterator[Stage]:
     """A ``Stage`` in ``folder``, removed when the block ends (what was not committed is discarded,
     also on an exception or Ctrl-C)."""
-    stage = Stage(folder)
+    try:
+        stage = Stage(folder)
+    except OSError as exc:
+        err = write_error(folder, exc)
+        if err is None:
+            raise
+        raise err from exc
     try:
         yield stage
+    except OSError as exc:  # disk full, quota, a name too long: one clear error, the stage removed below
+        err = write_error(Path(folder) / _first_name(stage), exc)
+        if err is None:
+            raise
+        raise err from exc
     finally:
         stage.discard()
+
+
+def _first_name(stage: Stage) -> str:
+    try:
+        return next(iter(sorted(p.name for p in stage.root.iterdir())), "")
+    except OSError:
+        return ""
 
 
 @contextlib.contextmanager
@@ -182,9 +305,10 @@ def _remove(path: Path) -> None:
 
 
 def aside_path(final: str | os.PathLike) -> Path:
-    """Where a commit keeps the previous folder while the new one is renamed onto ``final``."""
+    """Where a commit keeps the previous folder while the new one is renamed onto ``final`` (a legal name for
+    any legal ``final``: ``short_name``)."""
     final = Path(final)
-    return final.with_name(f".{final.name}{ASIDE_SUFFIX}")
+    return final.with_name(short_name(final.name, ".", ASIDE_SUFFIX))
 
 
 def existing_version(final: str | os.PathLike) -> Path | None:
@@ -289,8 +413,10 @@ LOCK_PREFIX = ".resnet-deploy-lock."  # the lock file sits beside the folder: <p
 
 
 def lock_path(folder: str | os.PathLike) -> Path:
+    """The lock file beside ``folder``; a name that the prefix would push past 255 bytes is shortened with a
+    hash (``short_name``), the same for every run."""
     folder = Path(folder).absolute()
-    return folder.parent / f"{LOCK_PREFIX}{folder.name}"
+    return folder.parent / short_name(folder.name, LOCK_PREFIX)
 
 
 @contextlib.contextmanager
@@ -365,6 +491,11 @@ def check_writable(path: str | os.PathLike, kind: str = "folder", flag: str = "-
     from resnet_deploy.errors import ResnetDeployError
 
     p = Path(path)
+    check_name_length(p, kind, flag)
+    special = special_kind(p)
+    if special is not None:
+        raise OutputExistsError(f"{flag} {safe(p)} is a {special}: resnet-deploy never writes over FIFOs, devices "
+                                "or sockets.", expected=f"a {kind} path", fix=f"choose another {flag}")
     if kind == "folder" and p.exists() and not p.is_dir():
         raise ResnetDeployError(f"{flag} {p} is a file, not a folder.", expected="a folder, or a path where one can "
                                 "be created", fix=f"choose another {flag}, or move the file away")
@@ -382,3 +513,54 @@ def check_writable(path: str | os.PathLike, kind: str = "folder", flag: str = "-
     except OSError as exc:
         raise ResnetDeployError(f"Cannot write into {existing} ({exc.strerror}), where {flag} {p} would go.",
                                 expected="a writable location", fix=f"choose a writable {flag}") from exc
+
+
+# ----------------------------------------------------------------------------------------------
+# The user's cache folder
+# ----------------------------------------------------------------------------------------------
+_SAID: set[str] = set()
+
+
+def home_or_temp() -> tuple[Path, str | None]:
+    """``$HOME``, or, when it is empty, unset or relative, a private folder in the temporary folder
+    (``private_temp_dir``) with a note saying so."""
+    home = os.environ.get("HOME")
+    if home and os.path.isabs(home):
+        return Path(home), None
+    folder = private_temp_dir()
+    state = "not set" if home is None else ("empty" if home == "" else f"relative ({safe(home)})")
+    return folder, (f"$HOME is {state}: caches go to {folder} instead of a home folder (set HOME, or "
+                    "RESNET_DEPLOY_CACHE for bench's cache)")
+
+
+def home_dir() -> Path:
+    """``home_or_temp()``'s folder; its note, when there is one, goes to stderr once per process."""
+    home, note = home_or_temp()
+    if note and note not in _SAID:
+        import sys
+
+        _SAID.add(note)
+        print(f"note: {note}", file=sys.stderr)
+    return home
+
+
+def user_cache_dir(name: str = "resnet-deploy") -> Path:
+    """``~/.cache/<name>``; without a usable $HOME, ``<private temp folder>/.cache/<name>`` (``home_dir``)."""
+    return home_dir() / ".cache" / name
+
+
+def private_temp_dir() -> Path:
+    """``<tmp>/resnet-deploy-<uid>``: created mode 0700; used only when it is a real folder owned by this user
+    that nobody else can write (else a fresh ``mkdtemp`` folder), so no one else can plant files in it."""
+    import stat
+
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    folder = Path(tempfile.gettempdir()) / f"resnet-deploy-{uid}"
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        st = os.lstat(folder)
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == uid and not st.st_mode & 0o022:
+            return folder
+    except OSError:
+        pass
+    return Path(tempfile.mkdtemp(prefix="resnet-deploy-"))

@@ -9,6 +9,13 @@ timing block and each accuracy chunk, so a big model that is slow but working is
 
 A failed request raises ``WorkerFailed`` with the file's error entry; the worker is then closed.
 
+The parent never blocks on the pipe: the spec (with its latency images, often more than a pipe holds)
+and every request are written by a sender thread of the worker's own, while the caller waits in
+``_receive`` under the timeout. A child whose interpreter never starts (or hangs before it reads) is
+therefore killed after ``timeout_s`` like any other, instead of leaving the parent stuck in a write
+to a pipe nobody reads; one that cannot be started at all is a "crash" entry. ``max_memory`` caps the
+child's data (``untrusted.apply_memory_cap``, set as its first step, before the file is opened).
+
 Ctrl-C reaches every process of the terminal's process group, the children included. The children
 ignore it (SIGINT is blocked while one starts and ignored from its first line on), so none prints a
 traceback of its own: the parent gets the ``KeyboardInterrupt``, kills them (``close(kill=True)``) and
@@ -18,12 +25,14 @@ the command ends with one line (``bench.command``).
 from __future__ import annotations
 
 import multiprocessing as mp
+import queue
 import signal
+import threading
 import time
 import traceback
 
 from resnet_deploy.bench.measure import REQUESTS, FileSession, FileSpec
-from resnet_deploy.bench.results import crash_error, error_dict, timeout_error, unexpected_error
+from resnet_deploy.bench.results import crash_error, error_dict, error_entry, timeout_error, unexpected_error
 from resnet_deploy.errors import ResnetDeployError
 
 TIMED_OUT = object()  # what _receive returns when the child made no progress in time
@@ -61,26 +70,40 @@ class ChildWorker:
 
     rss_scope = "child process of this artifact alone"
 
-    def __init__(self, spec: FileSpec, timeout_s: float | None = None):
+    def __init__(self, spec: FileSpec, timeout_s: float | None = None, max_memory: int | None = None):
         ctx = mp.get_context("spawn")
         self.path, self.timeout_s = spec.path, timeout_s
         self.conn, child_end = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=_child_main, args=(spec, child_end), daemon=True)
-        with _sigint_blocked():  # the child inherits the mask: a Ctrl-C during its start-up is not its business
-            self.proc.start()
+        # only the pipe and the cap travel with the start (a small write); the spec follows through the sender
+        self.proc = ctx.Process(target=_child_main, args=(child_end, max_memory), daemon=True)
+        try:
+            with _sigint_blocked():  # the child inherits the mask: a Ctrl-C during its start-up is not its business
+                self.proc.start()
+        except OSError as exc:  # the interpreter cannot be executed at all
+            child_end.close()
+            self.conn.close()
+            self.sender = None
+            raise WorkerFailed(_start_error(self.path, exc.strerror or str(exc))) from None
         child_end.close()
+        self.sender = _Sender(self.conn)
+        self.sender.send(spec)
 
     def call(self, request: str, *args):
-        try:
-            self.conn.send((request, args))
-            reply = _receive(self.conn, self.proc, self.timeout_s)
-        except (BrokenPipeError, EOFError, OSError):
+        if self.sender is None or self.proc.exitcode is not None:
             reply = None
+        else:
+            self.sender.send((request, args))
+            try:
+                reply = _receive(self.conn, self.proc, self.timeout_s)
+            except (BrokenPipeError, EOFError, OSError):
+                reply = None
         if reply is TIMED_OUT:
             self.close(kill=True)
             raise WorkerFailed(timeout_error(self.path, self.timeout_s))
         if reply is None:
             self.close(kill=True)
+            if self.sender is not None and self.sender.error is not None and (self.proc.exitcode or 0) > 0:
+                raise WorkerFailed(_start_error(self.path, f"exit code {self.proc.exitcode} before it read its job"))
             raise WorkerFailed(crash_error(self.path, self.proc.exitcode))
         status, value = reply
         if status == "error":
@@ -89,20 +112,58 @@ class ChildWorker:
         return value
 
     def close(self, kill: bool = False) -> None:
-        if self.proc.is_alive() and not kill:
-            try:
-                self.conn.send(None)  # "stop": the child closes its runner and returns
-            except OSError:
-                pass
+        if self.proc.is_alive() and not kill and self.sender is not None:
+            self.sender.send(None)  # "stop": the child closes its runner and returns
             self.proc.join(timeout=30)
         if self.proc.is_alive():  # hung, or sent its result but hangs in interpreter teardown
             self.proc.kill()
         self.proc.join()
+        if self.sender is not None:
+            self.sender.stop()  # a write still pending fails now that the child is gone
         self.conn.close()
 
 
-def open_worker(spec: FileSpec, isolate: bool, timeout_s: float | None):
-    return (ChildWorker if isolate else LocalWorker)(spec, timeout_s)
+class _Sender:
+    """Writes messages to the child in order from a daemon thread, so that no caller ever blocks on a full
+    pipe (a child that is not reading: still starting, hung, or never started)."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="bench-child-sender", daemon=True)
+        self.thread.start()
+
+    def send(self, msg) -> None:
+        self.queue.put((True, msg))
+
+    def stop(self, wait_s: float = 5.0) -> None:
+        self.queue.put((False, None))
+        self.thread.join(wait_s)
+
+    def _run(self) -> None:
+        while True:
+            more, msg = self.queue.get()
+            if not more:
+                return
+            try:
+                self.conn.send(msg)
+            except (OSError, ValueError) as exc:  # the child is gone (EPIPE), or the pipe was closed
+                self.error = exc
+                return
+
+
+def _start_error(path, detail: str) -> dict:
+    return error_entry("crash", f"The process to benchmark {path} could not start ({detail}).",
+                       "a Python interpreter (sys.executable) that can import resnet-deploy and its runtimes",
+                       "check the Python installation; reinstall resnet-deploy into this environment")
+
+
+def open_worker(spec: FileSpec, isolate: bool, timeout_s: float | None, max_memory: int | None = None):
+    """A worker for ``spec``: its own child (``isolate``; ``max_memory`` caps it) or this process."""
+    if isolate:
+        return ChildWorker(spec, timeout_s, max_memory=max_memory)
+    return LocalWorker(spec, timeout_s)
 
 
 class _Failed(Exception):
@@ -135,13 +196,20 @@ class _sigint_blocked:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
-def _child_main(spec: FileSpec, conn) -> None:
+def _child_main(conn, max_memory: int | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (module docstring)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a pending one is now discarded
     from resnet_deploy.cli_common import quiet_frameworks
+    from resnet_deploy.untrusted.limits import apply_memory_cap
 
+    apply_memory_cap(max_memory)  # before anything of the file is read
     quiet_frameworks()  # honours --verbose; also the libraries' Python warnings in the child
+    try:
+        spec = conn.recv()  # the first message: what to open
+    except (EOFError, OSError):
+        conn.close()
+        return
     session = FileSession(spec, reset_peak=True)
     heartbeat = lambda stage: conn.send((PROGRESS, stage))  # noqa: E731
     try:

@@ -82,7 +82,13 @@ class Cifar10:
 # Resolution
 # ----------------------------------------------------------------------------------------------
 def keras_cache_dir() -> Path:
-    base = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    """``$KERAS_HOME/datasets`` or ``~/.keras/datasets``; without a usable $HOME, a private temporary folder
+    (``fileio.home_dir``, which says so), never ``/.keras`` at the root."""
+    base = os.environ.get("KERAS_HOME")
+    if not base:
+        from resnet_deploy.fileio import home_dir
+
+        base = home_dir() / ".keras"
     return Path(base) / "datasets"
 
 

@@ -10,7 +10,6 @@ does run its TensorFlow graph as stored, so only load SavedModels you trust.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -55,37 +54,65 @@ def save_model(model, path: str | os.PathLike, metadata: dict | None = None, for
 
 
 def read_metadata(path: str | os.PathLike) -> dict | None:
+    """The model's metadata sidecar, or None when it has none. Read as untrusted input: a regular file of
+    bounded size and depth holding a JSON object, whose fields that commands use (class names,
+    preprocessing, output kind, architecture, width, stem, input shape) have the right types and finite,
+    plausible numbers; anything else is a ``ModelError`` naming the file and the field."""
+    from resnet_deploy.errors import UntrustedFileError
+    from resnet_deploy.untrusted.files import read_json
+    from resnet_deploy.untrusted.sidecar import check_fields
+
     side = sidecar_path(path)
-    if not side.exists():
+    if not os.path.lexists(side):
         return None
+    fix = "delete it (defaults are used) or restore it from the training run"
     try:
-        return json.loads(side.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelError(f"The metadata file {side} is not valid JSON: {exc}",
-                         fix="delete it (defaults are used) or restore it from the training run") from exc
+        meta = read_json(side, "metadata file")
+        check_fields(meta, side, artifact=False)
+        _check_metadata_fields(meta, side)
+    except UntrustedFileError as exc:
+        raise ModelError(exc.what, expected=exc.expected, fix=fix) from None
+    return meta
+
+
+def _check_metadata_fields(meta: dict, side: Path) -> None:
+    import math
+
+    from resnet_deploy.errors import UntrustedFileError
+    from resnet_deploy.terminal import safe
+
+    def bad(key: str, expected: str) -> UntrustedFileError:
+        return UntrustedFileError(f"The metadata file {safe(side)} is unusable: {key} is "
+                                  f"{safe(repr(meta[key]))[:60]}.", expected=expected)
+
+    for key in ("architecture", "stem", "output", "input_convention"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise bad(key, "a string")
+    width = meta.get("width")
+    if width is not None and (isinstance(width, bool) or not isinstance(width, (int, float))
+                              or not math.isfinite(width) or not 0 < width <= 64):
+        raise bad("width", "a finite number in (0, 64]")
+    shape = meta.get("input_shape")
+    if shape is not None and not (isinstance(shape, list) and len(shape) <= 8 and all(
+            d is None or (isinstance(d, int) and not isinstance(d, bool) and d > 0) for d in shape)):
+        raise bad("input_shape", "a list of positive integers, e.g. [32, 32, 3]")
 
 
 def load_model(path: str | os.PathLike, check_io: bool = True, trust: bool = False):
     """Load a float Keras model (.keras, .h5 or SavedModel folder) safely and check its I/O.
 
     A SavedModel is a program: unless ``trust``, its serving function's ops are checked against
-    ``SAFE_OPS`` before any of it runs (``check_saved_model_ops``)."""
+    ``SAFE_OPS`` before any of it runs (``check_saved_model_ops``). The file itself is checked first
+    (``check_model_file``), before Keras is imported."""
+    path = Path(path)
+    check_model_file(path)
     import keras
 
-    path = Path(path)
-    if not path.exists():
-        raise ModelError(f"Model {path} does not exist.", fix="check the path (train writes runs/<name>/model.keras)")
     try:
         if path.is_dir():
-            if not (path / "saved_model.pb").exists():
-                raise ModelError(f"{path} is a folder without saved_model.pb.",
-                                 expected="a .keras file, a .h5 file or a SavedModel folder")
             model = _load_saved_model(path, check_io, trust=trust)
-        elif path.suffix in (".keras", ".h5", ".hdf5"):
-            _check_file_is_whole(path)
-            model = keras.saving.load_model(path, compile=False, safe_mode=True)
         else:
-            raise _not_a_model(path)
+            model = keras.saving.load_model(path, compile=False, safe_mode=True)
     except ModelError:
         raise
     except Exception as exc:
@@ -98,6 +125,30 @@ def load_model(path: str | os.PathLike, check_io: bool = True, trust: bool = Fal
 ARTIFACT_SUFFIXES = (".tflite", ".onnx")
 
 
+def check_model_file(path: str | os.PathLike) -> None:
+    """What can be said of a model path without Keras: it exists; a folder holds saved_model.pb; a file is a
+    regular file with a Keras suffix, not empty, and a .keras zip is whole and no zip bomb
+    (``check_keras_archive``). Raises ``ModelError``."""
+    from resnet_deploy.untrusted.files import os_error
+
+    path = Path(path)
+    try:
+        exists, is_dir = path.exists(), path.is_dir()
+    except OSError as exc:  # a name too long for the file system
+        e = os_error(path, exc, "model")
+        raise ModelError(e.what, expected=e.expected, fix=e.fix) from None
+    if not exists:
+        raise ModelError(f"Model {path} does not exist.", fix="check the path (train writes runs/<name>/model.keras)")
+    if is_dir:
+        if not (path / "saved_model.pb").exists():
+            raise ModelError(f"{path} is a folder without saved_model.pb.",
+                             expected="a .keras file, a .h5 file or a SavedModel folder")
+    elif path.suffix in (".keras", ".h5", ".hdf5"):
+        _check_file_is_whole(path)
+    else:
+        raise _not_a_model(path)
+
+
 def _not_a_model(path: Path) -> ModelError:
     if path.suffix in ARTIFACT_SUFFIXES:
         return ModelError(f"{path} is an exported artifact, not a float model.",
@@ -107,10 +158,17 @@ def _not_a_model(path: Path) -> ModelError:
 
 
 def _check_file_is_whole(path: Path) -> None:
-    """Say "empty" or "truncated" for what Keras would report as "File not found"."""
+    """Say "empty", "truncated", "not a regular file" or "a zip bomb" for what Keras would report as "File not
+    found", read as a 4 GiB string, or block on (a FIFO)."""
     import zipfile
 
-    size = path.stat().st_size
+    from resnet_deploy.errors import UntrustedFileError
+    from resnet_deploy.untrusted.files import check_regular
+
+    try:
+        size = check_regular(path, "model").st_size
+    except UntrustedFileError as exc:
+        raise ModelError(exc.what, expected=exc.expected, fix=exc.fix) from None
     if size == 0:
         raise ModelError(f"{path} is empty (0 bytes).", expected="a model saved with model.save()",
                          fix="re-copy the file, or save the model again")
@@ -118,6 +176,50 @@ def _check_file_is_whole(path: Path) -> None:
         raise ModelError(f"{path} is not a complete .keras file ({size:,} bytes, no zip directory at its end: "
                          "a truncated copy or another format).", expected="a .keras zip written by model.save()",
                          fix="re-copy the whole file, or save the model again with model.save('model.keras')")
+    if path.suffix == ".keras":
+        check_keras_archive(path, size)
+
+
+# What a .keras zip's members may expand to before Keras reads them into memory. A ResNet152's
+# config.json is about 0.5 MB; weights compress little (a few percent), so a member that expands more
+# than KERAS_MAX_RATIO times and past KERAS_RATIO_FLOOR bytes is built to exhaust memory.
+KERAS_JSON_LIMIT = 64 << 20
+KERAS_MAX_MEMBERS = 10_000
+KERAS_MAX_RATIO = 100
+KERAS_RATIO_FLOOR = 64 << 20
+
+
+def check_keras_archive(path: Path, size: int) -> None:
+    """Refuse a .keras zip whose directory declares a zip bomb: config.json or metadata.json over 64 MiB,
+    more than 10,000 members, or a member that expands over 100 times its compressed size and past 64 MiB.
+    Only the zip's directory is read (the sizes Python's zipfile then holds every read to)."""
+    import zipfile
+
+    from resnet_deploy.terminal import safe
+    from resnet_deploy.untrusted.files import format_bytes
+
+    fix = "save the model again with model.save('model.keras'); do not load a file built to exhaust memory"
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise ModelError(f"{safe(path)} is not a readable .keras zip: {safe(exc)}",
+                         expected="a .keras zip written by model.save()", fix=fix) from None
+    if len(infos) > KERAS_MAX_MEMBERS:
+        raise ModelError(f"{safe(path)} holds {len(infos):,} members.", expected="a .keras zip of a few files "
+                         "(config.json, metadata.json, model.weights.h5)", fix=fix)
+    for info in infos:
+        name = safe(info.filename)
+        if info.filename.endswith(".json") and info.file_size > KERAS_JSON_LIMIT:
+            raise ModelError(f"{safe(path)}: {name} expands to {format_bytes(info.file_size)} "
+                             f"({info.compress_size:,} bytes in the zip).",
+                             expected=f"a model description of at most {format_bytes(KERAS_JSON_LIMIT)}", fix=fix)
+        if info.file_size > KERAS_RATIO_FLOOR and info.file_size > KERAS_MAX_RATIO * max(info.compress_size, 1):
+            raise ModelError(f"{safe(path)}: {name} expands {info.file_size / max(info.compress_size, 1):,.0f} times, "
+                             f"to {format_bytes(info.file_size)} ({info.compress_size:,} bytes in the zip).",
+                             expected=f"weights that compress little (at most {KERAS_MAX_RATIO} times)", fix=fix)
+    if sum(i.file_size for i in infos) > 1 << 40:
+        raise ModelError(f"{safe(path)} declares more than 1 TiB of contents.", expected="a .keras model", fix=fix)
 
 
 def _load_error(path: Path, exc: Exception) -> ModelError:

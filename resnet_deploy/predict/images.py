@@ -135,10 +135,13 @@ def load_image(path: str | os.PathLike, fit: str = "crop", max_pixels: int = MAX
     from resnet_deploy.errors import UntrustedFileError
     from resnet_deploy.untrusted.files import open_regular
 
+    import warnings
+
     path = Path(path)
     shown = safe(path)
     try:
-        with open_regular(path, "image") as fh, Image.open(fh) as img:
+        with warnings.catch_warnings(), open_regular(path, "image") as fh, Image.open(fh) as img:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the budget below is stricter
             _fit_budget(img, shown, max_pixels)
             img.load()  # decode now: a truncated file fails here, not later
             img = ImageOps.exif_transpose(img)

@@ -53,6 +53,10 @@ def _run(job: dict, jobdir: Path, beat) -> dict:
 
     quiet_frameworks()
     fmt = Format(job["format"])
+    if fmt is Format.KERAS:  # empty, truncated, a zip bomb: said before Keras (and TensorFlow) is imported
+        from resnet_deploy.models.io import check_model_file
+
+        check_model_file(job["path"])
     importlib.import_module(engine_module(fmt, job["runtime"]))
     beat(b"i")
     runner = open_runner(job["path"], preprocessing=Preprocessing.from_dict(job["preprocessing"]),
@@ -113,7 +117,7 @@ def _error(exc: BaseException, job: dict) -> dict:
     path, runtime = safe(job["path"]), job["runtime"]
     if _is_memory(exc):
         return {"kind": "memory", "what": f"{path} needed more memory than its process may use while {runtime} "
-                                          f"loaded or ran it.",
+                                          f"loaded or ran it",
                 "expected": "a model that fits under the memory cap",
                 "fix": "raise --max-memory if you trust the file and the machine has the memory; a small file that "
                        "needs gigabytes is built to exhaust memory"}

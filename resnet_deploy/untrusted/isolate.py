@@ -234,7 +234,7 @@ def _result(jobdir: Path, job: dict, path: Path, status: int, stage: str, rss: i
         e = result.get("error", {})
         what = e.get("what", "the model's process failed")
         if e.get("kind") == "memory":
-            what = (f"{what} {_memory_note(job)}").strip()
+            what = f"{what} {_memory_note(job)}".strip() + "."
         raise ModelRunError(what, expected=e.get("expected"), fix=e.get("fix"), kind=e.get("kind", "runtime"))
     tail = _log_excerpt(jobdir)
     if status is not None and status < 0:
@@ -248,7 +248,7 @@ def _result(jobdir: Path, job: dict, path: Path, status: int, stage: str, rss: i
 
 def _memory_note(job: dict) -> str:
     cap = job["max_memory"]
-    return f"(the cap is {format_bytes(cap)}: --max-memory)" if cap else ""
+    return f"(its cap is {format_bytes(cap)}: --max-memory)" if cap else ""
 
 
 def _signal_error(path: Path, job: dict, signum: int, stage: str, tail: str) -> ModelRunError:

@@ -83,8 +83,8 @@ def check_fields(doc: dict, side: str | os.PathLike, artifact: bool) -> dict:
     except ResnetDeployError as exc:
         raise _bad(side, f"preprocessing: {exc.what}", exc.expected) from None
     out["declared_output"] = declared_output(doc, side)
-    for key in ("input", "output"):
-        if doc.get(key) is not None:
+    for key in ("input", "output"):  # a manifest's tensors; a metadata file's "output" is a sentence
+        if doc.get(key) is not None and (artifact or not isinstance(doc[key], str)):
             check_tensor_spec(doc[key], key, side)
     return out
 
@@ -158,7 +158,8 @@ def _opt_str(doc: dict, key: str, side) -> str | None:
 
 
 def _bad(side, why: str, expected: str | None = None, fix: str | None = None) -> UntrustedFileError:
-    return UntrustedFileError(f"The sidecar {safe(side)} is unusable: {why}.",
+    kind = "manifest" if str(side).endswith((".tflite.json", ".onnx.json")) else "metadata file"
+    return UntrustedFileError(f"The {kind} {safe(side)} is unusable: {why}.",
                               expected=expected or "the JSON written by `resnet-deploy export` or `train`",
                               fix=fix or "re-export the artifact (or restore the file), or delete the sidecar to "
                                          "use the defaults")
