@@ -63,7 +63,7 @@ case "${1:-}" in
     commit=${2:?"start needs the commit that holds the recipe"}
     running && { echo "the run is already going (pid $(cat "$PIDFILE"))"; exit 1; }
     if [ ! -d "$TREE/.git" ]; then git clone -q --no-hardlinks "$here" "$TREE"; fi
-    git -C "$TREE" fetch -q "$here" "$commit" 2>/dev/null || true
+    git -C "$TREE" fetch -q "$here" "+refs/heads/*:refs/remotes/main/*"
     git -C "$TREE" checkout -q --detach "$commit"
     [ -x "$TREE/.venv/bin/resnet-deploy" ] || make -C "$TREE" install
     launch "${RECIPE[@]}"
@@ -76,7 +76,7 @@ case "${1:-}" in
   pin)
     commit=${2:?"pin needs a commit"}
     running && { echo "stop the run first (kill -INT -- -\$(cat $PIDFILE)); it resumes from its last checkpoint"; exit 1; }
-    git -C "$TREE" fetch -q "$here" "$commit" 2>/dev/null || true
+    git -C "$TREE" fetch -q "$here" "+refs/heads/*:refs/remotes/main/*"
     old=$(git -C "$TREE" rev-parse HEAD)
     git -C "$TREE" checkout -q --detach "$commit"
     echo "=== $(date -u +%FT%TZ) checkout moved from $old to $(git -C "$TREE" rev-parse HEAD); training/ changes:" >>"$LOG"
