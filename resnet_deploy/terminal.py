@@ -9,9 +9,9 @@ reverses what is shown, and a file name with undecodable bytes stops ``print`` w
     >>> safe("cat\\x1b[2J\\nFAKE: accuracy 100%")
     'cat\\\\x1b[2J\\\\nFAKE: accuracy 100%'
 
-Only control characters are touched (C0, DEL, C1, the Unicode line/paragraph separators, bidi
-embeddings, overrides and isolates, and the byte escapes Python uses for undecodable names), so an
-ordinary name comes back unchanged and ``safe(safe(s)) == safe(s)``. JSON output needs none of this:
+Only control and invisible format characters are touched (C0, DEL, C1, zero-width characters, the
+Unicode line/paragraph separators, bidi embeddings, overrides and isolates, and the byte escapes Python
+uses for undecodable names), so an ordinary name comes back unchanged and ``safe(safe(s)) == safe(s)``. JSON output needs none of this:
 ``json.dumps`` escapes control characters (and everything outside ASCII) itself, and keeps the exact text.
 
 Use it wherever text from a file reaches a terminal: ``safe(name)`` for one value, ``safe_lines(text)``
@@ -23,10 +23,12 @@ from __future__ import annotations
 import os
 import re
 
-# C0 controls (tab, CR, LF, ESC...), DEL and C1 controls (0x9b is a one-byte CSI on some terminals),
-# line/paragraph separators, bidi embeddings/overrides/isolates and marks, and lone surrogates
-# (``os.fsdecode``'s escapes of bytes that are not UTF-8).
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+# C0 controls (tab, CR, LF, ESC...), DEL and C1 controls (0x9b is a one-byte CSI on some terminals), the
+# soft hyphen, zero-width characters and joiners, line/paragraph separators, bidi embeddings/overrides/
+# isolates and marks, invisible operators, the byte-order mark, and lone surrogates (``os.fsdecode``'s
+# escapes of bytes that are not UTF-8).
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\xad\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff"
+                     "\ud800-\udfff]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 

@@ -324,13 +324,39 @@ def test_preprocess_conventions():
     assert Preprocessing.from_dict(None) == Preprocessing.pixels()
 
 
-@pytest.mark.parametrize("kwargs", [dict(scale=0), dict(mean=(1, 2, 3)), dict(mean=(1, 2), std=(1, 2)),
-                                    dict(mean=(0, 0, 0), std=(1, 0, 1))])
-def test_bad_preprocessing_is_refused(kwargs):
-    from resnet_deploy.errors import ResnetDeployError
+NAN, INF = float("nan"), float("inf")
 
-    with pytest.raises(ResnetDeployError):
+
+@pytest.mark.parametrize("kwargs", [
+    dict(scale=0), dict(mean=(1, 2, 3)), dict(mean=(1, 2), std=(1, 2)), dict(mean=(0, 0, 0), std=(1, 0, 1)),
+    # issue 22: non-finite and implausible numbers passed (min(std) <= 0 is False for NaN), and every image
+    # then got the same answer
+    dict(mean=(0, 0, 0), std=(NAN, 1, 1)), dict(scale=INF), dict(scale=NAN), dict(mean=(0, 0, 0), std=(1e-300, 1, 1)),
+    dict(mean=(INF, 0, 0), std=(1, 1, 1)), dict(mean=(NAN, 0, 0), std=(1, 1, 1)), dict(scale=1e-9),
+    dict(scale=1.0, mean=(0, 0, 0), std=(-1, 1, 1)), dict(scale="1"), dict(scale=True), dict(color="BGR"),
+    dict(mean="abc", std=(1, 1, 1))])
+def test_bad_preprocessing_is_refused(kwargs):
+    from resnet_deploy.data.preprocess import PreprocessingError
+
+    with pytest.raises(PreprocessingError) as exc:
         Preprocessing(**kwargs)
+    assert exc.value.what and (exc.value.expected or exc.value.fix)
+
+
+@pytest.mark.parametrize("doc", [[1, 2, 3], "scale", 5, {"scale": "Infinity"}, {"layout": 3},
+                                 {"scale": 1.0, "mean": [0, 0, 0], "std": [NAN, 1, 1]}])
+def test_malformed_recorded_preprocessing_is_refused(doc):
+    from resnet_deploy.data.preprocess import PreprocessingError
+
+    with pytest.raises(PreprocessingError):
+        Preprocessing.from_dict(doc)
+
+
+def test_plausible_preprocessing_specs_are_kept():
+    """What export writes for 0..255, 0..1 and standardised inputs, and a -1..1 model, pass unchanged."""
+    for spec in (Preprocessing.pixels(), Preprocessing.unit_range(), Preprocessing.standardized(),
+                 Preprocessing(scale=2 / 255, mean=(1.0, 1.0, 1.0), std=(1.0, 1.0, 1.0))):
+        assert Preprocessing.from_dict(spec.to_dict()) == spec
 
 
 # -- sampler --------------------------------------------------------------------------------------

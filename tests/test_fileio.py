@@ -123,12 +123,15 @@ def test_output_paths_are_checked_before_any_work(tmp_path):
         (["export", str(tmp_path / "m.keras"), "--out", str(a_file)], "is a file, not a folder"),
         (["pipeline", "--out", str(a_file)], "is a file, not a folder"),
         (["bench", str(tmp_path / "x.tflite"), "--json", str(a_file / "r.json")], "which is a file"),
-        (["bench", str(tmp_path / "x.tflite"), "--json", str(tmp_path)], "is a folder"),
+        # a folder named like a report: `--json PATH` and, where --json is a flag, its deprecated form alike
+        (["bench", str(tmp_path / "x.tflite"), "--json", str(tmp_path / "reports.json")], "is a folder"),
         (["bench", str(tmp_path / "x.tflite"), "--threads", "1000"], "more than the"),
     ]
     (tmp_path / "m.keras").write_bytes(b"")
+    (tmp_path / "reports.json").mkdir()
     for args, words in cases:
         result = runner.invoke(app, args, env={"COLUMNS": "200"})
         said = " ".join(result.output.split())  # a long temporary path can wrap the message even at 200 columns
         assert result.exit_code == 2 and words in said, (args, result.output)
-    assert a_file.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["m.keras", "not-a-folder"]
+    assert a_file.read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.keras", "not-a-folder", "reports.json"]

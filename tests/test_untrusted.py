@@ -699,7 +699,7 @@ def test_force_never_replaces_a_device_and_the_refusal_does_not_suggest_it(tmp_p
     with pytest.raises(OutputExistsError):  # a writer that skipped the check: the commit refuses too
         with atomic_path(dev) as tmp:
             tmp.write_text("{}")
-    for args in (["--json-output", str(dev)], ["--json-output", str(dev), "--force"]):
+    for args in (["--json", str(dev)], ["--json", str(dev), "--force"]):  # a .json name: --json PATH either way
         r = runner.invoke(app, ["bench", str(tmp_path / "m.tflite"), *args], env={"COLUMNS": "200"})
         text = assert_refused(r, "is a character device")
         assert "--force" not in text.split("Fix:")[1]
@@ -719,9 +719,9 @@ def test_names_too_long_are_clear_errors_and_a_legal_long_out_still_locks(tmp_pa
     assert lock_path(out) == lock and len(aside_path(tmp_path / ("p" * 255)).name) <= 255
     with pytest.raises(OutputWriteError, match="300 bytes long"):
         check_can_write(tmp_path / ("q" * 300), False)
-    r = runner.invoke(app, ["bench", str(tmp_path / "m.tflite"), "--json-output", str(tmp_path / ("r" * 300))],
+    r = runner.invoke(app, ["bench", str(tmp_path / "m.tflite"), "--json", str(tmp_path / ("r" * 300 + ".json"))],
                       env={"COLUMNS": "200"})
-    assert_refused(r, "300 bytes long")
+    assert_refused(r, "305 bytes long")
     model = onnx_classifier(tmp_path / "m.onnx")
     r = predict(model, tmp_path / ("s" * 300 + ".png"))
     assert r.exit_code == 2 and "Traceback" not in r.output and "too long a name" in flat(r.output)

@@ -95,7 +95,9 @@ def artifact_info(path: str | os.PathLike) -> ArtifactInfo:
         path = resolve_artifact(path)
         fmt = Format.from_path(path)
         missing = not path.exists()
-    except OSError as exc:  # a name too long, a path through a file
+        if missing and os.path.lexists(path):  # a link to nothing, or a loop of links: say which
+            os.stat(path)
+    except OSError as exc:  # a name too long, a path through a file, a loop of links
         e = os_error(path, exc, "model")
         raise PredictError(e.what, expected=e.expected, fix=e.fix) from None
     if missing:

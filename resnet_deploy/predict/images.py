@@ -132,20 +132,21 @@ def load_image(path: str | os.PathLike, fit: str = "crop", max_pixels: int = MAX
     Pillow cannot read raises ``PredictError``."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    import warnings
+
     from resnet_deploy.errors import UntrustedFileError
     from resnet_deploy.untrusted.files import open_regular
-
-    import warnings
 
     path = Path(path)
     shown = safe(path)
     try:
-        with warnings.catch_warnings(), open_regular(path, "image") as fh, Image.open(fh) as img:
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the budget below is stricter
-            _fit_budget(img, shown, max_pixels)
-            img.load()  # decode now: a truncated file fails here, not later
-            img = ImageOps.exif_transpose(img)
-            return fit_image(img, fit)
+            with open_regular(path, "image") as fh, Image.open(fh) as img:
+                _fit_budget(img, shown, max_pixels)
+                img.load()  # decode now: a truncated file fails here, not later
+                img = ImageOps.exif_transpose(img)
+                return fit_image(img, fit)
     except UntrustedFileError as exc:
         raise PredictError(exc.what, expected=exc.expected or ACCEPTED, fix=exc.fix) from None
     except UnidentifiedImageError:
@@ -162,19 +163,27 @@ def load_image(path: str | os.PathLike, fit: str = "crop", max_pixels: int = MAX
                            fix="re-save or re-download the image") from None
 
 
-def _fit_budget(img, shown: str, max_pixels: int) -> None:
-    """Refuse an image whose header declares more than ``max_pixels`` pixels, before it is decoded; a JPEG
-    is first asked to decode at 1/2, 1/4 or 1/8 scale (libjpeg's own DCT scaling) when that fits."""
+def within_budget(img, max_pixels: int, min_size: tuple[int, int] = (SIZE, SIZE)) -> bool:
+    """Whether the opened (not yet decoded) ``img`` decodes to at most ``max_pixels`` pixels; a JPEG over it is
+    first asked to decode at 1/2, 1/4 or 1/8 scale (libjpeg's own DCT scaling) when that fits and keeps at
+    least ``min_size`` (height, width)."""
     w, h = img.size
     if w * h <= max_pixels:
-        return
+        return True
     if getattr(img, "format", None) == "JPEG":
         for s in (2, 4, 8):
-            if -(-w // s) * -(-h // s) <= max_pixels and w // s >= SIZE and h // s >= SIZE:
+            if -(-w // s) * -(-h // s) <= max_pixels and w // s >= min_size[1] and h // s >= min_size[0]:
                 img.draft(None, (w // s, h // s))
                 break
-        if img.size[0] * img.size[1] <= max_pixels:
-            return
+    return img.size[0] * img.size[1] <= max_pixels
+
+
+def _fit_budget(img, shown: str, max_pixels: int) -> None:
+    """Refuse an image whose header declares more than ``max_pixels`` pixels (``within_budget``), before it
+    is decoded."""
+    w, h = img.size
+    if within_budget(img, max_pixels):
+        return
     raise PredictError(f"{shown} declares {w:,} x {h:,} pixels ({w * h / 1e6:,.0f} megapixels), over the budget of "
                        f"{max_pixels / 1e6:g} megapixels for one image.",
                        expected=f"an image of at most {max_pixels:,} pixels (a JPEG up to 64 times that: it is "

@@ -159,18 +159,18 @@ def json_depth(doc) -> int:
     return deepest
 
 
-SHA256 = re.compile(r"[0-9a-f]{64}")
+SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def check_sha256(path: str | os.PathLike, expected, manifest: str | os.PathLike) -> str:
     """The sha256 of ``path``; an ``UntrustedFileError`` when its manifest records another one."""
     if not (isinstance(expected, str) and SHA256.fullmatch(expected)):
         raise UntrustedFileError(f"The manifest {safe(manifest)} records sha256 {safe(repr(expected)[:80])}.",
-                                 expected="64 lowercase hex digits, the sha256 export computed",
+                                 expected="64 hex digits, the sha256 export computed",
                                  fix="re-export the artifact, or delete the manifest to use the file with defaults")
     with open_regular(path, "model") as fh:  # not sha256_file(path): that would open a FIFO
         actual = sha256_file_object(fh)
-    if actual != expected:
+    if actual != expected.lower():
         name = safe(Path(path).name)
         raise UntrustedFileError(
             f"{safe(path)} has sha256 {actual[:16]}…, but its manifest {safe(Path(manifest).name)} was written for "

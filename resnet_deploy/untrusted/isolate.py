@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from resnet_deploy.errors import ModelRunError, ResnetDeployError
-from resnet_deploy.terminal import safe
+from resnet_deploy.terminal import safe, safe_lines
 from resnet_deploy.untrusted.files import DEFAULT_MAX_MEMORY, format_bytes
 from resnet_deploy.untrusted.limits import apply_memory_cap
 
@@ -147,8 +147,8 @@ def _run(jobdir: Path, job: dict, path: Path, timeout_s: float | None) -> ModelR
         raise
     finally:
         os.close(read_fd)
-    if os.environ.get("RESNET_DEPLOY_VERBOSE") == "1":
-        sys.stderr.write(_log_tail(jobdir, LOG_TAIL))
+    if os.environ.get("RESNET_DEPLOY_VERBOSE") == "1":  # the runtime's own log, which may quote the file's names
+        sys.stderr.write(safe_lines(_log_tail(jobdir, LOG_TAIL)))
     if status == "timeout":
         raise ModelRunError(
             f"{safe(path)} made no progress for {timeout_s:g} s in {job['runtime']} while {stage}; its process "

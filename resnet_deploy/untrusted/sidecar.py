@@ -159,7 +159,7 @@ def _opt_str(doc: dict, key: str, side) -> str | None:
 
 def _bad(side, why: str, expected: str | None = None, fix: str | None = None) -> UntrustedFileError:
     kind = "manifest" if str(side).endswith((".tflite.json", ".onnx.json")) else "metadata file"
-    return UntrustedFileError(f"The {kind} {safe(side)} is unusable: {why}.",
+    return UntrustedFileError(f"The {kind} {safe(side)} is unusable: {why.rstrip('.')}.",
                               expected=expected or "the JSON written by `resnet-deploy export` or `train`",
                               fix=fix or "re-export the artifact (or restore the file), or delete the sidecar to "
                                          "use the defaults")
