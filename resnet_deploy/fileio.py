@@ -1,7 +1,7 @@
 """Staged, fsynced writes (nothing half-written carries a final name), hashing, one writer per folder.
 
 Outputs never replace a FIFO, a device or a socket (not even with ``--force``); names too long for the
-file system, a full disk or quota, a read-only file system are ``OutputWriteError``\ s saying so, with
+file system, a full disk or quota, a read-only file system are an ``OutputWriteError`` saying so, with
 nothing half-written left; the lock and aside names stay legal for any legal output name; the user's
 cache folder falls back to a private temporary folder, and says so, when ``$HOME`` is empty or unset.
 """

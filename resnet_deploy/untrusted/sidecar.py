@@ -70,7 +70,7 @@ def check_fields(doc: dict, side: str | os.PathLike, artifact: bool) -> dict:
 
     out = {"format": _opt_str(doc, "format", side), "precision": _opt_str(doc, "precision", side)}
     precisions = tuple(p.value for p in Precision)
-    if out["precision"] is not None and out["precision"] not in precisions:
+    if artifact and out["precision"] is not None and out["precision"] not in precisions:  # a model's: its training's
         raise _bad(side, f"precision {out['precision']!r} is not one of {', '.join(precisions)}")
     out["sha256"] = doc.get("sha256")
     if artifact and out["sha256"] is None:
