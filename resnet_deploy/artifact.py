@@ -5,6 +5,12 @@ images as the float model: format, precision, I/O dtypes and quantization parame
 preprocessing, class names, the source model and its sha256, the artifact's sha256 and size,
 the calibration recipe, the parity check's figures, tool and library versions, and for accuracy-aware
 INT8 the record of how its calibration and float layers were chosen (``int8_accuracy``).
+
+The manifest keeps each block as the JSON it reads and writes (the file format), and hands out typed
+records of them (``records``): ``parity``, ``source``, ``int8_calibration``, ``int8_record``.
+
+``TensorSpec`` is the one description of a model input or output: the manifest's ``input``/``output``
+and what a runner reports of the loaded model (``Runner.io_spec``).
 """
 
 from __future__ import annotations
@@ -21,17 +27,39 @@ from resnet_deploy.data.constants import CLASS_NAMES
 from resnet_deploy.data.preprocess import Preprocessing
 from resnet_deploy.errors import ResnetDeployError
 from resnet_deploy.fileio import sha256_file, sidecar_path, write_json_atomic
+from resnet_deploy.records import Int8Calibration, Int8Record, ParityCheck, SourceModel
 
 MANIFEST_VERSION = 1
 
 
-@dataclass
+def _view(record, block: str, doc: str) -> property:
+    """A read-only typed record of one JSON block of the manifest (None when the block is absent)."""
+    return property(lambda self: record.from_json(getattr(self, block)), doc=doc)
+
+
+@dataclass(frozen=True)
 class TensorSpec:
+    """One model input or output: shape (None for a dynamic dimension), dtype ("float32", "int8", "uint8",
+    "float16") and, for an integer tensor, its quantization (real = scale * (q - zero_point); scale 0: raw
+    integers; None: not an integer tensor, or ONNX, which keeps it in QuantizeLinear nodes)."""
+
     name: str
-    shape: list  # None for a dynamic dimension
-    dtype: str  # "float32", "int8", "uint8", "float16"
-    scale: float | None = None  # integer tensors: real = scale * (q - zero_point)
+    shape: tuple
+    dtype: str
+    scale: float | None = None
     zero_point: int | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(self.shape))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TensorSpec":
+        return cls(**d)
 
 
 @dataclass
@@ -63,15 +91,28 @@ class Manifest:
     manifest_version: int = MANIFEST_VERSION
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["input"], d["output"] = self.input.to_dict(), self.output.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Manifest":
         d = dict(d)
         known = {f for f in cls.__dataclass_fields__}
-        d["input"] = TensorSpec(**d["input"])
-        d["output"] = TensorSpec(**d["output"])
+        d["input"] = TensorSpec.from_dict(d["input"])
+        d["output"] = TensorSpec.from_dict(d["output"])
         return cls(**{k: v for k, v in d.items() if k in known})
+
+    # Typed views of the blocks (``records``) ---------------------------------------------------
+    parity = _view(ParityCheck, "validation", "The parity check against the float model (``validation``).")
+    source = _view(SourceModel, "source_model", "The float model the artifact was made from.")
+    int8_calibration = _view(Int8Calibration, "calibration", "How the INT8 ranges were found, and the ONNX scheme.")
+    int8_record = _view(Int8Record, "int8_accuracy", "How accuracy-aware INT8 (or ``--analyze``) chose this file.")
+
+    @property
+    def model_output(self) -> dict:
+        """What the float model outputs (``options.model_output``: kind, last layer, note), {} when unrecorded."""
+        return (self.options or {}).get("model_output") or {}
 
     @property
     def preprocessing_spec(self) -> Preprocessing:

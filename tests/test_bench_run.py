@@ -202,7 +202,7 @@ def test_cli_writes_table_json_markdown_plot_and_fails_gates(exported, small_npz
     out = {k: tmp_path / f"bench.{k}" for k in ("json", "md", "png")}
     args = ["bench", str(exported["tflite_int8"]), str(exported["onnx_int8"]), "--data", str(small_npz_dir),
             "--limit", "200", "--threads", "1", "--runs", "5", "--warmup", "1", "--max-time", "0.5",
-            "--large-batch", "8", "--in-process", "--json", str(out["json"]), "--markdown", str(out["md"]),
+            "--large-batch", "8", "--in-process", "--json-output", str(out["json"]), "--markdown", str(out["md"]),
             "--plot", str(out["png"]), "--max-drop", "50", "--min-speedup", "1000"]
     res = CliRunner().invoke(app, args, terminal_width=160)
     assert res.exit_code == 1, res.output
@@ -219,6 +219,23 @@ def test_cli_writes_table_json_markdown_plot_and_fails_gates(exported, small_npz
     before = out["json"].read_bytes()
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 2 and "already exists" in res.output and out["json"].read_bytes() == before
+
+
+def test_cli_json_prints_the_report_on_stdout_and_the_old_file_form_still_writes(exported, small_npz_dir, tmp_path):
+    """``--json`` means what it means in ``predict``: one JSON document on stdout (tables on stderr); the form of
+    earlier versions, ``--json PATH.json``, writes the file as before and says it is deprecated."""
+    args = ["bench", str(exported["tflite_int8"]), "--data", str(small_npz_dir), "--limit", "50", "--no-latency",
+            "--in-process", "--no-cache"]
+    res = CliRunner().invoke(app, [*args, "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["schema_version"] == 2 and doc["data"]["images"] == 50 and doc["ok"] is True
+    assert "Accuracy on 50" in res.stderr and "Accuracy on 50" not in res.stdout
+    old = CliRunner().invoke(app, [*args, "--json", str(tmp_path / "r.json")])
+    assert old.exit_code == 0, old.output
+    assert "--json-output" in old.stderr and "deprecated" in old.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["data"]["images"] == 50
+    assert "Accuracy on 50" in old.stdout  # as before: the tables on stdout, the JSON in the file
 
 
 MEASUREMENT_FIELDS = ("runtime", "timing", "latency", "memory", "accuracy", "vs_float", "vs_baseline")

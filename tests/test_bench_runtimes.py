@@ -127,12 +127,12 @@ def test_an_unknown_or_missing_runtime_is_refused_before_any_work(onnx_export, t
         BenchOptions(runtimes="litert")
     out = tmp_path / "r.json"
     res = CliRunner().invoke(app, ["bench", str(onnx_export["int8"]), "--runtimes", "onnxruntime,tensort",
-                                   "--json", str(out)])
+                                   "--json-output", str(out)])
     assert res.exit_code == 2 and "tensort" in res.output and not out.exists()
     from resnet_deploy import runtimes
 
     monkeypatch.setattr(runtimes, "is_installed", lambda name: name != "openvino")
-    res = CliRunner().invoke(app, ["bench", str(onnx_export["int8"]), "--runtimes", "openvino", "--json", str(out)])
+    res = CliRunner().invoke(app, ["bench", str(onnx_export["int8"]), "--runtimes", "openvino", "--json-output", str(out)])
     assert res.exit_code == 2 and "not installed" in res.output and "resnet-deploy[openvino]" in res.output
     assert not out.exists()
 
@@ -172,7 +172,7 @@ def test_bench_pretends_to_be_a_cpu_without_vnni_from_the_environment(onnx_expor
     monkeypatch.setenv("RESNET_DEPLOY_BENCH_MACHINE", "x86_64")
     monkeypatch.setenv("RESNET_DEPLOY_BENCH_CPU_FLAGS", "avx2,fma")
     out = tmp_path / "r.json"
-    args = ["bench", str(run["int8"]), "--no-latency", "--limit", "100", "--in-process", "--json", str(out),
+    args = ["bench", str(run["int8"]), "--no-latency", "--limit", "100", "--in-process", "--json-output", str(out),
             "--data", str(_npz_dir(tmp_path, test_split))]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 2, res.output
@@ -229,7 +229,7 @@ def test_ctrl_c_ends_bench_with_one_line_exit_130_and_nothing_half_written(onnx_
     out.mkdir()
     cmd = [sys.executable, "-m", "resnet_deploy.cli", "bench", str(art), "--data", str(_npz_dir(tmp_path, test_split)),
            "--threads", "1", "--max-time", "300", "--runs", "100000000", "--min-rounds", "1000",
-           "--json", str(out / "r.json"), "--markdown", str(out / "r.md")]
+           "--json-output", str(out / "r.json"), "--markdown", str(out / "r.md")]
     env = {**os.environ, "COLUMNS": "80"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from resnet_deploy.bench import accuracy as acc
+from resnet_deploy import metrics as acc
 from resnet_deploy.bench.gates import evaluate_gates, gate_error, not_gated
 from resnet_deploy.bench.latency import summarize
 from resnet_deploy.bench.options import BenchOptions
@@ -420,3 +420,28 @@ def test_heartbeats_keep_a_slow_child_alive_and_silence_times_it_out():
     t0 = time.monotonic()
     assert _receive(parent, Alive(), 0.6) is TIMED_OUT
     assert 0.5 < time.monotonic() - t0 < 3
+
+
+# The report's picture ------------------------------------------------------------------------------
+def test_plot_draws_each_change_and_latency_with_its_interval_and_names_every_row_once():
+    """One row per measured file, named once on the left (no label over another); the accuracy panel's error
+    bar of a file spans its change interval, the latency panel's spans its rounds' interval."""
+    from resnet_deploy.bench.report import plot_figure
+
+    rows = [_result("a_int8.tflite", change=-0.3), _result("b_int8.onnx", change=0.2, fmt="onnx"),
+            _result("c_int8.tflite", change=1.0, error={"message": "x"})]  # a failed file is not drawn
+    rows[0].accuracy = rows[1].accuracy = {"top1": 0.9}
+    rows[0].latency["1"] = {"round_median_ms": 2.0, "round_median_interval_ms": [1.5, 3.0], "noisy": False}
+    fig = plot_figure(_report(rows))
+    acc, lat = fig.axes[:2]
+    assert [t.get_text() for t in acc.get_yticklabels()] == ["b_int8.onnx [onnxruntime]", "a_int8.tflite [litert]"]
+
+    def spans(ax):  # the x extent of each error bar drawn: low, high, low, high, ...
+        return [x for lo_hi in sorted(sorted(seg[:, 0]) for c in ax.collections for seg in c.get_segments())
+                for x in lo_hi]
+
+    assert spans(acc) == pytest.approx([-0.8, 0.2, -0.3, 0.7])  # change -0.3 and 0.2, each +- 0.5
+    assert spans(lat) == pytest.approx([1.5, 3.0])
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)

@@ -237,7 +237,7 @@ def test_speedup_from_interleaved_rounds_stays_within_10_percent_while_the_machi
     clock = FakeClock()
     workers = {0: DriftingWorker(clock, 0.004, horizon), 1: DriftingWorker(clock, 0.004 / true, horizon)}
     results = _fake_results()
-    run_mod._time_all(workers, results, opts, lambda msg: None, clock=clock)
+    run_mod.time_all(workers, results, opts, lambda msg: None, clock=clock)
     fp32, int8 = results
     got = ratios(int8, fp32, opts)
     speedup, (lo, hi) = got["speedup"]["1"], got["speedup_interval"]["1"]
@@ -291,7 +291,7 @@ def test_a_cache_hit_skips_the_float_pass_and_no_cache_bypasses_it(tiny_export, 
 
 # Softmax models -----------------------------------------------------------------------------------
 def test_output_kind_known_answers():
-    from resnet_deploy.converters.validate import output_kind
+    from resnet_deploy.metrics import output_kind
 
     p = np.array([[0.2, 0.8], [1.0, 0.0]])
     assert output_kind(p) == "probabilities"

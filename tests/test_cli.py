@@ -141,6 +141,9 @@ def test_help_of_every_command_is_readable_at_80_columns():
         assert not too_long, f"{name}: {too_long}"
         assert "…" not in text and "│" not in text, f"{name}: truncated or boxed help"
         for param in cmd.params:
+            if getattr(param, "hidden", False):  # a deprecated alias, kept out of --help on purpose
+                assert param.help.startswith("Deprecated: --"), f"{name}: hidden option {param.opts} is no alias"
+                continue
             for opt in [*param.opts, *param.secondary_opts]:
                 if opt.startswith("-"):
                     assert opt in text, f"{name}: option {opt} not written whole"
@@ -236,3 +239,30 @@ def test_log_filter_hides_chatter_from_this_process_and_children_and_keeps_the_r
     assert proc.stderr.splitlines() == ["real problem one", "Expected: a real line",
                                         "F0000 00:00:1.0 1 x.cc:1] fatal lines stay"]
     assert proc.stdout.strip() == "hidden 20"
+
+
+def test_export_and_bench_defaults_are_their_options_classes(tmp_path, monkeypatch):
+    """No command restates a default: with no options given, the CLI builds exactly the options class's defaults
+    (the library is stopped before any work)."""
+    from resnet_deploy.bench import run as bench_run
+    from resnet_deploy.bench.options import BenchOptions
+    from resnet_deploy.converters import export as export_module
+    from resnet_deploy.converters.options import ExportOptions
+    from resnet_deploy.errors import BenchError, ExportError
+
+    seen = {}
+
+    def stop(kind, error):
+        def fake(paths_or_model, options, *args, **kwargs):
+            seen[kind] = options
+            raise error("stopped by the test")
+        return fake
+
+    monkeypatch.setattr(export_module, "export_model", stop("export", ExportError))
+    monkeypatch.setattr(bench_run, "run_bench", stop("bench", BenchError))
+    model = tmp_path / "m.keras"
+    model.write_bytes(b"")
+    assert runner.invoke(app, ["export", str(model), "--out", str(tmp_path)]).exit_code == 2
+    assert seen["export"] == ExportOptions(out_dir=tmp_path)
+    assert runner.invoke(app, ["bench", str(tmp_path / "m.tflite")]).exit_code == 2
+    assert seen["bench"] == BenchOptions()

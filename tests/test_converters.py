@@ -9,12 +9,13 @@ from resnet_deploy.config import Format, Precision
 from resnet_deploy.converters.command import parse_preprocessing
 from resnet_deploy.converters.onnx_rules import onnx_int8_settings
 from resnet_deploy.converters.options import ExportOptions, Target, parse_formats
-from resnet_deploy.converters.export import plan, resolve_preprocessing
-from resnet_deploy.converters.validate import fp32_limit, parity
+from resnet_deploy.converters.parity import fp32_limit
+from resnet_deploy.converters.planning import plan, resolve_preprocessing
 from resnet_deploy.data.constants import CIFAR10_MEAN, CIFAR10_STD
 from resnet_deploy.data.preprocess import Preprocessing, preprocess
 from resnet_deploy.data.sources import Split
 from resnet_deploy.errors import ExportError
+from resnet_deploy.metrics import parity
 
 
 def test_targets_default_and_the_six(tmp_path):
@@ -40,7 +41,8 @@ def test_targets_default_and_the_six(tmp_path):
     ({"calib_method": "histogram"}, "calibration method"),
     ({"onnx_activation_type": "int4"}, "activation type"),
     ({"calib_samples": 0}, "calib-samples"),
-    ({"validate_samples": 0}, "validate-samples"),
+    ({"parity_samples": 0}, "parity-samples"),
+    ({"validate_samples": 0}, "parity-samples"),  # the flat name of earlier versions still folds in
     ({"int8_io": True}, "--int8-io"),
     ({"qat_epochs": -1}, "QAT"),
 ])
@@ -184,7 +186,7 @@ def test_onnx_int8_settings_rule_and_reasons():
 
 def test_onnx_reduce_range_default_reads_this_cpu(monkeypatch):
     from resnet_deploy import envinfo
-    from resnet_deploy.converters.onnx_rules import has_vnni
+    from resnet_deploy.envinfo import has_vnni
 
     def host_reduce_range(machine):  # what --target host resolves to, reading this CPU's flags
         return onnx_int8_settings(None, None, machine=machine).reduce_range

@@ -95,7 +95,7 @@ def test_writes_every_artifact_with_a_complete_manifest(exported, trained_path):
         assert m.preprocessing["source"] == "model metadata" and m.class_names[0] == "airplane"
         assert m.libraries["tensorflow"] and m.libraries["onnxruntime"] and m.machine["cpu"]
         assert m.validation["samples"] == 200 and m.validation["images"] == "test[:200]"
-        assert m.input.shape == [None, 32, 32, 3] and m.output.shape == [None, 10]
+        assert m.input.shape == (None, 32, 32, 3) and m.output.shape == (None, 10)
         assert (m.calibration is not None) == (m.precision == "int8")
 
 
@@ -334,9 +334,9 @@ def test_interrupted_export_leaves_no_finished_looking_file(tmp_path, trained_pa
 
     real = export_module.CONVERTERS[Format.ONNX]
 
-    def interrupted(model, out_path, *args):  # the real converter runs, then the user presses Ctrl-C
-        real(model, out_path, *args)
-        assert Path(out_path).exists()
+    def interrupted(session, job):  # the real converter runs, then the user presses Ctrl-C
+        real(session, job)
+        assert Path(job.path).exists()
         raise KeyboardInterrupt
 
     monkeypatch.setitem(export_module.CONVERTERS, Format.ONNX, interrupted)
@@ -429,7 +429,7 @@ def test_saved_model_folder_exports_and_validates(tmp_path, saved_model_dir, sma
         assert m.validation["passed"] is True and m.validation["top1_agreement"] == 1.0
         assert m.source_model["sha256"] == sha256_file(saved_model_dir) and m.source_model["has_metadata"] is False
         assert (a.path.parent / m.source_model["path"]).resolve() == saved_model_dir.resolve()
-        assert m.input.shape == [None, 32, 32, 3] and m.output.shape == [None, 10]
+        assert m.input.shape == (None, 32, 32, 3) and m.output.shape == (None, 10)
         with open_runner(a.path) as r:
             np.testing.assert_allclose(r.predict(x), ref, atol=1e-4 * max(1.0, np.abs(ref).max()))
     g = onnx.load(str(arts["tiny_sm_fp32.onnx"].path)).graph
@@ -546,7 +546,7 @@ def test_softmax_model_is_said_and_recorded(tmp_path, trained_path, small_npz_di
     prob = keras.Model(base.inputs, keras.layers.Activation("softmax", name="probs")(base.outputs[0]))
     path = tmp_path / "prob.keras"
     save_model(prob, path, base_metadata("resnet8", width=0.25))
-    r = _cli(path, "--formats", "onnx", "--validate-samples", "30", "--out", tmp_path / "o", "--data", small_npz_dir)
+    r = _cli(path, "--formats", "onnx", "--parity-samples", "30", "--out", tmp_path / "o", "--data", small_npz_dir)
     assert r.exit_code == 0, r.output
     flat = " ".join(r.output.split())
     assert "outputs probabilities, not logits" in flat and "'probs' is a softmax" in flat, r.output
@@ -554,8 +554,9 @@ def test_softmax_model_is_said_and_recorded(tmp_path, trained_path, small_npz_di
     assert m["options"]["model_output"]["kind"] == "probabilities" and m["options"]["model_output"]["softmax_last_layer"]
     assert m["validation"]["output"] == "probabilities" and "max_abs_prob_diff" in m["validation"]
     r = _cli(trained_path, "--formats", "onnx", "--validate-samples", "30", "--out", tmp_path / "l", "--data",
-             small_npz_dir)
+             small_npz_dir)  # the deprecated name of --parity-samples still works, and says so
     assert r.exit_code == 0 and "probabilities" not in r.output, r.output
+    assert "--validate-samples is deprecated; use --parity-samples" in r.output, r.output
     m = json.loads((tmp_path / "l" / "tiny_fp32.onnx.json").read_text())
     assert m["options"]["model_output"]["kind"] == "logits" and m["validation"]["output"] == "logits"
 
@@ -569,21 +570,21 @@ def test_validation_overlaps_the_next_conversion_and_still_stops_the_export(tmp_
 
     from resnet_deploy.config import Format
     from resnet_deploy.converters import export as export_module
-    from resnet_deploy.converters import validate as validate_module
+    from resnet_deploy.converters import parity as parity_module
 
     started, seen = threading.Event(), []
-    real_validate, real_onnx = validate_module.validate_artifact, export_module.CONVERTERS[Format.ONNX]
+    real_check, real_onnx = parity_module.check_parity, export_module.CONVERTERS[Format.ONNX]
 
-    def validate(path, *args, **kwargs):
+    def check(path, *args, **kwargs):
         if str(path).endswith(".tflite"):
             seen.append((started.wait(30), threading.current_thread().name))
-        return real_validate(path, *args, **kwargs)
+        return real_check(path, *args, **kwargs)
 
     def onnx_convert(*args):
         started.set()
         return real_onnx(*args)
 
-    monkeypatch.setattr(validate_module, "validate_artifact", validate)
+    monkeypatch.setattr(parity_module, "check_parity", check)
     monkeypatch.setitem(export_module.CONVERTERS, Format.ONNX, onnx_convert)
     arts = export_model(trained_path, ExportOptions(validate_samples=20, out_dir=tmp_path / "ok"), data=small_npz_dir)
     assert [a.path.name for a in arts] == ["tiny_fp32.tflite", "tiny_fp32.onnx"]

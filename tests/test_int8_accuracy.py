@@ -173,15 +173,14 @@ def test_qat_is_judged_beside_ptq_and_written_only_when_it_wins(tmp_path, outlie
     assert tune["indices_sha256_16"] == indices_hash(class_balanced_indices(train.y, 200, seed=1, exclude=val))
 
 
-def test_validation_scores_are_what_the_float_logits_say():
-    from resnet_deploy.converters.int8_search import ValidationSet, score
+def test_tuning_scores_are_what_the_float_logits_say():
+    from resnet_deploy.metrics import tuning_score
 
     y = np.array([0, 1, 2, 3])
     float_logits = np.eye(4)[[0, 1, 2, 0]]  # 3 of 4 right
-    val = ValidationSet(np.zeros((4, 1)), y, np.arange(4), float_logits, {})
-    got = score(np.eye(4)[[0, 1, 1, 3]], val)  # 3 of 4 right, agrees on 2
+    got = tuning_score(np.eye(4)[[0, 1, 1, 3]], y, float_logits)  # 3 of 4 right, agrees on 2
     assert got == {"val_top1": 0.75, "val_drop_pp": 0.0, "val_agreement": 0.5}
-    assert score(np.eye(4)[[0, 0, 0, 0]], val)["val_drop_pp"] == pytest.approx(50.0)
+    assert tuning_score(np.eye(4)[[0, 0, 0, 0]], y, float_logits)["val_drop_pp"] == pytest.approx(50.0)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -201,12 +200,12 @@ def test_bad_accuracy_aware_options_are_clear_errors(kwargs, match):
 
 
 def test_budget_defaults_and_switches():
-    assert ExportOptions(int8=True).int8_aware is False and ExportOptions(int8=True).needs_validation_split is False
+    assert ExportOptions(int8=True).int8_aware is False and ExportOptions(int8=True).needs_tuning_split is False
     o = ExportOptions(int8=True, accuracy_aware=True)
     assert o.int8_aware and o.max_drop == 0.10
     o = ExportOptions(int8=True, int8_max_drop=0.3)
     assert o.int8_aware and o.max_drop == 0.3  # a budget alone turns it on
-    assert ExportOptions(int8=True, analyze=True).needs_validation_split
+    assert ExportOptions(int8=True, analyze=True).needs_tuning_split
 
 
 runner = CliRunner()
@@ -231,8 +230,11 @@ def test_cli_errors_before_any_work(tmp_path, outlier_path):
 def test_cli_analyze_prints_the_ranking_and_manual_float_layers_apply(tmp_path, outlier_path, small_npz_dir):
     r = _cli(outlier_path[0], "--formats", "tflite", "--int8", "--analyze", "--val-samples", "400", "--calib-samples",
              "100", "--analysis-samples", "50", "--validate-samples", "50", "--out", tmp_path / "a",
-             "--data", small_npz_dir)
+             "--data", small_npz_dir)  # the deprecated names of --tuning-samples and --parity-samples
     assert r.exit_code == 0, r.output
+    assert "--val-samples is deprecated; use --tuning-samples" in r.output, r.output
+    m = json.loads((tmp_path / "a" / "outlier_int8.tflite.json").read_text())
+    assert m["int8_accuracy"]["validation"]["samples"] == 400 and m["validation"]["samples"] == 50
     assert "most sensitive layers" in r.output and OUTLIER in r.output
     m = json.loads((tmp_path / "a" / "outlier_int8.tflite.json").read_text())
     assert m["int8_accuracy"]["analysis"]["layers"][0]["layer"] == OUTLIER
@@ -240,7 +242,7 @@ def test_cli_analyze_prints_the_ranking_and_manual_float_layers_apply(tmp_path, 
     assert m["options"]["op_report"]["float_compute_ops"] == []
     # keeping that layer float by hand
     r = _cli(outlier_path[0], "--formats", "onnx", "--int8", "--int8-float-layers", OUTLIER, "--calib-samples", "100",
-             "--validate-samples", "50", "--target", "x86-vnni", "--out", tmp_path / "b", "--data", small_npz_dir)
+             "--parity-samples", "50", "--target", "x86-vnni", "--out", tmp_path / "b", "--data", small_npz_dir)
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "b" / "outlier_int8_u8s8.onnx.json").read_text())
     assert m["calibration"]["float_layers"] == [OUTLIER] and len(m["options"]["op_report"]["float_compute_ops"]) == 1
@@ -252,20 +254,23 @@ def test_cli_analyze_prints_the_ranking_and_manual_float_layers_apply(tmp_path, 
 
 
 class _ScriptedTrier:
-    """Stands in for int8_search._Trier: each set of float layers has a scripted (top-1, agreement)."""
+    """Stands in for the search's trier (``int8_search.search_and_fall_back``): each set of float layers has a
+    scripted (top-1, agreement)."""
 
     def __init__(self, scores: dict, analysis: list[dict]):
         self.scores, self.analysis, self.rows = scores, analysis, []
         self.train = np.zeros(1000)
 
     def run(self, setting, float_layers=(), phase="search"):
-        top1, agree = self.scores[(setting["calib_samples"], setting["method"], tuple(float_layers))]
-        row = {"phase": phase, **setting, "float_layers": list(float_layers), "val_top1": top1,
-               "val_drop_pp": round(100 * (0.9 - top1), 4), "val_agreement": agree, "file": f"f{len(self.rows)}"}
+        from resnet_deploy.records import Try
+
+        top1, agree = self.scores[(setting.calib_samples, setting.method, tuple(float_layers))]
+        row = Try(phase, setting.calib_samples, setting.method, setting.per_channel, "0" * 16, list(float_layers),
+                  top1, round(100 * (0.9 - top1), 4), agree, 0.0, 0.0, file=f"f{len(self.rows)}")
         self.rows.append(row)
         return row
 
-    def analyze(self, row, n):
+    def analyze(self, setting, file, n):
         return self.analysis
 
 
@@ -273,12 +278,16 @@ def _fallback(monkeypatch, scores, analysis, **kw):
     from resnet_deploy.config import Format
     from resnet_deploy.converters import int8_search
 
-    monkeypatch.setattr(int8_search, "latency_ms", lambda path, fmt, x: 2.0 if path == "f0" else 3.0)
-    val = int8_search.ValidationSet(np.zeros((10, 1)), np.zeros(10, int), np.arange(10), np.eye(10)[[0] * 9 + [1]], {})
+    monkeypatch.setattr(int8_search, "latency_ms", lambda path, pixels, spec: 2.0 if path == "f0" else 3.0)
+    x = np.zeros((10, 32, 32, 3), np.uint8)
+    tuning = int8_search.TuningSplit(x, x.astype(np.float32), np.zeros(10, int), np.arange(10),
+                                     np.eye(10)[[0] * 9 + [1]], {})
     opts = ExportOptions(int8=True, accuracy_aware=True, search_calib_samples=(), **kw)
     trier = _ScriptedTrier(scores, analysis)
-    return int8_search._search_and_fallback(trier, Format.TFLITE, opts, val, __import__("time").perf_counter(),
-                                            lambda m: None), trier
+    best, rec = int8_search.search_and_fall_back(trier, Format.TFLITE, opts, tuning, __import__("time").perf_counter(),
+                                                 lambda m: None)
+    assert best.float_layers == rec.fallback.float_layers  # the file kept is the one the record names
+    return rec.to_json(), trier
 
 
 ANALYSIS = [{"layer": "a", "op": "CONV_2D"}, {"layer": "add", "op": "ADD"}, {"layer": "c", "op": "CONV_2D"},
@@ -290,7 +299,7 @@ def test_fallback_keeps_only_layers_that_raise_agreement_and_says_when_the_budge
          (300, "minmax", ("a", "c")): (0.89, 0.955), (300, "minmax", ("a", "d")): (0.887, 0.97)}
     rec, trier = _fallback(monkeypatch, s, ANALYSIS, int8_max_drop=0.1)
     # the ADD row is never tried (no float twin); c lowered agreement and was dropped; d was kept
-    assert [r["float_layers"] for r in trier.rows] == [[], ["a"], ["a", "c"], ["a", "d"]]
+    assert [r.float_layers for r in trier.rows] == [[], ["a"], ["a", "c"], ["a", "d"]]
     assert rec["fallback"]["float_layers"] == ["a", "d"] and rec["fallback"]["tries"] == 3
     assert rec["result"]["met_budget"] is False and "NO INT8 tflite file met the budget" in rec["result"]["note"]
     assert rec["result"]["val_drop_pp"] == pytest.approx(1.3)  # the best kept, though over budget

@@ -78,6 +78,7 @@ def test_pipeline_rejects_bad_options_before_work(tmp_path, bad, match):
 
 def _fake_result(tmp_path, error):
     from resnet_deploy.bench.results import ArtifactResult, BenchReport
+    from resnet_deploy.pipeline.job import PipelineResult
 
     ok = ArtifactResult(label="model_fp32.tflite", path="model_fp32.tflite", role="artifact", format="tflite",
                         precision="fp32")
@@ -86,8 +87,8 @@ def _fake_result(tmp_path, error):
     report = BenchReport(machine={}, libraries={}, options={"accuracy": True, "latency": True, "large_batch": 32,
                                                             "threads": 1},
                          data={"images": 0}, reference={"label": None, "notes": []}, results=[ok, bad])
-    return {"model": tmp_path / "model.keras", "test_accuracy": 0.5, "artifacts": ["a", "b"], "report": report,
-            "timings": {"train_s": 1.0, "export_s": 1.0, "bench_s": 1.0}, "options": {}, "ok": report.ok}
+    return PipelineResult(tmp_path / "model.keras", 0.5, False, ["a", "b"], report,
+                          {"train_s": 1.0, "export_s": 1.0, "bench_s": 1.0}, {})
 
 
 def test_pipeline_fails_after_writing_the_report_when_an_artifact_could_not_be_benched(tmp_path, monkeypatch):
@@ -110,9 +111,14 @@ def test_pipeline_result_reports_ok_and_library_callers_can_skip_the_raise(tmp_p
     from resnet_deploy.errors import BenchError
     from resnet_deploy.pipeline import pipeline_error, write_reports
 
+    from resnet_deploy.pipeline.job import PipelineResult
+
     clean = _fake_result(tmp_path, None)
-    assert clean["ok"] and pipeline_error(clean) is None
+    assert clean.ok and pipeline_error(clean) is None
+    back = PipelineResult.from_json(json.loads(json.dumps(clean.to_json())))  # the record survives its JSON
+    assert back.to_json() == clean.to_json() and back.report.results[1].label == "model_int8.onnx"
     broken = _fake_result(tmp_path, {"kind": "crash", "message": "x", "what": "x", "expected": None, "fix": None})
+    assert not broken.ok and not PipelineResult.from_json(broken.to_json()).ok
     err = pipeline_error(broken)
     assert isinstance(err, BenchError) and err.exit_code == 2 and "model_int8.onnx" in err.what
     with pytest.raises(BenchError):

@@ -16,9 +16,10 @@ import pytest
 from typer.testing import CliRunner
 
 from resnet_deploy.config import Format, Precision
-from resnet_deploy.converters.export import export_model, plan
+from resnet_deploy.converters.export import export_model
 from resnet_deploy.converters.onnx_rules import INT8_TARGETS, onnx_int8_settings, scheme_name
 from resnet_deploy.converters.options import ExportOptions, Target
+from resnet_deploy.converters.planning import plan
 from resnet_deploy.errors import ExportError
 
 SMALL = dict(calib_samples=50, validate_samples=64)
@@ -231,23 +232,23 @@ def test_onnx_fp16_and_int8_convert_while_fp32_validates_and_are_never_committed
     import threading
 
     from resnet_deploy.converters import export as export_module
-    from resnet_deploy.converters import validate as validate_module
+    from resnet_deploy.converters import parity as parity_module
     from resnet_deploy.errors import ExportError as Err
 
     fp16_started, seen = threading.Event(), []
-    real_validate, real_onnx = validate_module.validate_artifact, export_module.CONVERTERS[Format.ONNX]
+    real_check, real_onnx = parity_module.check_parity, export_module.CONVERTERS[Format.ONNX]
 
-    def validate(path, *args, **kwargs):
+    def check(path, *args, **kwargs):
         if path.name == "model_fp32.onnx":
             seen.append(fp16_started.wait(30))
-        return real_validate(path, *args, **kwargs)
+        return real_check(path, *args, **kwargs)
 
-    def onnx_convert(model, out_path, target, *args):
-        if target.precision is Precision.FP16:
+    def onnx_convert(session, job):
+        if job.target.precision is Precision.FP16:
             fp16_started.set()
-        return real_onnx(model, out_path, target, *args)
+        return real_onnx(session, job)
 
-    monkeypatch.setattr(validate_module, "validate_artifact", validate)
+    monkeypatch.setattr(parity_module, "check_parity", check)
     monkeypatch.setitem(export_module.CONVERTERS, Format.ONNX, onnx_convert)
     opts = dict(formats=(Format.ONNX,), fp16=True, int8=True, int8_target="x86-vnni", **SMALL)
     arts = export_model(tiny_model_path, ExportOptions(out_dir=tmp_path / "ok", **opts), data=small_npz_dir)
@@ -295,25 +296,30 @@ def test_the_tf2onnx_process_reports_errors_and_is_killed_when_the_export_ends(t
         bad.result()
     assert bad.process.returncode == 1 and not (tmp_path / "a.onnx").exists()
     running = OnnxProcess(tiny_model_path, 17, False, tmp_path / "b.onnx")
-    running.close()  # what ExportWork does when an export fails or is interrupted first
+    running.close()  # what ExportSession does when an export fails or is interrupted first
     assert running.process.returncode is not None and running.process.returncode != 0
     assert wanted(None, PARALLEL_MIN_PARAMS) and not wanted(None, PARALLEL_MIN_PARAMS - 1)
     assert wanted(True, 10) and not wanted(False, 10**9)
 
 
 def test_without_the_shared_work_each_converter_still_stands_alone(tmp_path, tiny_model_path):
-    """The converters keep their registry shape: called without an ExportWork (as int8_search's QAT judge and
-    other callers do) they convert from the model itself."""
+    """The converters keep their registry shape: with a session that holds no model (as the QAT judge's) they
+    convert from the model they are given."""
     import onnx
 
     from resnet_deploy.converters import onnx as onnx_converter
     from resnet_deploy.converters import tflite as tflite_converter
+    from resnet_deploy.converters.base import ArtifactPlan
+    from resnet_deploy.converters.session import ExportSession
     from resnet_deploy.models.io import load_model
 
     model = load_model(tiny_model_path)
-    r = onnx_converter.convert(model, tmp_path / "a.onnx", Target(Format.ONNX, Precision.FP16), ExportOptions())
+    with ExportSession() as session:
+        r = onnx_converter.convert(session, ArtifactPlan(Target(Format.ONNX, Precision.FP16), tmp_path / "a.onnx",
+                                                         model, ExportOptions()))
+        t = tflite_converter.convert(session, ArtifactPlan(Target(Format.TFLITE, Precision.FP32),
+                                                           tmp_path / "a.tflite", model, ExportOptions()))
     assert "converted_from" not in r.settings and onnx.load(str(tmp_path / "a.onnx")).graph.input[0].name == "image"
-    t = tflite_converter.convert(model, tmp_path / "a.tflite", Target(Format.TFLITE, Precision.FP32), ExportOptions())
     assert t.settings["converter"] == "tf.lite.TFLiteConverter.from_keras_model"
 
 
@@ -321,7 +327,8 @@ def test_reused_tflite_converter_gives_the_files_a_fresh_one_gives(tmp_path, tin
     """The export converts its TFLite files with one converter of one SavedModel, settings put back before each
     file: FP16 and INT8 made after FP32 (and INT8 after FP16) are byte for byte what a fresh converter makes."""
     from resnet_deploy.converters import tflite as tflite_converter
-    from resnet_deploy.converters.base import ExportWork
+    from resnet_deploy.converters.base import ArtifactPlan
+    from resnet_deploy.converters.session import ExportSession
     from resnet_deploy.converters.calibration import build_calibration
     from resnet_deploy.data import load_cifar10
     from resnet_deploy.data.preprocess import Preprocessing
@@ -334,9 +341,9 @@ def test_reused_tflite_converter_gives_the_files_a_fresh_one_gives(tmp_path, tin
 
     def make(order, folder):
         folder.mkdir()
-        with ExportWork(model) as work:
+        with ExportSession(model) as session:
             for p in order:
-                r = tflite_converter.convert(model, folder / f"{p.value}.tflite", t[p], opts, cal, work)
+                r = tflite_converter.convert(session, ArtifactPlan(t[p], folder / f"{p.value}.tflite", model, opts, cal))
                 assert r.settings["converter"].startswith("tf.lite.TFLiteConverter.from_saved_model")
         return {p: (folder / f"{p.value}.tflite").read_bytes() for p in order}
 

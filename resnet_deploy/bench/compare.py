@@ -1,14 +1,13 @@
 """Figures that compare one measured file with another: accuracy against the float model, speed-ups
-with their intervals over the interleaved rounds, size and memory ratios; and what kind of scores a
-model returns (logits, or probabilities from a softmax last layer).
+with their intervals over the interleaved rounds, size and memory ratios. The accuracy figures are
+``metrics``'s, the one module every stage computes them with.
 """
 
 from __future__ import annotations
 
-from resnet_deploy.bench import accuracy as acc
+from resnet_deploy import metrics as acc
 from resnet_deploy.bench.results import ArtifactResult
 from resnet_deploy.bench.rounds import speedup_over_rounds
-from resnet_deploy.converters.validate import output_kind  # noqa: F401  (bench.run reads it from here)
 from resnet_deploy.data.constants import NUM_CLASSES
 
 

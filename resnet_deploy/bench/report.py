@@ -1,5 +1,6 @@
-"""Writers of a ``BenchReport``: the terminal tables (rich), JSON, Markdown and the accuracy-against-
-latency plot (matplotlib, Agg backend). Every file is written atomically.
+"""Writers of a ``BenchReport``: the terminal tables (rich), JSON, Markdown and the plot (matplotlib, Agg
+backend: each file's top-1 change against the float model and its latency, with their intervals). Every file
+is written atomically.
 """
 
 from __future__ import annotations
@@ -143,6 +144,15 @@ def notes(report: BenchReport) -> list[str]:
 
 
 # Files ------------------------------------------------------------------------------------------
+def json_text(report: BenchReport) -> str:
+    """The JSON document of the report (docs/bench-report-schema.md), as ``write_json`` writes it."""
+    import json
+
+    from resnet_deploy.fileio import _json_default  # the package's JSON conversions (numpy, enums, paths)
+
+    return json.dumps(report.to_dict(), indent=2, default=_json_default)
+
+
 def write_json(report: BenchReport, path: str | os.PathLike) -> Path:
     write_json_atomic(path, report.to_dict())
     return Path(path)
@@ -225,37 +235,99 @@ def _per_class_rows(report: BenchReport) -> list[list[str]]:
     return [[name] + [_pct(r.accuracy["per_class"][i]) for r in rs] for i, name in enumerate(CLASS_NAMES)]
 
 
-def write_plot(report: BenchReport, path: str | os.PathLike) -> Path:
-    """Top-1 accuracy against batch-1 p50 latency, one labelled point per measured file."""
-    import matplotlib
+FORMAT_STYLE = {"keras": ("s", "#555555", "Keras (float)"), "tflite": ("o", "#1f77b4", "TFLite"),
+                "onnx": ("^", "#d62728", "ONNX")}
 
-    matplotlib.use("Agg")
+
+def write_plot(report: BenchReport, path: str | os.PathLike) -> Path:
+    """The report's picture (``plot_figure``) as a PNG, SVG or PDF, written atomically."""
     import matplotlib.pyplot as plt
 
-    pts = [(r.p50_ms(1), 100 * r.accuracy["top1"], r) for r in report.results
-           if r.ok and r.accuracy and r.p50_ms(1) is not None]
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    markers = {"keras": "s", "tflite": "o", "onnx": "^"}
-    for i, (x, y, r) in enumerate(sorted(pts, key=lambda p: (p[1], p[0]))):
-        ax.scatter([x], [y], marker=markers.get(r.format, "o"), s=60, zorder=3)
-        # Staggered offsets keep the labels of points with equal accuracy apart.
-        ax.annotate(_label(r), (x, y), textcoords="offset points", xytext=(6, 6 + 11 * (i % 4)), fontsize=8,
-                    arrowprops={"arrowstyle": "-", "alpha": 0.4, "lw": 0.6})
-    ax.margins(x=0.15, y=0.25)
-    if not pts:
-        ax.text(0.5, 0.5, "no file has both accuracy and latency", ha="center", va="center", transform=ax.transAxes)
-    elif max(p[0] for p in pts) / max(min(p[0] for p in pts), 1e-9) > 20:
-        ax.set_xscale("log")
-    ax.set_xlabel(f"latency, batch 1, p50 (ms, {report.options.get('threads')} threads)")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(f"Accuracy vs latency — {report.machine.get('cpu', '')}", fontsize=9)
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
+    fig = plot_figure(report)
     suffix = Path(path).suffix or ".png"
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=suffix.lstrip("."))
     plt.close(fig)
     return Path(path)
+
+
+def plot_figure(report: BenchReport):
+    """Two panels that share one row per measured file (its name on the left, so no label sits on another):
+    the top-1 change against the float model in percentage points with its 95 % paired bootstrap interval as
+    error bars, and the batch-1 latency (the median of the per-round medians) with its interval over the
+    timing rounds. A zero line marks "no change"; marker and colour say the format (legend below)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report.results if r.ok and (r.accuracy or r.latency.get("1"))][::-1]  # first file on top
+    fig, (acc, lat) = plt.subplots(1, 2, sharey=True, dpi=120, figsize=(10, 1.6 + 0.42 * max(1, len(rows))),
+                                   gridspec_kw={"width_ratios": [1.1, 1]})
+    for y, r in enumerate(rows):
+        marker, colour, _ = FORMAT_STYLE.get(r.format, ("o", "black", r.format))
+        change = _change(r)
+        if change is not None:
+            est, lo, hi = change
+            acc.errorbar([est], [y], xerr=[[est - lo], [hi - est]], fmt=marker, color=colour, capsize=3, ms=6)
+        b1 = r.latency.get("1") or {}
+        if "round_median_ms" in b1:
+            est, (lo, hi) = b1["round_median_ms"], b1["round_median_interval_ms"]
+            lat.errorbar([est], [y], xerr=[[est - lo], [hi - est]], fmt=marker, color=colour, capsize=3, ms=6,
+                         alpha=0.5 if b1.get("noisy") else 1.0)
+    acc.axvline(0, color="grey", lw=0.8, zorder=0)
+    acc.set_yticks(range(len(rows)), [_plot_label(r) for r in rows], fontsize=8)
+    acc.set_title("top-1 change vs the float model\n(95 % paired bootstrap interval)", fontsize=9)
+    acc.set_xlabel("percentage points", fontsize=8)
+    lat.set_title(f"batch-1 latency, {report.options.get('threads')} threads\n(median and interval of the "
+                  "round medians;\nfaded: the series did not settle)", fontsize=9)
+    lat.set_xlabel("ms" + (" (log scale)" if _log_scale(lat, rows) else ""), fontsize=8)
+    for ax in (acc, lat):
+        ax.grid(True, axis="x", alpha=0.3)
+        ax.tick_params(axis="x", labelsize=8)
+        ax.set_ylim(-0.7, len(rows) - 0.3)
+    if not rows:
+        acc.text(0.5, 0.5, "no file was measured", ha="center", va="center", transform=acc.transAxes)
+    shown = {r.format for r in rows}
+    handles = [plt.Line2D([], [], marker=m, color=c, ls="", label=name) for f, (m, c, name) in FORMAT_STYLE.items()
+               if f in shown]
+    if handles:  # below the panels, never over a point
+        fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    images = report.data.get("images") or 0
+    fig.suptitle(f"{images:,} CIFAR-10 test images; {report.machine.get('cpu', '')}", fontsize=9)
+    fig.tight_layout(rect=(0, 0.05 if handles else 0, 1, 1))
+    return fig
+
+
+def _log_scale(ax, rows: list[ArtifactResult]) -> bool:
+    """A log latency axis when the measured latencies span more than 20x (a Keras model beside INT8 files)."""
+    ms = [r.latency["1"]["round_median_ms"] for r in rows if "round_median_ms" in (r.latency.get("1") or {})]
+    if not (ms and min(ms) > 0 and max(ms) / min(ms) > 20):
+        return False
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    return True
+
+
+def _plot_label(r: ArtifactResult) -> str:
+    """The row's name, with the runtime it ran in where the label does not already say it."""
+    runtime = _runtime(r)
+    return _label(r) + ("" if f"[{runtime}]" in r.label else f" [{runtime}]")
+
+
+def _change(r: ArtifactResult) -> tuple[float, float, float] | None:
+    """The top-1 change against the float model and its interval (pp); 0 for the float model itself."""
+    if r.role == "reference" and r.accuracy:
+        return 0.0, 0.0, 0.0
+    v = r.vs_float or {}
+    if "change_pp" not in v:
+        return None
+    lo, hi = v["change_interval_pp"]
+    return v["change_pp"], lo, hi
 
 
 # Formatting ---------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""What a bench run found: one ``ArtifactResult`` per file, the ``BenchReport`` around them, and the
-error entries a file that could not be measured carries instead of figures.
+"""What a bench run found: one ``ArtifactResult`` per file (from its selection to its figures), the
+``BenchReport`` around them, and the error entries a file that could not be measured carries instead of
+figures.
 
 ``BenchReport.to_dict()`` is the JSON document described in docs/bench-report-schema.md.
 """
@@ -8,11 +9,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
+from resnet_deploy.artifact import Manifest
 from resnet_deploy.errors import ResnetDeployError
 
 SCHEMA_VERSION = 2
@@ -66,16 +68,19 @@ def unexpected_error(exc: BaseException, path, tb: str) -> dict:
 
 @dataclass
 class ArtifactResult:
+    """One file of a bench run, from its selection (what is known before measuring: format, manifest, role,
+    runtime, refusals) to its figures. ``to_dict()`` is its entry in the report's ``results``."""
+
     label: str
-    path: str
-    role: str  # reference | artifact | baseline
-    format: str | None
-    precision: str
+    path: Path
+    role: str  # reference | artifact | baseline (an FP32 sibling added for fair ratios)
+    format: str | None = None
+    precision: str = "unknown"
+    manifest: Manifest | None = field(default=None, repr=False)  # in memory; the report says has_manifest
     runtime: dict | None = None  # runner.describe(): runtime name, threads, providers / input dtype / precisions
     runtime_name: str | None = None  # the runtime the row runs in (keras, litert, onnxruntime, openvino)
     executed_precision: str | None = None  # what the runtime reports it ran (OpenVINO: f32, u8, bf16, mixed)
     saturating: bool = False  # benched with --allow-saturating although its U8S8 kernels saturate on this CPU
-    has_manifest: bool = False
     notes: list = field(default_factory=list)
     error: dict | None = None
     stale: bool = False  # benched with --allow-stale although exported from another float model: not gated
@@ -93,16 +98,43 @@ class ArtifactResult:
     round_times: dict = field(default_factory=dict, repr=False)
     supports_batch: bool = True
 
+    def __post_init__(self):
+        self.path = Path(self.path)
+
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def has_manifest(self) -> bool:
+        return self.manifest is not None
+
+    @property
+    def source_sha256(self) -> str | None:
+        """The sha256 of the float model the manifest says this file was exported from."""
+        src = self.manifest.source if self.manifest else None
+        return src.sha256 if src else None
+
+    def in_runtime(self, runtime: str) -> "ArtifactResult":
+        """The same file, selected to run in ``runtime`` (a row of its own, nothing measured yet)."""
+        return ArtifactResult(self.label, self.path, self.role, self.format, self.precision, self.manifest,
+                              runtime_name=runtime, notes=list(self.notes), error=self.error, stale=self.stale,
+                              size_bytes=self.size_bytes, sha256=self.sha256, saturating=self.saturating)
 
     def p50_ms(self, batch: int = 1) -> float | None:
         s = self.latency.get(str(batch)) or {}
         return s.get("p50_ms")
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in _IN_MEMORY_ONLY}
+        out = {}
+        for k, v in self.__dict__.items():
+            if k == "manifest":
+                continue
+            if k == "saturating":
+                out[k], out["has_manifest"] = v, self.has_manifest
+            elif k not in _IN_MEMORY_ONLY:
+                out[k] = str(v) if k == "path" else v
+        return out
 
 
 _IN_MEMORY_ONLY = ("logits", "round_times", "supports_batch")
@@ -140,7 +172,7 @@ class BenchReport:
 
     def result(self, label: str) -> ArtifactResult:
         for r in self.results:
-            if r.label == label or r.path == label:
+            if r.label == label or str(r.path) == label:
                 return r
         raise KeyError(label)
 
@@ -161,3 +193,13 @@ class BenchReport:
             "ok": self.ok,
             "errors": [{"label": r.label, **r.error} for r in self.errors],
         }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BenchReport":
+        """A report read back from its JSON (``to_dict``): the figures, without the in-memory logits."""
+        names = {f.name for f in fields(ArtifactResult)} - {"manifest", *_IN_MEMORY_ONLY}
+        results = [ArtifactResult(**{k: v for k, v in r.items() if k in names}) for r in d.get("results", [])]
+        return cls(d.get("machine") or {}, d.get("libraries") or {}, d.get("options") or {}, d.get("data") or {},
+                   d.get("reference") or {}, results, gates=list(d.get("gates") or []),
+                   not_gated=list(d.get("not_gated") or []), created=d.get("created") or "",
+                   duration_s=d.get("duration_s"), schema_version=d.get("schema_version", SCHEMA_VERSION))

@@ -68,7 +68,7 @@ def interleaved_rounds(series: dict[Hashable, SeriesFn], plan: RoundsPlan, clock
                        progress: Callable[[str], None] | None = None) -> RoundsResult:
     """Time every series in rotating rounds until steady or out of budget (see the module docstring).
     A series whose callable raises ``SeriesFailed`` is dropped (its error kept in ``failed``); the others go on."""
-    say = progress or (lambda msg: None)
+    progress = progress or (lambda msg: None)
     res = RoundsResult(times={k: [] for k in series}, warmup={})
     live = list(series)
     start = clock()
@@ -93,7 +93,7 @@ def interleaved_rounds(series: dict[Hashable, SeriesFn], plan: RoundsPlan, clock
                 _drop(res, live, k, exc)
         res.rounds += 1
         res.elapsed_s = clock() - start
-        say(f"timing round {res.rounds} ({res.elapsed_s:.0f} s)")
+        progress(f"timing round {res.rounds} ({res.elapsed_s:.0f} s)")
         res.stopped = _stop_reason(res, live, plan)
         if res.stopped:
             break

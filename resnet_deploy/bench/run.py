@@ -26,7 +26,7 @@ import numpy as np
 
 from resnet_deploy.bench import reference_cache
 from resnet_deploy.bench.child import WorkerFailed, open_worker
-from resnet_deploy.bench.compare import fill_accuracy, fill_ratios, output_kind
+from resnet_deploy.bench.compare import fill_accuracy, fill_ratios
 from resnet_deploy.bench.contract import file_preprocessing, resolve_contract
 from resnet_deploy.bench.gates import evaluate_gates, not_gated
 from resnet_deploy.bench.latency import summarize
@@ -34,11 +34,12 @@ from resnet_deploy.bench.measure import FileSpec
 from resnet_deploy.bench.options import BenchOptions
 from resnet_deploy.bench.results import ArtifactResult, BenchReport
 from resnet_deploy.bench.rounds import RoundsPlan, SeriesFailed, interleaved_rounds, median_interval
-from resnet_deploy.bench.selection import (Entry, add_baselines, assign_labels, cpu_override, expand_runtimes,
+from resnet_deploy.bench.selection import (add_baselines, assign_labels, cpu_override, expand_runtimes,
                                            find_baseline, identify, refuse_saturating, refuse_stale,
                                            resolve_reference)
 from resnet_deploy.data.constants import IMAGE_SHAPE
 from resnet_deploy.errors import BenchError
+from resnet_deploy.metrics import output_kind
 from resnet_deploy.runtimes.openvino_runner import precision_summary
 
 Progress = Callable[[str], None]
@@ -57,36 +58,35 @@ def run_bench(artifact_paths: Iterable[str | os.PathLike], options: BenchOptions
     so a script calling this must keep its top-level code under ``if __name__ == "__main__":``.
     """
     options = options or BenchOptions()
-    say = progress or (lambda msg: None)
+    progress = progress or (lambda msg: None)
     started = time.perf_counter()
-    entries, ref_path, ref_notes = _participants(artifact_paths, options)
-    contract = resolve_contract(entries, ref_path)
+    results, ref_path, ref_notes = _participants(artifact_paths, options)
+    contract = resolve_contract(results, ref_path)
     split, data_info = _test_images(options, data) if options.accuracy else (None, _no_test_images(options))
     latency_images = _latency_images(split, options) if options.latency else None
-    results = [_result(e) for e in entries]
-    cached = _cached_reference(entries, results, contract, split, options, ref_notes)
+    cached = _cached_reference(results, contract, split, options, ref_notes)
     workers: dict = {}
     try:
-        _open_all(workers, entries, results, contract, latency_images, options, split, cached, say)
+        _open_all(workers, results, contract, latency_images, options, split, cached, progress)
         if options.latency:
-            _time_all(workers, results, options, say)
+            time_all(workers, results, options, progress)
         if split is not None:
-            _accuracy_passes(workers, results, split, say)
+            _accuracy_passes(workers, results, split, progress)
     except BaseException:  # Ctrl-C (KeyboardInterrupt) or a bug: the children go at once, not after their work
         for w in workers.values():
             w.close(kill=True)
         raise
     for w in workers.values():
         w.close()
-    _store_reference(entries, results, contract, split, options, cached, ref_notes)
+    _store_reference(results, options, cached, ref_notes)
     reference = next((r for r in results if r.role == "reference" and r.ok), None)
     if ref_path is not None and reference is None:
         ref_notes.append("the float reference could not be measured (see its error): no float comparison")
     kind = output_kind(reference.logits if reference is not None else None)
-    for r, e in zip(results, entries):
+    for r in results:
         if r.ok:
             fill_accuracy(r, reference, split, options, kind)
-            fill_ratios(r, reference, _baseline_result(e, entries, results), options)
+            fill_ratios(r, reference, find_baseline(r, results), options)
     report = BenchReport(
         machine=_machine(), libraries=_libraries(), options=options.to_dict(), data=data_info,
         reference={"label": reference.label if reference else None, "path": str(ref_path) if ref_path else None,
@@ -98,8 +98,8 @@ def run_bench(artifact_paths: Iterable[str | os.PathLike], options: BenchOptions
     return report
 
 
-def _participants(artifact_paths, options: BenchOptions) -> tuple[list[Entry], Path | None, list[str]]:
-    """The entries of the run (reference first, then the artifacts, then the baselines added)."""
+def _participants(artifact_paths, options: BenchOptions) -> tuple[list[ArtifactResult], Path | None, list[str]]:
+    """The files of the run (reference first, then the artifacts, then the baselines added), as selected."""
     paths = [Path(p) for p in artifact_paths]
     if not paths:
         raise BenchError("No artifact to bench.", expected="one or more .tflite/.onnx/.keras paths",
@@ -122,36 +122,37 @@ def _participants(artifact_paths, options: BenchOptions) -> tuple[list[Entry], P
                          "$RESNET_DEPLOY_BENCH_CPU_FLAGS when judging INT8 saturation")
     entries += add_baselines(entries, options.baselines and options.latency)
     assign_labels(entries)
+    for e in entries:
+        _selected(e)
     return entries, ref_path, ref_notes
 
 
-def _result(e: Entry) -> ArtifactResult:
-    r = ArtifactResult(label=e.label, path=str(e.path), role=e.role, format=e.format, precision=e.precision,
-                       has_manifest=e.manifest is not None, notes=list(e.notes), error=e.error, stale=e.stale,
-                       runtime_name=e.runtime, saturating=e.saturating,
-                       size_bytes=e.size_bytes if not e.error else None, sha256=e.sha256 if not e.error else None)
-    v = (e.manifest.validation or {}) if e.manifest else {}
-    if e.role == "baseline" and v.get("top1_agreement") is not None:
+def _selected(r: ArtifactResult) -> None:
+    """What the report says of a file before it is measured: no size or sha256 for a file refused at
+    selection; a baseline's parity with the float model as its export checked it."""
+    if r.error:
+        r.size_bytes = r.sha256 = None
+    check = r.manifest.parity if r.manifest else None
+    if r.role == "baseline" and check is not None and check.top1_agreement is not None:
         r.notes.append(f"no accuracy pass (a speed baseline): at export it agreed with the float model on "
-                       f"{v['top1_agreement']:.1%} of {v.get('samples')} test images, max |Δ| "
-                       f"{v.get('max_abs_logit_diff', float('nan')):.3g}")
-    return r
+                       f"{check.top1_agreement:.1%} of {check.samples} test images, max |Δ| "
+                       f"{check.max_abs_logit_diff if check.max_abs_logit_diff is not None else float('nan'):.3g}")
 
 
-def _open_all(workers: dict, entries, results, contract, latency_images, options, split, cached, say) -> None:
+def _open_all(workers: dict, results, contract, latency_images, options, split, cached, progress) -> None:
     """A worker per file that has work (latency, or an accuracy pass), put in ``workers`` as soon as it
     exists (so an interrupted run can end it); a failure to open is that file's error."""
-    for i, (e, r) in enumerate(zip(entries, results)):
-        needs_pass = split is not None and _needs_accuracy_pass(e, cached is not None and cached["logits"] is not None)
+    for i, r in enumerate(results):
+        needs_pass = split is not None and _needs_accuracy_pass(r, cached is not None and cached["logits"] is not None)
         if not r.ok or not (options.latency or needs_pass):
             continue
-        say(f"loading {e.label} ({e.role})")
-        pre, note = file_preprocessing(e, contract)
+        progress(f"loading {r.label} ({r.role})")
+        pre, note = file_preprocessing(r, contract)
         if note:
             r.notes.append(note)
-        spec = FileSpec(path=e.path, runtime=e.runtime, preprocessing=pre.to_dict(), threads=options.threads,
+        spec = FileSpec(path=r.path, runtime=r.runtime_name, preprocessing=pre.to_dict(), threads=options.threads,
                         eval_batch_size=options.batch_size, latency_images=latency_images,
-                        manifest_input=vars(e.manifest.input) if e.manifest else None)
+                        manifest_input=r.manifest.input.to_dict() if r.manifest else None)
         worker = open_worker(spec, options.isolate, options.file_timeout_s(len(split) if needs_pass else 0))
         workers[i] = worker
         try:
@@ -171,13 +172,13 @@ def _open_all(workers: dict, entries, results, contract, latency_images, options
         r.memory = {"rss_scope": worker.rss_scope}
 
 
-def _needs_accuracy_pass(e: Entry, cache_hit: bool) -> bool:
+def _needs_accuracy_pass(e: ArtifactResult, cache_hit: bool) -> bool:
     if e.role == "baseline":
         return False  # added for the speed ratio only: its export-time parity is in its manifest
     return not (e.role == "reference" and cache_hit)
 
 
-def _time_all(workers: dict, results: list[ArtifactResult], options: BenchOptions, say,
+def time_all(workers: dict, results: list[ArtifactResult], options: BenchOptions, progress,
               clock=time.perf_counter) -> None:
     """Every open file at every batch size in interleaved rounds; then each one's memory. ``clock`` is
     the rounds' budget clock (a fake one in the drift test)."""
@@ -191,7 +192,7 @@ def _time_all(workers: dict, results: list[ArtifactResult], options: BenchOption
     plan = RoundsPlan(warmup=options.warmup, min_runs=options.runs, min_time_s=options.min_time_s,
                       budget_s=options.max_time_s * max(1, len(series)), min_rounds=options.min_rounds,
                       steady_width=options.steady_width, confidence=options.confidence)
-    rounds = interleaved_rounds(series, plan, clock=clock, progress=say)
+    rounds = interleaved_rounds(series, plan, clock=clock, progress=progress)
     for (i, bs), err in rounds.failed.items():
         if results[i].ok:
             results[i].error = err
@@ -231,12 +232,12 @@ def _series_fn(worker, i, bs):
     return run
 
 
-def _accuracy_passes(workers: dict, results: list[ArtifactResult], split, say) -> None:
+def _accuracy_passes(workers: dict, results: list[ArtifactResult], split, progress) -> None:
     for i, w in list(workers.items()):
         r = results[i]
         if not r.ok or r.role == "baseline" or r.logits is not None:
             continue
-        say(f"test-set pass of {r.label} ({len(split):,} images)")
+        progress(f"test-set pass of {r.label} ({len(split):,} images)")
         try:
             out = w.call("logits", split.x)
         except WorkerFailed as exc:
@@ -247,39 +248,31 @@ def _accuracy_passes(workers: dict, results: list[ArtifactResult], split, say) -
         r.timing["accuracy_pass_s"] = out["accuracy_pass_s"]
 
 
-def _cached_reference(entries, results, contract, split, options, notes) -> dict | None:
+def _cached_reference(results, contract, split, options, notes) -> dict | None:
     """The reference's cached test-split logits ({key, logits, path}) or None; sets them on its result."""
-    ref = next((i for i, e in enumerate(entries) if e.role == "reference" and not e.error), None)
+    ref = next((r for r in results if r.role == "reference" and not r.error), None)
     if ref is None or split is None or not options.cache:
         return None
-    key = reference_cache.cache_key(entries[ref].sha256, reference_cache.data_fingerprint(split.x, split.y),
+    key = reference_cache.cache_key(ref.sha256, reference_cache.data_fingerprint(split.x, split.y),
                                     contract.preprocessing, len(split))
     logits = reference_cache.load(key, len(split), options.cache_dir)
     if logits is None:
         return {"key": key, "logits": None}
-    results[ref].logits = logits
+    ref.logits = logits
     path = reference_cache.cache_path(key, options.cache_dir)
-    results[ref].notes.append(f"test-set logits from the cache ({path}): no float pass this run")
+    ref.notes.append(f"test-set logits from the cache ({path}): no float pass this run")
     notes.append(f"float logits read from the cache {path}")
     return {"key": key, "logits": logits}
 
 
-def _store_reference(entries, results, contract, split, options, cached, notes) -> None:
-    ref = next((i for i, e in enumerate(entries) if e.role == "reference"), None)
-    if ref is None or cached is None or cached["logits"] is not None or not results[ref].ok:
+def _store_reference(results, options, cached, notes) -> None:
+    ref = next((r for r in results if r.role == "reference"), None)
+    if ref is None or cached is None or cached["logits"] is not None or not ref.ok:
         return
-    if results[ref].logits is not None:
-        path = reference_cache.store(cached["key"], results[ref].logits, options.cache_dir)
+    if ref.logits is not None:
+        path = reference_cache.store(cached["key"], ref.logits, options.cache_dir)
         if path is not None:
             notes.append(f"float logits cached in {path} (--no-cache to bypass)")
-
-
-def _baseline_result(e: Entry, entries: list[Entry], results: list[ArtifactResult]) -> ArtifactResult | None:
-    b = find_baseline(e, entries)
-    if b is None:
-        return None
-    res = results[entries.index(b)]
-    return res if res.ok else None
 
 
 def _test_images(options: BenchOptions, data):
@@ -312,8 +305,8 @@ def _latency_images(split, options: BenchOptions) -> np.ndarray:
     return np.random.default_rng(options.seed).integers(0, 256, (n, *IMAGE_SHAPE), dtype=np.uint8)
 
 
-def _dedupe(entries: list[Entry]) -> list[Entry]:
-    out: list[Entry] = []
+def _dedupe(entries: list[ArtifactResult]) -> list[ArtifactResult]:
+    out: list[ArtifactResult] = []
     for e in entries:
         if not any(_same_file(e.path, o.path) for o in out):
             out.append(e)

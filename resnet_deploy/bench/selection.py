@@ -5,57 +5,37 @@ model); and which of them are refused before anything runs: a file whose sha256 
 manifest's (a file copied over another's name), an artifact exported from another float model than
 the reference (stale; ``--allow-stale`` benches it, marked and not gated), an ONNX INT8 file whose
 U8S8 kernels saturate on this CPU (``--allow-saturating`` benches it, marked).
+
+Each file is an ``ArtifactResult`` from here on: selection fills what is known before measuring (format,
+manifest, role, runtime, refusals as its ``error``), the run fills in the figures.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from resnet_deploy.artifact import Manifest, read_manifest
-from resnet_deploy.bench.results import error_dict
+from resnet_deploy.bench.results import ArtifactResult, error_dict
 from resnet_deploy.config import Format, Precision
 from resnet_deploy.errors import BenchError, ResnetDeployError
+from resnet_deploy.records import Int8Calibration
 
 NO_MANIFEST_DEFAULTS = ("no manifest: benched with the defaults — preprocessing = raw RGB pixels 0..255 "
                         "(the resnet-deploy model convention), CIFAR-10 class order, precision unknown, "
                         "integer I/O quantization read from the model itself")
 
 
-@dataclass
-class Entry:
-    """One file to measure and what is known about it before measuring."""
-
-    path: Path
-    role: str  # "reference" | "artifact" | "baseline" (an FP32 sibling added for fair ratios)
-    format: str | None = None
-    precision: str = "unknown"
-    manifest: Manifest | None = None
-    notes: list[str] = field(default_factory=list)
-    error: dict | None = None  # set when the file cannot even be identified
-    label: str = ""
-    size_bytes: int | None = None
-    sha256: str | None = None
-    stale: bool = False  # exported from another float model, benched anyway (--allow-stale)
-    runtime: str | None = None  # the runtime it runs in (runtimes.DEFAULT_RUNTIME of its format unless asked)
-    saturating: bool = False  # U8S8 with 8-bit weights on an x86 CPU without VNNI, benched anyway
-
-    @property
-    def source_sha256(self) -> str | None:
-        src = self.manifest.source_model if self.manifest else None
-        return (src or {}).get("sha256")
-
-
-def identify(path: str | os.PathLike, role: str) -> Entry:
-    """An Entry for ``path``: its format and, from its manifest, precision; errors are recorded, not raised."""
+def identify(path: str | os.PathLike, role: str) -> ArtifactResult:
+    """The result of ``path`` as selected: its format and, from its manifest, precision; errors are recorded,
+    not raised."""
     p = Path(path)
-    e = Entry(path=p, role=role)
+    e = ArtifactResult(label="", path=p, role=role)
     try:
         if not p.exists():
             raise BenchError(f"{p} does not exist.", fix="check the path (export writes artifacts/<name>.tflite)")
         e.format = Format.from_path(p).value
-        e.runtime = _default_runtime(e.format)
+        e.runtime_name = _default_runtime(e.format)
         e.size_bytes, e.sha256 = file_facts(p)
         if e.format == Format.KERAS.value:
             e.precision = Precision.FP32.value
@@ -89,15 +69,15 @@ def _default_runtime(fmt: str) -> str:
     return DEFAULT_RUNTIME[Format(fmt)]
 
 
-def expand_runtimes(entries: list[Entry], runtimes) -> list[Entry]:
+def expand_runtimes(entries: list[ArtifactResult], runtimes) -> list[ArtifactResult]:
     """Each ONNX entry once per runtime in ``runtimes`` (in that order); other entries as they are."""
-    out: list[Entry] = []
+    out: list[ArtifactResult] = []
     for e in entries:
         if e.format != Format.ONNX.value or e.error:
             out.append(e)
             continue
-        copies = [replace(e, runtime=rt, notes=list(e.notes)) for rt in runtimes[1:]]
-        e.runtime = runtimes[0]
+        copies = [e.in_runtime(rt) for rt in runtimes[1:]]
+        e.runtime_name = runtimes[0]
         out += [e, *copies]
     return out
 
@@ -120,7 +100,7 @@ def file_facts(path: Path) -> tuple[int, str]:
     return f["size_bytes"], f["sha256"]
 
 
-def refuse_stale(entries: list[Entry], reference: Entry | None, allow_stale: bool) -> list[str]:
+def refuse_stale(entries: list[ArtifactResult], reference: ArtifactResult | None, allow_stale: bool) -> list[str]:
     """An artifact whose manifest names another source sha256 than the reference's becomes an error
     (what/expected/fix); with ``allow_stale`` it is kept, marked ``stale``. Returns notes for the report."""
     if reference is None or reference.sha256 is None:
@@ -164,12 +144,10 @@ def u8s8_saturation_warning(manifest: Manifest, machine: str | None = None, flag
     sums, see docs/export.md), or None. The file was exported for another CPU (its
     ``calibration.target``, when recorded), or before the rule existed (no ``reduce_range`` recorded).
     ``machine``/``flags`` default to ``cpu_override()``, then to this machine's."""
-    cal = manifest.calibration or {}
-    # manifests written before the rule say only "activations": "uint8 per-tensor"
-    activations = cal.get("activation_type") or (cal.get("activations") or "uint8").split()[0]
-    weights = cal.get("weight_type") or "int8"  # the only weight type export writes
+    cal = manifest.int8_calibration or Int8Calibration()
+    weights = cal.weight_type or "int8"  # the only weight type export writes
     if (manifest.format != Format.ONNX.value or manifest.precision != Precision.INT8.value
-            or activations != "uint8" or weights != "int8" or cal.get("reduce_range", False)):
+            or cal.activation_kind != "uint8" or weights != "int8" or cal.reduce_range):
         return None
     from resnet_deploy.envinfo import has_vnni, is_x86
 
@@ -178,14 +156,13 @@ def u8s8_saturation_warning(manifest: Manifest, machine: str | None = None, flag
     flags = flags if flags is not None else env_flags
     if not is_x86(machine) or has_vnni(flags) is not False:  # VNNI, or flags unknown: no claim
         return None
-    target = cal.get("target")
-    made_for = f" (exported for target {target})" if target else ""
+    made_for = f" (exported for target {cal.target})" if cal.target else ""
     return (f"uint8 activations with 8-bit int8 weights{made_for} on an x86 CPU without VNNI: ONNX Runtime's U8S8 "
             "kernels saturate here and accuracy can collapse; re-export on this CPU, or with --target x86-avx2 "
             "(u8s8-rr7: 7-bit weights; --onnx-reduce-range on --target host)")
 
 
-def refuse_saturating(entries: list[Entry], allow: bool, machine: str | None = None, flags=None) -> list[str]:
+def refuse_saturating(entries: list[ArtifactResult], allow: bool, machine: str | None = None, flags=None) -> list[str]:
     """An ONNX INT8 entry that saturates on this CPU (``u8s8_saturation_warning``) becomes an error
     (what/expected/fix); with ``allow`` it is kept, marked ``saturating``. Returns notes for the report."""
     notes, done = [], set()
@@ -203,11 +180,11 @@ def refuse_saturating(entries: list[Entry], allow: bool, machine: str | None = N
                              "damage, not the file's quality on a CPU it was made for")
             done.add(e.path)
             continue
-        cal = e.manifest.calibration or {}
+        cal = e.manifest.int8_calibration or Int8Calibration()
         e.error = error_dict(BenchError(
             f"{e.path.name} is an ONNX INT8 file with uint8 activations and 8-bit int8 weights (manifest: "
-            f"reduce_range {bool(cal.get('reduce_range', False))}"
-            + (f", target {cal['target']}" if cal.get("target") else "")
+            f"reduce_range {bool(cal.reduce_range)}"
+            + (f", target {cal.target}" if cal.target else "")
             + "), and this is an x86 CPU without VNNI: ONNX Runtime's U8S8 kernels saturate here (pairs of "
               "products added in 16 bits), so its accuracy and speed would describe the saturation, not the file.",
             expected="an ONNX INT8 file exported for this CPU (7-bit weights with --onnx-reduce-range, or int8 "
@@ -236,6 +213,10 @@ def checked_manifest(path: Path) -> Manifest | None:
         raise _bad_manifest(side, f"precision {m.precision!r} is not one of {', '.join(_PRECISIONS)}")
     if not isinstance(m.format, str):
         raise _bad_manifest(side, f"format {m.format!r} is not a string")
+    for name in ("calibration", "validation", "int8_accuracy", "options"):
+        block = getattr(m, name)
+        if block is not None and not isinstance(block, dict):
+            raise _bad_manifest(side, f"{name} {str(block)[:80]!r} is not an object")
     src = m.source_model
     if src is not None and not (isinstance(src, dict) and all(
             src.get(k) is None or isinstance(src.get(k), str) for k in ("path", "sha256"))):
@@ -256,20 +237,20 @@ def _bad_manifest(side: Path, why: str) -> BenchError:
                       fix="re-export the artifact, or delete the manifest to bench with defaults")
 
 
-def reference_from_manifest(entry: Entry) -> Path | None:
+def reference_from_manifest(entry: ArtifactResult) -> Path | None:
     """The float model an artifact was exported from: ``source_model.path`` relative to the manifest's
     folder (or absolute), else ``abs_path`` where it was at export (an artifacts folder copied away
     from its model); the relative candidate when neither exists, so the error names it."""
-    src = entry.manifest.source_model if entry.manifest else None
-    if not src or not src.get("path"):
+    src = entry.manifest.source if entry.manifest else None
+    if not src or not src.path:
         return None
-    p = Path(src["path"]).expanduser()
+    p = Path(src.path).expanduser()
     p = p if p.is_absolute() else (entry.path.parent / p)
-    at_export = Path(src["abs_path"]).expanduser() if src.get("abs_path") else None
+    at_export = Path(src.abs_path).expanduser() if src.abs_path else None
     return at_export if not p.exists() and at_export is not None and at_export.exists() else p
 
 
-def resolve_reference(entries: list[Entry], given: Path | None) -> tuple[Path | None, list[str]]:
+def resolve_reference(entries: list[ArtifactResult], given: Path | None) -> tuple[Path | None, list[str]]:
     """The float Keras model of the run and notes on how it was found (or why there is none)."""
     if given is not None:
         if Format.from_path(given) is not Format.KERAS:
@@ -302,11 +283,11 @@ def resolve_reference(entries: list[Entry], given: Path | None) -> tuple[Path | 
                   "has no accuracy change, agreement or float figures"]
 
 
-def add_baselines(entries: list[Entry], search_folders: bool) -> list[Entry]:
+def add_baselines(entries: list[ArtifactResult], search_folders: bool) -> list[ArtifactResult]:
     """For each quantized artifact, the FP32 artifact of the same format it is compared with: one among
     the inputs, else (``search_folders``) an FP32 sibling in its folder whose manifest names the
     same source model. Returns the entries added."""
-    added: list[Entry] = []
+    added: list[ArtifactResult] = []
     for e in list(entries):
         if e.role != "artifact" or e.error or e.format in (None, Format.KERAS.value) or e.precision == "fp32":
             continue
@@ -314,39 +295,39 @@ def add_baselines(entries: list[Entry], search_folders: bool) -> list[Entry]:
             continue
         for cand in sorted(e.path.parent.glob(f"*.{e.format}")):
             m = _quiet_manifest(cand)
-            if m and m.precision == "fp32" and m.format == e.format and (m.source_model or {}).get("sha256") == \
-                    e.source_sha256:
+            if m and m.precision == "fp32" and m.format == e.format and m.source and m.source.sha256 == e.source_sha256:
                 b = identify(cand, "baseline")
-                b.runtime = e.runtime
+                b.runtime_name = e.runtime_name
                 b.notes.append(f"added as the FP32 baseline of {e.path.name} (same source model, same runtime: "
-                               f"{e.runtime})")
+                               f"{e.runtime_name})")
                 added.append(b)
                 break
     return added
 
 
-def find_baseline(e: Entry, entries: list[Entry]) -> Entry | None:
+def find_baseline(e: ArtifactResult, entries: list[ArtifactResult]) -> ArtifactResult | None:
     """The FP32 entry of the same format, run in the same runtime, exported from the same float model (same
     source sha256): a baseline from another model would measure two networks, not a quantization, and one
     run in another runtime would measure two runtimes."""
     if e.format in (None, Format.KERAS.value) or e.precision == "fp32" or not e.source_sha256:
         return None
     same = [b for b in entries if b is not e and b.error is None and b.format == e.format and b.precision == "fp32"
-            and b.runtime == e.runtime and b.role != "reference" and b.source_sha256 == e.source_sha256]
+            and b.runtime_name == e.runtime_name and b.role != "reference" and b.source_sha256 == e.source_sha256]
     return (same or [None])[0]
 
 
-def assign_labels(entries: list[Entry]) -> None:
+def assign_labels(entries: list[ArtifactResult]) -> None:
     """The file's name (its path where two files share a name), with ``[runtime]`` after it when the file
     runs in more than one runtime or not in its format's default one."""
     names = {e.path.name: {str(o.path) for o in entries if o.path.name == e.path.name} for e in entries}
     runtimes: dict[str, set] = {}
     for e in entries:
-        runtimes.setdefault(str(e.path), set()).add(e.runtime)
+        runtimes.setdefault(str(e.path), set()).add(e.runtime_name)
     for e in entries:
         base = e.path.name if len(names[e.path.name]) == 1 else str(e.path)
-        shown = e.runtime and e.format and (len(runtimes[str(e.path)]) > 1 or e.runtime != _default_runtime(e.format))
-        e.label = f"{base} [{e.runtime}]" if shown else base
+        shown = e.runtime_name and e.format and (len(runtimes[str(e.path)]) > 1
+                                                 or e.runtime_name != _default_runtime(e.format))
+        e.label = f"{base} [{e.runtime_name}]" if shown else base
 
 
 def _quiet_manifest(path: Path) -> Manifest | None:

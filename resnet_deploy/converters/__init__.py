@@ -1,5 +1,6 @@
-"""Converters: one module per target format (``tflite``, ``onnx``, plus ``qat``), the same
-``convert(model, out_path, target, options, calibration)`` shape, a dict registry in ``export``.
+"""Converters: one module per target format (``tflite``, ``onnx``), each ``convert(session, plan)``, registered
+in ``export.CONVERTERS``; the export session (``session``), its plan (``planning``), the parity check
+(``parity``), the manifests (``manifests``), accuracy-aware INT8 (``int8_search``, ``int8_analysis``) and QAT.
 
 Library entry point (what `resnet-deploy export`, the pipeline command and bench call)::
 
@@ -16,8 +17,8 @@ _LAZY = {
     "Target": "resnet_deploy.converters.options",
     "export_model": "resnet_deploy.converters.export",
     "ExportedArtifact": "resnet_deploy.converters.export",
-    "plan": "resnet_deploy.converters.export",
     "CONVERTERS": "resnet_deploy.converters.export",
+    "plan": "resnet_deploy.converters.planning",
 }
 
 __all__ = list(_LAZY)

@@ -2,20 +2,20 @@
 quantization, QDQ, per-channel weights).
 
 ``from_keras`` is used, not ``from_function``: the latter turns the ``Normalization`` layer's mean and
-variance into extra graph inputs that ONNX Runtime refuses (DESIGN.md). Every graph is checked to
+variance into extra graph inputs that ONNX Runtime refuses. Every graph is checked to
 have exactly one input and one output, and the batch dimension is named ``batch`` (dynamic).
 INT8 activations default to uint8 on x86 (ONNX Runtime's fast U8S8 kernels) and int8 on arm64, and
 weights to 7 bits (``reduce_range``) on x86 CPUs without VNNI, where 8-bit weights saturate ONNX
-Runtime's VPMADDUBSW kernels (``onnx_rules``); ``options.onnx_activation_type`` and
-``options.onnx_reduce_range`` override them. The manifest's ``calibration`` block records
-``activation_type``, ``weight_type``, ``reduce_range``, who chose each (``chosen_by``) and why (``reason``).
+Runtime's VPMADDUBSW kernels (``onnx_rules``); ``options.scheme`` overrides them on ``--target host``.
+The manifest's ``calibration`` block records ``activation_type``, ``weight_type``, ``reduce_range``, who
+chose each (``chosen_by``) and why (``reason``).
 ``OnnxInt8`` prepares the float graph once and quantizes it for each try of the accuracy-aware search;
-``options.int8_float_layers`` become ``nodes_to_exclude`` (those convolutions compute in float).
+``options.search.float_layers`` become ``nodes_to_exclude`` (those convolutions compute in float).
 
 One conversion per export: tf2onnx runs for the FP32 file only (for a large model in a second process
 beside the TFLite conversions: ``onnx_process``); the FP16 and INT8 files are made from that file and
-committed after it has passed validation (``base.ExportWork.onnx_fp32``), and their manifests name it
-(``options.converter.converted_from``). The INT8 scheme comes from ``--target`` (``onnx_rules``) and must
+committed after it has passed the parity check (``session.ExportSession.onnx_fp32``), and their
+manifests name it (``options.converter.converted_from``). The INT8 scheme comes from ``--target`` (``onnx_rules``) and must
 be the one the planned file name carries.
 """
 
@@ -30,106 +30,101 @@ from pathlib import Path
 
 from resnet_deploy.artifact import TensorSpec
 from resnet_deploy.config import Precision
-from resnet_deploy.converters.base import ONNX_COMPUTE_OPS, ConvertResult
+from resnet_deploy.converters.base import ONNX_COMPUTE_OPS, ArtifactPlan, ConvertResult
+from resnet_deploy.converters.onnx_process import INPUT_NAME, to_onnx
 from resnet_deploy.errors import ExportError
 
-INPUT_NAME = "image"
 _CALIB = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 _ELEM = {1: "float32", 10: "float16", 3: "int8", 2: "uint8"}
 
 
-def to_onnx(model, opset: int):
-    """The float ONNX ModelProto of a Keras model: one input ``image`` (dynamic batch), one output."""
-    import tensorflow as tf
-    import tf2onnx
-
-    spec = (tf.TensorSpec((None, *model.inputs[0].shape[1:]), tf.float32, name=INPUT_NAME),)
-    try:
-        proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset)
-    except Exception as exc:
-        raise ExportError(f"tf2onnx could not convert the model: {type(exc).__name__}: {str(exc)[:400]}",
-                          expected="a Keras model made of ops tf2onnx supports",
-                          fix="try another --opset, or export TFLite only with --formats tflite") from exc
-    inputs = [i.name for i in proto.graph.input]
-    if len(inputs) != 1 or len(proto.graph.output) != 1:
-        raise ExportError(f"The ONNX graph has inputs {inputs} and {len(proto.graph.output)} outputs.",
-                          expected="exactly one image input and one logits output",
-                          fix="model constants must not become graph inputs; report this model")
-    for v in (proto.graph.input[0], proto.graph.output[0]):
-        v.type.tensor_type.shape.dim[0].dim_param = "batch"
-    return proto
-
-
-def float_source(model, options, work=None, as_path: bool = False):
-    """The float graph FP16 and INT8 are made from: the export's FP32 ONNX file where there is one (then also its
-    name and sha256 for the manifest; ``as_path``: the file itself, not loaded), else a fresh tf2onnx
-    conversion. FP16 and INT8 files made from it are committed only after it has passed validation."""
+def float_source(session, model, opset: int, as_path: bool = False):
+    """The float graph FP16 and INT8 are made from, and where it came from: the session's FP32 ONNX file where
+    there is one (``as_path``: the file itself, not loaded; then also its name and sha256 for the manifest),
+    else a fresh tf2onnx conversion of ``model`` (and None). Files made from the FP32 file are committed only
+    after it has passed the parity check."""
     import onnx
 
-    fp32 = work.onnx_fp32 if work is not None else None
-    if fp32 is not None:
-        from resnet_deploy.fileio import sha256_file
-
-        sha = work.onnx_fp32_sha256 or sha256_file(fp32)  # the FP32 manifest's, read from the very file
-        return Path(fp32) if as_path else onnx.load(str(fp32)), {"artifact": Path(fp32).name, "sha256": sha,
-                                      "note": "made from the FP32 ONNX file of this export, committed after it passed validation "
-                                              "(one tf2onnx run per export)"}
-    return to_onnx(model, options.opset), None
+    fp32 = session.onnx_fp32
+    if fp32 is None:
+        return to_onnx(model, opset), None
+    origin = {"artifact": fp32.path.name, "sha256": fp32.sha256,
+              "note": "made from the FP32 ONNX file of this export, committed after it passed validation "
+                      "(one tf2onnx run per export)"}
+    return (fp32.path if as_path else onnx.load(str(fp32.path))), origin
 
 
-def convert(model, out_path: Path, target, options, calibration=None, work=None) -> ConvertResult:
+def convert(session, plan: ArtifactPlan) -> ConvertResult:
+    """Write ``plan.target`` at ``plan.path``: make the file for its precision, then check it and read it back."""
+    make = {Precision.FP32: _fp32, Precision.FP16: _fp16, Precision.INT8: _int8}.get(plan.target.precision)
+    if make is None:
+        raise ExportError(f"ONNX has no {plan.target.precision.value} target here.", expected="fp32, fp16 or int8")
+    settings = {"converter": "tf2onnx.convert.from_keras", "opset": plan.options.opset, "dynamic_batch": True}
+    extra, cal = make(session, plan)
+    return _checked(plan, {**settings, **extra}, cal)
+
+
+def _fp32(session, plan: ArtifactPlan) -> tuple[dict, None]:
+    """tf2onnx's graph (from the process started beside the TFLite conversions, or converted now), kept by the
+    session as the source of the FP16 and INT8 files."""
     import onnx
 
-    p = target.precision
-    settings = {"converter": "tf2onnx.convert.from_keras", "opset": options.opset, "dynamic_batch": True}
-    if p is Precision.FP32:
-        proc, proto = work.onnx_process if work is not None else None, None
-        if proc is not None:  # started beside the TFLite conversions (onnx_process)
-            work.onnx_process = None
-            made = proc.result()
-            settings["process"] = "a second process, beside the TFLite conversions (onnx_process)"
-        else:
-            proto = to_onnx(model, options.opset)
+    proc, extra = session.take_onnx_process(), {}
+    if proc is not None:
+        shutil.move(proc.result(), plan.path)
+        extra["process"] = "a second process, beside the TFLite conversions (onnx_process)"
     else:
-        proto, source = float_source(model, options, work, as_path=p is Precision.INT8)
-        if source is not None:
-            settings["converted_from"] = source
-    cal = None
-    if p is Precision.FP32:
-        if proto is None:
-            shutil.move(made, out_path)
-        else:
-            onnx.save(proto, str(out_path))
-        if work is not None:  # the source of this export's FP16 and INT8 files
-            work.keep_onnx_fp32(Path(out_path))
-    elif p is Precision.FP16:
-        from onnxruntime.transformers.float16 import convert_float_to_float16
+        onnx.save(to_onnx(plan.model, plan.options.opset), str(plan.path))
+    session.keep_onnx_fp32(Path(plan.path))
+    return extra, None
 
-        half = convert_float_to_float16(proto, keep_io_types=True)
-        _topological_sort(half.graph)  # the tool appends its input Casts at the end of the node list
-        onnx.save(half, str(out_path))
-        settings.update(fp16="onnxruntime.transformers.float16.convert_float_to_float16", io="float32")
-    elif p is Precision.INT8:
-        cal = _quantize(model, proto, Path(out_path), options, calibration)
-        if getattr(target, "scheme", None) and cal["scheme"] != target.scheme:
-            raise ExportError(f"The ONNX INT8 file was quantized as {cal['scheme']}, but its planned name says "
-                              f"{target.scheme}.", expected="the scheme the plan named (the CPU flags changed "
-                              "during the export?)", fix="export again, or pass --target explicitly")
-        settings.update(target=cal["target"], scheme=cal["scheme"], quant_format="QDQ", per_channel=options.onnx_per_channel,
-                        activation_type=cal["activation_type"], weight_type=cal["weight_type"],
-                        reduce_range=cal["reduce_range"], float_layers=list(options.int8_float_layers))
-    else:
-        raise ExportError(f"ONNX has no {p.value} target here.", expected="fp32, fp16 or int8")
-    onnx.checker.check_model(str(out_path))
-    written = onnx.load(str(out_path), load_external_data=False)
-    in_spec, out_spec = io_specs(written)
+
+def _fp16(session, plan: ArtifactPlan) -> tuple[dict, None]:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    proto, origin = float_source(session, plan.model, plan.options.opset)
+    half = convert_float_to_float16(proto, keep_io_types=True)
+    _topological_sort(half.graph)  # the tool appends its input Casts at the end of the node list
+    onnx.save(half, str(plan.path))
+    extra = {"converted_from": origin} if origin else {}
+    return {**extra, "fp16": "onnxruntime.transformers.float16.convert_float_to_float16", "io": "float32"}, None
+
+
+def _int8(session, plan: ArtifactPlan) -> tuple[dict, dict]:
+    """QDQ quantization of the float graph, in the scheme the plan's file name carries."""
+    from resnet_deploy.converters.int8_analysis import keras_layer_index
+
+    source, origin = float_source(session, plan.model, plan.options.opset, as_path=True)
+    o = plan.options
+    with OnnxInt8(source, o, keras_layer_index(plan.model)) as q:
+        cal = q.quantize(Path(plan.path), plan.calibration, o.calibration.method, o.calibration.per_channel,
+                         o.search.float_layers)
+    if plan.target.scheme and cal["scheme"] != plan.target.scheme:
+        raise ExportError(f"The ONNX INT8 file was quantized as {cal['scheme']}, but its planned name says "
+                          f"{plan.target.scheme}.", expected="the scheme the plan named (the CPU flags changed "
+                          "during the export?)", fix="export again, or pass --target explicitly")
+    extra = {"converted_from": origin} if origin else {}
+    return {**extra, "target": cal["target"], "scheme": cal["scheme"], "quant_format": "QDQ",
+            "per_channel": o.calibration.per_channel, "activation_type": cal["activation_type"],
+            "weight_type": cal["weight_type"], "reduce_range": cal["reduce_range"],
+            "float_layers": list(o.search.float_layers)}, cal
+
+
+def _checked(plan: ArtifactPlan, settings: dict, cal: dict | None) -> ConvertResult:
+    """The written file checked by ONNX and read back: I/O specs and the op report; an INT8 file leaves no
+    compute op outside QDQ pairs but the layers kept float on purpose."""
+    import onnx
+
+    onnx.checker.check_model(str(plan.path))
+    written = onnx.load(str(plan.path), load_external_data=False)
     ops = op_report(written)
-    if p is Precision.INT8 and sorted(ops["float_compute_ops"]) != sorted(cal.get("nodes_to_exclude", [])):
+    if cal is not None and sorted(ops["float_compute_ops"]) != sorted(cal.get("nodes_to_exclude", [])):
         raise ExportError(f"The INT8 ONNX model leaves {ops['float_compute_ops']} outside QDQ pairs "
-                          f"(layers to keep float: {list(options.int8_float_layers) or 'none'}).",
+                          f"(layers to keep float: {list(plan.options.search.float_layers) or 'none'}).",
                           expected="every Conv/Gemm/MatMul reading dequantized int8 tensors, except the layers "
                                    "kept float on purpose", fix="report this model")
-    return ConvertResult(in_spec, out_spec, settings, ops, cal)
+    return ConvertResult(*io_specs(written), settings, ops, cal)
 
 
 class OnnxInt8:
@@ -199,14 +194,6 @@ class OnnxInt8:
         from resnet_deploy.converters.int8_analysis import onnx_layer_errors
 
         return onnx_layer_errors(self.pre, qdq_path, images, INPUT_NAME, self.index, self.dir)
-
-
-def _quantize(model, proto, out_path: Path, options, calibration) -> dict:
-    from resnet_deploy.converters.int8_analysis import keras_layer_index
-
-    with OnnxInt8(proto, options, keras_layer_index(model)) as q:
-        return q.quantize(out_path, calibration, options.calib_method, options.onnx_per_channel,
-                          options.int8_float_layers)
 
 
 def even_batch(n: int, cap: int = 16) -> int:

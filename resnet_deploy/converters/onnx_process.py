@@ -1,8 +1,12 @@
-"""tf2onnx in a second process, beside the TFLite conversions.
+"""tf2onnx: the one call that turns the Keras model into the float ONNX graph (``to_onnx``), in this
+process or in a second one, beside the TFLite conversions (``OnnxProcess``).
+
+A leaf of the converters package: it imports nothing of it, so the export session, the ONNX converter
+and the child process all import it without a circle.
 
 tf2onnx and the TFLite converter both hold the interpreter lock for most of their run, so in one process
 they run one after the other. For a large model the export starts the FP32 ONNX conversion at once in a
-child process (it loads the same model file the same safe way, converts with ``onnx.to_onnx`` and writes
+child process (it loads the same model file the same safe way, converts with ``to_onnx`` and writes
 the file), converts the TFLite files meanwhile, and picks the ONNX file up when its turn comes. tf2onnx
 still runs once per export. The second process costs its imports and a second copy of the model (about
 4 s and the model's size on a 2-core CPU), so it is used only from ``PARALLEL_MIN_PARAMS`` parameters
@@ -16,7 +20,30 @@ from pathlib import Path
 
 from resnet_deploy.errors import ExportError
 
+INPUT_NAME = "image"  # the ONNX graph's one input
 PARALLEL_MIN_PARAMS = 2_000_000  # ResNet20 (0.27 M): in process; ResNet34 (21 M): tf2onnx alone takes ~17 s
+
+
+def to_onnx(model, opset: int):
+    """The float ONNX ModelProto of a Keras model: one input ``image`` (dynamic batch), one output."""
+    import tensorflow as tf
+    import tf2onnx
+
+    spec = (tf.TensorSpec((None, *model.inputs[0].shape[1:]), tf.float32, name=INPUT_NAME),)
+    try:
+        proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset)
+    except Exception as exc:
+        raise ExportError(f"tf2onnx could not convert the model: {type(exc).__name__}: {str(exc)[:400]}",
+                          expected="a Keras model made of ops tf2onnx supports",
+                          fix="try another --opset, or export TFLite only with --formats tflite") from exc
+    inputs = [i.name for i in proto.graph.input]
+    if len(inputs) != 1 or len(proto.graph.output) != 1:
+        raise ExportError(f"The ONNX graph has inputs {inputs} and {len(proto.graph.output)} outputs.",
+                          expected="exactly one image input and one logits output",
+                          fix="model constants must not become graph inputs; report this model")
+    for v in (proto.graph.input[0], proto.graph.output[0]):
+        v.type.tensor_type.shape.dim[0].dim_param = "batch"
+    return proto
 
 
 def wanted(option: bool | None, params: int) -> bool:
@@ -74,7 +101,6 @@ def main(argv: list[str]) -> int:
     try:
         import onnx
 
-        from resnet_deploy.converters.onnx import to_onnx
         from resnet_deploy.errors import ResnetDeployError
         from resnet_deploy.models.io import load_model
 

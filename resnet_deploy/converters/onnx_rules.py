@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from resnet_deploy.envinfo import has_vnni, is_arm, is_x86, known_flags, machine_name, vnni_flags  # noqa: F401
+from resnet_deploy.envinfo import is_arm, is_x86, known_flags, machine_name, vnni_flags
 
 # QDQ with per-channel weights (QuantizeLinear/DequantizeLinear ``axis``) needs opset 13.
 MIN_OPSET = 13

@@ -11,8 +11,8 @@ evaluation, and handed to the TFLite converter like any other model.
 Fine-tuning starts from the float model and stays close to it: a low learning rate (1e-5 by default) and
 the BatchNormalization layers frozen at the float model's statistics (``trainable=False``: tf_keras then
 normalises with the moving mean/variance and never updates them, so small QAT batches cannot drag them
-away). With accuracy-aware INT8 the fine-tuning images are drawn outside the validation split, and the
-pipeline judges the QAT file on that split beside the PTQ one and writes it only when it wins.
+away). With accuracy-aware INT8 the fine-tuning images are drawn outside the tuning split, and the
+export judges the QAT file on that split beside the PTQ one (``judge_qat``) and writes it only when it wins.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import numpy as np
 from resnet_deploy.data.preprocess import Preprocessing, preprocess
 from resnet_deploy.data.sampler import class_balanced_indices, indices_hash
 from resnet_deploy.errors import ExportError
+from resnet_deploy.records import Int8Result, QatVerdict
 
 _QUANTIZED_LAYERS = ("Conv2D", "DepthwiseConv2D", "Dense", "BatchNormalization", "ReLU", "Add",
                      "GlobalAveragePooling2D", "MaxPooling2D", "AveragePooling2D")
@@ -94,30 +95,30 @@ def quantize_annotated(twin):
 
 
 def qat_finetune(model, metadata: dict | None, train, spec: Preprocessing, options,
-                 say: Callable[[str], None] = lambda m: None, exclude: np.ndarray | None = None):
+                 progress: Callable[[str], None] = lambda m: None, exclude: np.ndarray | None = None):
     """Fine-tune ``model`` quantization-aware; returns (tf_keras QAT model, recipe dict for the manifest).
-    ``exclude``: training indices never used (the INT8 validation split)."""
+    ``exclude``: training indices never used (the INT8 tuning split)."""
     import tf_keras
 
+    q, seed = options.qat, options.calibration.seed
     twin = tf_keras_twin(model, metadata)
     frozen = freeze_batchnorm(twin)
     qat_model, tfmot_version = quantize_annotated(twin)
     pool = len(train) - (0 if exclude is None else len(exclude))
-    idx = class_balanced_indices(train.y, min(options.qat_samples, pool), seed=options.calib_seed + 1,
-                                 exclude=exclude)
+    idx = class_balanced_indices(train.y, min(q.samples, pool), seed=seed + 1, exclude=exclude)
     x, y = preprocess(train.x[idx], spec), train.y[idx]
-    tf_keras.utils.set_random_seed(options.calib_seed)
-    qat_model.compile(optimizer=tf_keras.optimizers.Adam(options.qat_learning_rate),
+    tf_keras.utils.set_random_seed(seed)
+    qat_model.compile(optimizer=tf_keras.optimizers.Adam(q.learning_rate),
                       loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
-    say(f"QAT: {options.qat_epochs} epoch(s) on {len(idx)} training images")
+    progress(f"QAT: {q.epochs} epoch(s) on {len(idx)} training images")
     t0 = time.perf_counter()
-    hist = qat_model.fit(x, y, epochs=options.qat_epochs, batch_size=options.qat_batch_size, shuffle=True, verbose=0)
+    hist = qat_model.fit(x, y, epochs=q.epochs, batch_size=q.batch_size, shuffle=True, verbose=0)
     seconds = time.perf_counter() - t0
     info = {
         "tool": "tensorflow-model-optimization quantize_apply on the tf_keras twin", "tfmot": tfmot_version,
-        "epochs": options.qat_epochs, "samples": int(len(idx)), "split": "train",
-        "indices_sha256_16": indices_hash(idx), "seed": options.calib_seed + 1,
-        "optimizer": "Adam", "learning_rate": options.qat_learning_rate, "batch_size": options.qat_batch_size,
+        "epochs": q.epochs, "samples": int(len(idx)), "split": "train",
+        "indices_sha256_16": indices_hash(idx), "seed": seed + 1,
+        "optimizer": "Adam", "learning_rate": q.learning_rate, "batch_size": q.batch_size,
         "batchnorm": {"frozen_at_float_statistics": len(frozen), "layers": frozen},
         "disjoint_from_validation": exclude is not None,
         "left_float_for_converter": [l.name for l in twin.layers if type(l).__name__ == "Normalization"],
@@ -125,3 +126,33 @@ def qat_finetune(model, metadata: dict | None, train, spec: Preprocessing, optio
         "seconds": round(seconds, 2),
     }
     return qat_model, info
+
+
+def judge_qat(qat_model, options, calibration, tuning, ptq: Int8Result,
+              progress: Callable[[str], None] = lambda m: None) -> QatVerdict:
+    """Score the QAT INT8 TFLite file on the tuning split beside the accuracy-aware PTQ one (``ptq``, its
+    search result); QAT is kept only when its top-1 there is higher (a tie keeps PTQ, the simpler file)."""
+    import tempfile
+    from pathlib import Path
+
+    from resnet_deploy.config import Format, Precision
+    from resnet_deploy.converters import tflite
+    from resnet_deploy.converters.base import ArtifactPlan
+    from resnet_deploy.converters.int8_search import predict
+    from resnet_deploy.converters.options import Target
+    from resnet_deploy.converters.session import ExportSession
+
+    with tempfile.TemporaryDirectory(prefix="rd-qat-") as tmp, ExportSession() as session:
+        path = Path(tmp) / "qat.tflite"
+        tflite.convert(session, ArtifactPlan(Target(Format.TFLITE, Precision.INT8, qat=True), path, qat_model, options,
+                                             calibration))
+        q = tuning.score(predict(path, tuning.pixels, tuning.preprocessing))
+    margin = round(100 * (q["val_top1"] - ptq.val_top1), 4)
+    keep = margin > 0
+    note = (f"QAT won on the validation split: top-1 {100 * q['val_top1']:.2f} % against PTQ's "
+            f"{100 * ptq.val_top1:.2f} % ({margin:+.2f} pp)" if keep else
+            f"PTQ won on the validation split: QAT top-1 {100 * q['val_top1']:.2f} % against PTQ's "
+            f"{100 * ptq.val_top1:.2f} % ({margin:+.2f} pp); the QAT file is not kept")
+    progress(note)
+    return QatVerdict(keep, "qat" if keep else "ptq", margin, note, q,
+                      {"val_top1": ptq.val_top1, "val_drop_pp": ptq.val_drop_pp, "val_agreement": ptq.val_agreement})

@@ -1,22 +1,22 @@
 """TFLite artifacts: FP32, FP16, dynamic-range INT8 and full-integer INT8 (float or int8 I/O).
 
-``convert(model, out_path, target, options, calibration, work)`` writes one ``.tflite`` file and returns
-its I/O specs and an op report read back from the flatbuffer: for INT8 targets, every CONV_2D /
-FULLY_CONNECTED must have integer inputs, or the conversion fails.
+``convert(session, plan)`` writes one ``.tflite`` file and returns its I/O specs and an op report read back
+from the flatbuffer: for INT8 targets, every CONV_2D / FULLY_CONNECTED must have integer inputs, or the
+conversion fails.
 
 Under Keras 3, ``TFLiteConverter.from_keras_model`` writes the model into a temporary SavedModel on
 *every* call (about 5 s of the 6 s a ResNet20 file took). Within an export the float model is traced
-into a SavedModel once (``base.ExportWork.saved_model``, the same ``ExportArchive`` TensorFlow builds)
+into a SavedModel once (``session.ExportSession.saved_model``, the same ``ExportArchive`` TensorFlow builds)
 and each file is converted from it with ``from_saved_model``; other models (the tf_keras QAT twin) and
-calls without an ``ExportWork`` still go through ``from_keras_model``.
+sessions without the model still go through ``from_keras_model``.
 
 The op report reads the flatbuffer through its published schema (``ai_edge_litert.schema_py_generated``),
 not the interpreter's private ``_get_ops_details``; ``tests/test_converters.py`` pins the schema module.
 
-Accuracy-aware INT8 and layers kept in float (``options.int8_float_layers``, chosen by hand or by the
-accuracy-aware fallback) go through ``TFLiteInt8``: TensorFlow's ``QuantizationDebugger`` calibrates once and re-quantizes with
-``denylisted_nodes`` (selective quantization), so those layers compute in float and every other
-conv/dense op stays integer; the op report must then list exactly those layers as float.
+Accuracy-aware INT8 and layers kept in float (``search.float_layers``, chosen by hand or by the
+accuracy-aware fallback) go through ``TFLiteInt8``: TensorFlow's ``QuantizationDebugger`` calibrates once and
+re-quantizes with ``denylisted_nodes`` (selective quantization), so those layers compute in float and every
+other conv/dense op stays integer; the op report must then list exactly those layers as float.
 """
 
 from __future__ import annotations
@@ -28,28 +28,72 @@ from pathlib import Path
 
 import numpy as np
 
-from resnet_deploy.artifact import TensorSpec
 from resnet_deploy.config import Precision
-from resnet_deploy.converters.base import TFLITE_COMPUTE_OPS, ConvertResult
+from resnet_deploy.converters.base import TFLITE_COMPUTE_OPS, ArtifactPlan, ConvertResult
 from resnet_deploy.errors import ExportError
 
+_FROM_SAVED_MODEL = ("tf.lite.TFLiteConverter.from_saved_model (the model traced once per export, as "
+                     "from_keras_model traces it: keras ExportArchive, training=False)")
 
-def _converter(model, work=None, fresh: bool = False):
-    """A TFLiteConverter for ``model`` with every setting at its default: the export's one converter of the shared
-    SavedModel where there is one (``fresh``: a new one of it, for the QuantizationDebugger, which changes the
-    converter it is given), else ``from_keras_model``."""
+
+def convert(session, plan: ArtifactPlan) -> ConvertResult:
+    """Write ``plan.target`` at ``plan.path``: set the converter up for its precision, convert, check the file."""
     import tensorflow as tf
 
-    saved = work.saved_model(model) if work is not None else None
-    if saved is not None:
-        conv = tf.lite.TFLiteConverter.from_saved_model(str(saved)) if fresh else work.tflite_converter(model)
-        _configure(conv)
-        return (conv, "tf.lite.TFLiteConverter.from_saved_model (the model traced once per export, as "
-                      "from_keras_model traces it: keras ExportArchive, training=False)")
-    return tf.lite.TFLiteConverter.from_keras_model(model), "tf.lite.TFLiteConverter.from_keras_model"
+    p = plan.target.precision
+    if p is Precision.INT8 and (plan.options.search.float_layers or plan.options.int8_aware) and not plan.target.qat:
+        return _convert_selective(session, plan)
+    conv, how = _run(lambda: _converter(session, plan.model), plan.target.tag)
+    settings = {"converter": how, "tensorflow": tf.__version__, **_configure_for(conv, plan)}
+    Path(plan.path).write_bytes(_run(conv.convert, plan.target.tag))
+    ops = op_report(plan.path)
+    if p is Precision.INT8 and ops["float_compute_ops"]:
+        raise ExportError(f"The INT8 TFLite model still computes {ops['float_compute_ops']} in float.",
+                          expected="every conv/dense op integer in a full-integer model",
+                          fix="report this model; a layer the converter cannot quantize is in the way")
+    cal = _calibration_block(plan.calibration) if p is Precision.INT8 else None
+    return ConvertResult(*io_specs(plan.path), settings, ops, cal)
 
 
-def _configure(conv) -> None:
+def _configure_for(conv, plan: ArtifactPlan) -> dict:
+    """Set ``conv`` up for the plan's precision; returns the settings the manifest records."""
+    import tensorflow as tf
+
+    p = plan.target.precision
+    if p is Precision.FP16:
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        conv.target_spec.supported_types = [tf.float16]
+        return {"weights": "float16", "compute": "float32 (weights dequantized at load)"}
+    if p is Precision.DYNAMIC_INT8:
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        return {"weights": "int8", "activations": "float32 (dynamic-range)"}
+    if p is Precision.INT8:
+        _require_calibration(plan.calibration)
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        conv.representative_dataset = plan.calibration.representative_dataset
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        if plan.options.int8_io:
+            conv.inference_input_type = tf.int8
+            conv.inference_output_type = tf.int8
+        return {"weights": "int8 per-channel", "activations": "int8", "io": "int8" if plan.options.int8_io else "float32",
+                "qat": plan.target.qat}
+    return {}
+
+
+def _converter(session, model, fresh: bool = False):
+    """A TFLiteConverter for ``model`` with every setting at its default, and how it was made: the session's
+    converter of the shared SavedModel where there is one (``fresh``: a new one of it), else
+    ``from_keras_model``."""
+    import tensorflow as tf
+
+    conv = session.tflite_converter(model, fresh=fresh)
+    if conv is None:
+        return tf.lite.TFLiteConverter.from_keras_model(model), "tf.lite.TFLiteConverter.from_keras_model"
+    _reset(conv)
+    return conv, _FROM_SAVED_MODEL
+
+
+def _reset(conv) -> None:
     """Put back every setting ``convert`` changes (a converter is reused for the export's TFLite files)."""
     import tensorflow as tf
 
@@ -60,42 +104,9 @@ def _configure(conv) -> None:
     conv.inference_output_type = tf.float32
 
 
-def convert(model, out_path: Path, target, options, calibration=None, work=None) -> ConvertResult:
-    import tensorflow as tf
-
-    conv, how = _run(lambda: _converter(model, work), target.tag)
-    settings = {"converter": how, "tensorflow": tf.__version__}
-    p = target.precision
-    if p is Precision.FP16:
-        conv.optimizations = [tf.lite.Optimize.DEFAULT]
-        conv.target_spec.supported_types = [tf.float16]
-        settings.update(weights="float16", compute="float32 (weights dequantized at load)")
-    elif p is Precision.DYNAMIC_INT8:
-        conv.optimizations = [tf.lite.Optimize.DEFAULT]
-        settings.update(weights="int8", activations="float32 (dynamic-range)")
-    elif p is Precision.INT8 and (options.int8_float_layers or options.int8_aware) and not target.qat:
-        return _convert_selective(model, out_path, target, options, calibration, settings, work)
-    elif p is Precision.INT8:
-        if calibration is None:
-            raise ExportError("Full-integer INT8 needs calibration images.", fix="pass --data with CIFAR-10")
-        conv.optimizations = [tf.lite.Optimize.DEFAULT]
-        conv.representative_dataset = calibration.representative_dataset
-        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        if options.int8_io:
-            conv.inference_input_type = tf.int8
-            conv.inference_output_type = tf.int8
-        settings.update(weights="int8 per-channel", activations="int8",
-                        io="int8" if options.int8_io else "float32", qat=target.qat)
-    data = _run(conv.convert, target.tag)
-    Path(out_path).write_bytes(data)
-    in_spec, out_spec = io_specs(out_path)
-    ops = op_report(out_path)
-    if p is Precision.INT8 and ops["float_compute_ops"]:
-        raise ExportError(f"The INT8 TFLite model still computes {ops['float_compute_ops']} in float.",
-                          expected="every conv/dense op integer in a full-integer model",
-                          fix="report this model; a layer the converter cannot quantize is in the way")
-    cal = _calibration_block(calibration) if p is Precision.INT8 else None
-    return ConvertResult(in_spec, out_spec, settings, ops, cal)
+def _require_calibration(calibration) -> None:
+    if calibration is None:
+        raise ExportError("Full-integer INT8 needs calibration images.", fix="pass --data with CIFAR-10")
 
 
 def _run(fn, tag: str):
@@ -122,14 +133,13 @@ class TFLiteInt8:
     Calibration is the slow part (about 20 s for a ResNet34); ``quantize(float_layers)`` only re-runs
     TensorFlow's MLIR quantizer with ``denylisted_nodes``, in well under a second."""
 
-    def __init__(self, model, calibration, work=None):
+    def __init__(self, session, model, calibration):
         import tensorflow as tf
 
         from resnet_deploy.converters.int8_analysis import keras_layer_index
 
-        if calibration is None:
-            raise ExportError("Full-integer INT8 needs calibration images.", fix="pass --data with CIFAR-10")
-        conv, _ = _run(lambda: _converter(model, work, fresh=True), "int8 calibration")
+        _require_calibration(calibration)
+        conv, self.how = _run(lambda: _converter(session, model, fresh=True), "int8 calibration")
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
         conv.representative_dataset = calibration.representative_dataset
         # float kernels allowed, so denylisted layers can run in float
@@ -164,20 +174,24 @@ class TFLiteInt8:
         return _run(lambda: tflite_layer_errors(self.debugger, images, self.index), "int8 analysis")
 
 
-def _convert_selective(model, out_path, target, options, calibration, settings, work=None) -> ConvertResult:
-    """Full-integer INT8 except ``options.int8_float_layers``, which compute in float."""
-    layers = list(options.int8_float_layers)
-    Path(out_path).write_bytes(TFLiteInt8(model, calibration, work).quantize(layers))
-    in_spec, out_spec = io_specs(out_path)
-    ops = op_report(out_path)
+def _convert_selective(session, plan: ArtifactPlan) -> ConvertResult:
+    """Full-integer INT8 except ``search.float_layers``, which compute in float."""
+    import tensorflow as tf
+
+    layers = list(plan.options.search.float_layers)
+    q = TFLiteInt8(session, plan.model, plan.calibration)
+    Path(plan.path).write_bytes(q.quantize(layers))
+    ops = op_report(plan.path)
     if len(ops["float_compute_ops"]) != len(layers):
         raise ExportError(f"The INT8 TFLite model computes {ops['float_compute_ops']} in float; "
                           f"{len(layers)} layer(s) were to stay float: {layers}.",
                           expected="exactly the listed layers in float, every other conv/dense op integer",
                           fix="list only conv/dense layers in --int8-float-layers (names from --analyze)")
-    settings.update(weights="int8 per-channel", activations="int8", io="float32", qat=target.qat,
-                    float_layers=layers, selective="tf.lite.experimental.QuantizationDebugger denylisted_nodes")
-    return ConvertResult(in_spec, out_spec, settings, ops, dict(_calibration_block(calibration), float_layers=layers))
+    settings = {"converter": q.how, "tensorflow": tf.__version__, "weights": "int8 per-channel", "activations": "int8",
+                "io": "float32", "qat": plan.target.qat, "float_layers": layers,
+                "selective": "tf.lite.experimental.QuantizationDebugger denylisted_nodes"}
+    return ConvertResult(*io_specs(plan.path), settings, ops,
+                         dict(_calibration_block(plan.calibration), float_layers=layers))
 
 
 def _interpreter(path):
@@ -189,18 +203,12 @@ def _interpreter(path):
     return it
 
 
-def _spec(d: dict) -> TensorSpec:
-    dtype = np.dtype(d["dtype"]).name
-    shape = [None if int(s) < 0 else int(s) for s in d.get("shape_signature", d["shape"])]
-    scale, zp = d["quantization"]
-    if np.issubdtype(d["dtype"], np.integer):
-        return TensorSpec(d["name"], shape, dtype, float(scale), int(zp))
-    return TensorSpec(d["name"], shape, dtype)
+def io_specs(path) -> tuple:
+    """The file's input and output ``TensorSpec`` as it declares them (a dynamic batch is None)."""
+    from resnet_deploy.runtimes.litert_runner import tensor_spec
 
-
-def io_specs(path) -> tuple[TensorSpec, TensorSpec]:
     it = _interpreter(path)
-    return _spec(it.get_input_details()[0]), _spec(it.get_output_details()[0])
+    return tensor_spec(it.get_input_details()[0], signature=True), tensor_spec(it.get_output_details()[0], signature=True)
 
 
 def read_graph(model) -> tuple[list[dict], list[dict]]:

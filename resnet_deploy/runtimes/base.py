@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import abc
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from resnet_deploy.artifact import TensorSpec
 from resnet_deploy.data.constants import IMAGE_SHAPE
 from resnet_deploy.data.preprocess import Preprocessing, preprocess
 from resnet_deploy.errors import ResnetDeployError
@@ -36,21 +37,7 @@ def dequantize(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
     return (q.astype(np.float32) - zero_point) * np.float32(scale)
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """One model input or output as the engine sees it: shape (None for a dynamic dimension), dtype and,
-    for an integer tensor, its quantization (real = scale * (q - zero_point); scale 0: raw integers)."""
-
-    name: str
-    shape: tuple
-    dtype: str
-    scale: float | None = None
-    zero_point: int | None = None
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["shape"] = list(self.shape)
-        return d
+TensorInfo = TensorSpec  # the name of earlier versions: one tensor-spec type, the manifest's
 
 
 @dataclass(frozen=True)
@@ -59,8 +46,8 @@ class IOSpec:
     preprocessing it applies to RGB pixels 0..255, and the engine's own input and output tensors."""
 
     preprocessing: Preprocessing
-    input: TensorInfo
-    output: TensorInfo
+    input: TensorSpec
+    output: TensorSpec
 
     def to_dict(self) -> dict:
         return {"preprocessing": self.preprocessing.to_dict(), "input": self.input.to_dict(),
@@ -129,7 +116,7 @@ class Runner(abc.ABC):
         return IOSpec(self.preprocessing, tensor_in, tensor_out)
 
     @abc.abstractmethod
-    def _io_impl(self) -> tuple[TensorInfo, TensorInfo]: ...
+    def _io_impl(self) -> tuple[TensorSpec, TensorSpec]: ...
 
     @abc.abstractmethod
     def _load_impl(self) -> None: ...

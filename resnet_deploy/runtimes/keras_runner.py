@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from resnet_deploy.runtimes.base import Runner, TensorInfo
+from resnet_deploy.artifact import TensorSpec
+from resnet_deploy.runtimes.base import Runner
 
 
 class KerasRunner(Runner):
@@ -28,9 +29,9 @@ class KerasRunner(Runner):
             return self._graph_call(x).numpy()
         return keras.ops.convert_to_numpy(self.model(x, training=False))
 
-    def _io_impl(self) -> tuple[TensorInfo, TensorInfo]:
-        def info(t) -> TensorInfo:
-            return TensorInfo(getattr(t, "name", "") or "", tuple(t.shape), str(getattr(t, "dtype", "float32")))
+    def _io_impl(self) -> tuple[TensorSpec, TensorSpec]:
+        def info(t) -> TensorSpec:
+            return TensorSpec(getattr(t, "name", "") or "", tuple(t.shape), str(getattr(t, "dtype", "float32")))
 
         return info(self.model.inputs[0]), info(self.model.outputs[0])
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from resnet_deploy.errors import ResnetDeployError
-from resnet_deploy.runtimes.base import Runner, TensorInfo, dequantize, quantize
+from resnet_deploy.artifact import TensorSpec
+from resnet_deploy.runtimes.base import Runner, dequantize, quantize
 
 
 class LiteRTRunner(Runner):
@@ -59,8 +60,8 @@ class LiteRTRunner(Runner):
             y = dequantize(y, scale, zp)
         return y
 
-    def _io_impl(self) -> tuple[TensorInfo, TensorInfo]:
-        return _tensor_info(self.input_detail), _tensor_info(self.output_detail)
+    def _io_impl(self) -> tuple[TensorSpec, TensorSpec]:
+        return tensor_spec(self.input_detail), tensor_spec(self.output_detail)
 
     def describe(self) -> dict:
         d = self.input_detail
@@ -68,9 +69,13 @@ class LiteRTRunner(Runner):
                 "input_quantization": list(d["quantization"])}
 
 
-def _tensor_info(d: dict) -> TensorInfo:
+def tensor_spec(d: dict, signature: bool = False) -> TensorSpec:
+    """A LiteRT tensor detail as a ``TensorSpec``; ``signature``: the shape as the file declares it (None for a
+    dynamic dimension), not as allocated."""
     dtype = np.dtype(d["dtype"])
-    scale, zp = d["quantization"] if np.issubdtype(dtype, np.integer) else (None, None)
-    shape = tuple(int(v) for v in d["shape"])
-    return TensorInfo(d["name"], shape, dtype.name, None if scale is None else float(scale),
-                      None if zp is None else int(zp))
+    dims = d.get("shape_signature", d["shape"]) if signature else d["shape"]
+    shape = tuple(None if int(v) < 0 else int(v) for v in dims)
+    if np.issubdtype(dtype, np.integer):
+        scale, zp = d["quantization"]
+        return TensorSpec(d["name"], shape, dtype.name, float(scale), int(zp))
+    return TensorSpec(d["name"], shape, dtype.name)

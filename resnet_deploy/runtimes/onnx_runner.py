@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from resnet_deploy.errors import ResnetDeployError
-from resnet_deploy.runtimes.base import Runner, TensorInfo, quantize
+from resnet_deploy.artifact import TensorSpec
+from resnet_deploy.runtimes.base import Runner, quantize
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8,
               "tensor(uint8)": np.uint8}
@@ -63,11 +64,11 @@ class OnnxRunner(Runner):
         out = self.session.run([self.output_name], {self.input_name: to_input_dtype(x, self.input_dtype)})[0]
         return out.astype(np.float32, copy=False)
 
-    def _io_impl(self) -> tuple[TensorInfo, TensorInfo]:
+    def _io_impl(self) -> tuple[TensorSpec, TensorSpec]:
         """Integer inputs carry no quantization here: ONNX keeps it in QuantizeLinear nodes in the graph."""
-        def info(t) -> TensorInfo:
+        def info(t) -> TensorSpec:
             shape = tuple(d if isinstance(d, int) else None for d in t.shape)
-            return TensorInfo(t.name, shape, np.dtype(_ORT_TYPES.get(t.type, np.float32)).name)
+            return TensorSpec(t.name, shape, np.dtype(_ORT_TYPES.get(t.type, np.float32)).name)
 
         return info(self.session.get_inputs()[0]), info(self.session.get_outputs()[0])
 

@@ -3,7 +3,7 @@
 OpenVINO reads the same ``.onnx`` files ONNX Runtime runs (FP32, FP16, QDQ INT8). It is compiled for
 the CPU device with one stream, the requested threads (``INFERENCE_NUM_THREADS``) and the latency
 hint, and with ``INFERENCE_PRECISION_HINT=f32``: on CPUs with AVX512-BF16 or AMX, OpenVINO otherwise
-runs an "FP32" model in bf16 without saying so (DESIGN.md), and a benchmark would compare a bf16 run
+runs an "FP32" model in bf16 without saying so (its default inference precision there), and a benchmark would compare a bf16 run
 with ONNX Runtime's f32 one.
 
 What ran is read back, not assumed: ``describe()`` gives the compiled model's inference precision and
@@ -19,7 +19,8 @@ from collections import Counter
 import numpy as np
 
 from resnet_deploy.errors import ResnetDeployError
-from resnet_deploy.runtimes.base import Runner, TensorInfo
+from resnet_deploy.artifact import TensorSpec
+from resnet_deploy.runtimes.base import Runner
 
 INSTALL_FIX = "pip install 'resnet-deploy[openvino]' (or pip install openvino)"
 DEVICE = "CPU"
@@ -87,13 +88,13 @@ class OpenVINORunner(Runner):
         self.request.infer({0: x})
         return np.array(self.request.get_output_tensor(0).data, dtype=np.float32)  # a copy: the buffer is reused
 
-    def _io_impl(self) -> tuple[TensorInfo, TensorInfo]:
-        def info(port) -> TensorInfo:
+    def _io_impl(self) -> tuple[TensorSpec, TensorSpec]:
+        def info(port) -> TensorSpec:
             ps = port.get_partial_shape()
             shape = tuple(d.get_length() if d.is_static else None for d in ps) if ps.rank.is_static else ()
             names = port.get_names()  # a graph input can carry several names: the plainest one
             name = min(sorted(names), key=len) if names else ""
-            return TensorInfo(name, shape, np.dtype(port.get_element_type().to_dtype()).name)
+            return TensorSpec(name, shape, np.dtype(port.get_element_type().to_dtype()).name)
 
         return info(self.input_port), info(self.output_port)
 

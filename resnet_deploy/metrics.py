@@ -1,8 +1,12 @@
-"""Accuracy statistics, pure numpy: top-1, per-class, confusion matrix, agreement with the float
-model, logit error, and the paired comparison of an artifact with the float model (accuracy change
-with a bootstrap interval, exact McNemar test on the images where exactly one of them is right).
+"""Every accuracy figure of the tool, pure numpy: top-1, per-class, confusion matrix, agreement with the
+float model, logit error, the paired comparison of an artifact with the float model (accuracy change with
+a bootstrap interval, exact McNemar test on the images where exactly one of them is right), what kind of
+scores a model returns, and the two quick checks of the export: the parity figures against the float
+model (``parity``) and an INT8 try's score on the tuning split (``tuning_score``).
 
-Every function takes arrays and returns numbers or plain dicts, so each has known-answer tests.
+Export's parity check, the INT8 search and bench all compute here, on logits their runners produced
+(``runtimes.open_runner``). Every function takes arrays and returns numbers or plain dicts, so each has
+known-answer tests.
 """
 
 from __future__ import annotations
@@ -149,6 +153,40 @@ def compare_with_reference(logits: np.ndarray, ref_logits: np.ndarray, y: np.nda
         "flips": int(np.sum(pred != ref_pred)),
         "logit_error": logit_error(logits, ref_logits),
     }
+
+
+PROBABILITY_TOLERANCE = 1e-3  # |row sum - 1| and the excursion below 0 / above 1 allowed of probabilities
+
+
+def output_kind(scores: np.ndarray | None, tolerance: float = PROBABILITY_TOLERANCE) -> str:
+    """"probabilities" when every row is a distribution (all in [0, 1], summing to 1: a softmax last
+    layer), else "logits". Judged on the float model's outputs, where rounding cannot blur it."""
+    if scores is None or not len(scores):
+        return "logits"
+    s = np.asarray(scores, np.float64)
+    in_range = s.min() >= -tolerance and s.max() <= 1 + tolerance
+    return "probabilities" if in_range and bool(np.all(np.abs(s.sum(axis=1) - 1) <= tolerance)) else "logits"
+
+
+def parity(logits: np.ndarray, ref: np.ndarray) -> dict:
+    """Max and mean |difference| of an artifact's outputs from the float model's on the same images, top-1
+    agreement, and what the outputs are (``output_kind`` of the float model's); a model that outputs
+    probabilities also gets the differences under their true name (``*_prob_diff``)."""
+    err = logit_error(logits, ref)
+    out = {"max_abs_logit_diff": err["max_abs"], "mean_abs_logit_diff": err["mean_abs"],
+           "top1_agreement": agreement(predictions(logits), predictions(ref)), "output": output_kind(ref)}
+    if out["output"] == "probabilities":
+        out.update(max_abs_prob_diff=out["max_abs_logit_diff"], mean_abs_prob_diff=out["mean_abs_logit_diff"])
+    return out
+
+
+def tuning_score(logits: np.ndarray, y: np.ndarray, float_logits: np.ndarray) -> dict:
+    """An INT8 try on the tuning split: top-1, its drop against the float model (pp, positive = worse) and
+    top-1 agreement with the float model, rounded as the manifest records them."""
+    pred, float_pred = predictions(logits), predictions(float_logits)
+    t1, float_t1 = top1(pred, y), top1(float_pred, y)
+    return {"val_top1": round(t1, 6), "val_drop_pp": round(100 * (float_t1 - t1), 4),
+            "val_agreement": round(agreement(pred, float_pred), 6)}
 
 
 def _same_length(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
