@@ -71,7 +71,7 @@ def test_each_onnx_file_runs_in_each_runtime_with_its_own_fp32_baseline(onnx_exp
     report = run_bench([onnx_export["int8"], onnx_export["fp16"]], opts, data=test_split)
     assert report.ok, report.to_dict()["errors"]
     name = {p: onnx_export[p].name for p in ("fp32", "fp16", "int8")}
-    rows = {(r.path, r.runtime_name): r for r in report.results if r.format == "onnx"}
+    rows = {(str(r.path), r.runtime_name): r for r in report.results if r.format == "onnx"}
     assert set(rows) == {(str(onnx_export[p]), rt) for p in ("fp32", "fp16", "int8")
                          for rt in ("onnxruntime", "openvino")}
     for (path, rt), r in rows.items():
