@@ -126,11 +126,14 @@ class Manifest:
 
 def read_manifest(artifact_path: str | os.PathLike) -> Manifest | None:
     """The artifact's manifest, or None when the file has none (it still benches with defaults)."""
+    from resnet_deploy.untrusted.files import read_json
+
     side = sidecar_path(artifact_path)
     if not side.exists():
         return None
+    doc = read_json(side, "manifest")  # a regular file (a FIFO never blocks), bounded size and depth, an object
     try:
-        return Manifest.from_dict(json.loads(side.read_text()))
+        return Manifest.from_dict(doc)
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ResnetDeployError(f"The manifest {side} is unreadable: {type(exc).__name__}: {exc}",
                                 expected="the JSON written by `resnet-deploy export`",

@@ -297,7 +297,7 @@ def test_bad_manifests_and_unreadable_files_fail_alone(exported, test_split, tmp
         d = r.to_dict()
         assert all(not d[k] for k in MEASUREMENT_FIELDS), d  # an errored result carries no measurements
     msgs = {r.label: r.error["what"] for r in report.errors}
-    assert "unreadable" in msgs["not_an_object.onnx"] and "source_model" in msgs["source_list.onnx"]
+    assert "holds a JSON string, not an object" in msgs["not_an_object.onnx"] and "source_model" in msgs["source_list.onnx"]
     assert "int3" in msgs["bad_precision.onnx"] and "Permission denied" in msgs["unreadable.onnx"]
     good = report.result(exported["onnx_int8"].name)
     assert good.ok and good.vs_float["agreement"] > 0.8

@@ -815,3 +815,22 @@ def test_max_memory_values(tmp_path):
     img = pngs(tmp_path / "img", 1)[0]
     assert_refused(predict(model, img, "--max-memory", "lots"), "--max-memory 'lots' is not an amount of memory")
     assert_refused(predict(model, img, "--max-memory", "12"), "is below 64 MiB")
+
+
+@pytest.mark.parametrize("case", ["nested 200,000 levels", "a FIFO", "a list", "over 16 MiB"])
+def test_bench_reads_manifests_through_the_same_loader(tmp_path, case):
+    """bench read manifests with a plain json.loads(read_text()): a manifest nested 200,000 levels deep was a
+    RecursionError traceback and a FIFO in a manifest's place blocked bench forever. Both are refused now (the
+    file is reported as unusable, nothing is searched for or run), as predict refuses them."""
+    model = onnx_classifier(tmp_path / "m.onnx")
+    side = tmp_path / "m.onnx.json"
+    if case == "a FIFO":
+        os.mkfifo(side)
+    else:
+        side.write_text({"a list": "[1, 2]", "over 16 MiB": json.dumps({"pad": "x" * (17 << 20)}),
+                         "nested 200,000 levels": "[" * 200_000 + "]" * 200_000}[case])
+    started = time.monotonic()
+    r = runner.invoke(app, ["bench", str(model), "--data", str(tmp_path / "no-data")], env={"COLUMNS": "200"})
+    text = assert_refused(r, "m.onnx.json")
+    assert time.monotonic() - started < 60 and "Traceback" not in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.json"]
