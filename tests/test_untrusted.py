@@ -834,3 +834,40 @@ def test_bench_reads_manifests_through_the_same_loader(tmp_path, case):
     text = assert_refused(r, "m.onnx.json")
     assert time.monotonic() - started < 60 and "Traceback" not in text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.json"]
+
+
+def test_bench_checks_a_cache_hit_by_re_running_the_float_model(tmp_path):
+    """Issue: planted logits with a recomputed key made bench report the float model at 10 %. load_verified
+    existed but bench read the cache with the plain load; its cache lookup now re-runs the float model on random
+    cached images (in a capped child), so planted logits are discarded, said in the notes, and honest ones used."""
+    from types import SimpleNamespace
+
+    from resnet_deploy.bench.run import _cached_reference
+
+    rc, model, x, y, pre, key = _cache_setup(tmp_path)
+
+    class Split(SimpleNamespace):
+        def __len__(self):
+            return len(self.x)
+
+    def lookup():
+        ref = SimpleNamespace(role="reference", error=None, sha256=hashlib.sha256(model.read_bytes()).hexdigest(),
+                              path=model, logits=None, notes=[])
+        notes: list[str] = []
+        got = _cached_reference([ref], SimpleNamespace(preprocessing=pre), Split(x=x, y=y),
+                                SimpleNamespace(cache=True, cache_dir=tmp_path / "cache", threads=1), notes)
+        return got, ref, notes
+
+    root = tmp_path / "cache"
+    planted = np.tile(np.eye(10, dtype=np.float32)[0] * 20, (len(x), 1))  # "airplane" everywhere
+    rc.store(key, planted, root)
+    got, ref, notes = lookup()
+    assert got["logits"] is None and ref.logits is None and any("were discarded" in n for n in notes), notes
+    assert not rc.cache_path(key, root).exists()
+    import onnxruntime as ort
+
+    honest = ort.InferenceSession(str(model)).run(None, {"X": x.astype(np.float32)})[0]  # pixels 0..255
+    rc.store(key, honest, root)
+    got, ref, notes = lookup()
+    np.testing.assert_array_equal(got["logits"], honest)
+    assert any("random test images re-run through the float model match" in n for n in notes), notes

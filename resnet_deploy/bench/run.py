@@ -255,7 +255,9 @@ def _cached_reference(results, contract, split, options, notes) -> dict | None:
         return None
     key = reference_cache.cache_key(ref.sha256, reference_cache.data_fingerprint(split.x, split.y),
                                     contract.preprocessing, len(split))
-    logits = reference_cache.load(key, len(split), options.cache_dir)
+    logits = reference_cache.load_verified(  # the float model re-run on random cached images: planted logits fail
+        key, len(split), options.cache_dir, notes=notes,
+        rerun=reference_cache.rerun_in_child(ref.path, split.x, contract.preprocessing, threads=options.threads))
     if logits is None:
         return {"key": key, "logits": None}
     ref.logits = logits
