@@ -111,6 +111,22 @@ def test_shrinking_is_the_box_filter_mean_of_the_centred_square():
     assert np.abs(got - want).max() <= 1  # Pillow's fixed-point rounding
 
 
+def test_an_image_with_one_side_of_32_is_cropped_to_its_centred_square(tmp_path):
+    """A 32x64 or 64x32 image (a phone photo's EXIF rotation makes one): its centred square already measures
+    32x32, so nothing is resized, but it must still be cut out. It was not: the whole image reached the model
+    ("onnxruntime got images of shape (1, 64, 32, 3)")."""
+    rng = np.random.default_rng(5)
+    tall = rng.integers(0, 256, (64, 32, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(fit_image(Image.fromarray(tall), "crop"), tall[16:48])
+    np.testing.assert_array_equal(fit_image(Image.fromarray(tall.transpose(1, 0, 2)), "crop"),
+                                  tall.transpose(1, 0, 2)[:, 16:48])
+    wide = rng.integers(0, 256, (32, 64, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90 degrees clockwise: 32 wide, 64 high
+    Image.fromarray(wide).save(tmp_path / "rot.png", exif=exif)
+    np.testing.assert_array_equal(load_image(tmp_path / "rot.png"), np.rot90(wide, k=-1)[16:48])
+
+
 def test_stretch_keeps_the_whole_image():
     rng = np.random.default_rng(2)
     img = rng.integers(0, 256, (32, 64, 3), dtype=np.uint8)  # twice as wide: pairs of columns are averaged

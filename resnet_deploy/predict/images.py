@@ -96,6 +96,8 @@ def fit_image(img, fit: str = "crop") -> np.ndarray:
         # the box argument resamples the square in place: no cropped copy of a large image
         img = img.resize((SIZE, SIZE), resample=Image.Resampling.BOX if shrinking else Image.Resampling.BICUBIC,
                          box=box)
+    elif img.size != (SIZE, SIZE):  # one side of 32 (e.g. 32x64): the centred square needs a crop, no resize
+        img = img.crop(box)
     return np.asarray(img, dtype=np.uint8).copy()
 
 
