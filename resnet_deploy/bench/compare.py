@@ -14,7 +14,8 @@ from resnet_deploy.data.constants import NUM_CLASSES
 def fill_accuracy(r: ArtifactResult, reference: ArtifactResult | None, split, options, kind: str) -> None:
     if r.logits is None or split is None:
         return
-    r.accuracy = acc.accuracy_summary(r.logits, split.y, NUM_CLASSES, options.confidence)
+    classes = getattr(split, "num_classes", NUM_CLASSES)  # an image folder's class count
+    r.accuracy = acc.accuracy_summary(r.logits, split.y, classes, options.confidence)
     if reference is not None and reference.logits is not None and r is not reference:
         r.vs_float = acc.compare_with_reference(r.logits, reference.logits, split.y, options.bootstrap,
                                                 options.confidence, options.seed)

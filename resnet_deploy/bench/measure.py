@@ -38,6 +38,8 @@ class FileSpec:
     eval_batch_size: int = 256
     latency_images: np.ndarray | None = None  # uint8 NHWC images timed batches are cut from
     manifest_input: dict | None = None  # the manifest's input TensorSpec (dtype, scale, zero_point), if any
+    num_classes: int = NUM_CLASSES  # class scores expected: an image folder's class count, else CIFAR-10's
+    image_shape: tuple = IMAGE_SHAPE  # (H, W, 3) the run decodes images to: the model's input size
 
 
 class FileSession:
@@ -66,13 +68,13 @@ class FileSession:
         self.runner.load()
         load_s = time.perf_counter() - t0
         io = self.runner.io_spec()
-        check_io(self.spec.path, io)
+        check_io(self.spec.path, io, self.spec.num_classes, tuple(self.spec.image_shape))
         check_manifest_input(self.spec.path, io, self.spec.manifest_input)
         x1 = preprocess(self._images()[:1], self.runner.preprocessing)
         t1 = time.perf_counter()
         first = self.runner.predict_preprocessed(x1)
         first_s = time.perf_counter() - t1
-        check_logits(first, 1, self.spec.path)
+        check_logits(first, 1, self.spec.path, self.spec.num_classes)
         progress("loaded")
         return {"runtime": self.runner.describe(), "io": io.to_dict(), "supports_batch": self.runner.supports_batch,
                 "timing": {"import_s": import_s, "load_s": load_s, "first_run_s": first_s,
@@ -104,8 +106,8 @@ class FileSession:
         for i in range(0, len(images), chunk):
             parts.append(self.runner.predict(images[i:i + chunk], batch_size=bs))
             progress(f"accuracy {min(i + chunk, len(images))}/{len(images)}")
-        logits = np.concatenate(parts) if parts else np.zeros((0, NUM_CLASSES), np.float32)
-        check_logits(logits, len(images), self.spec.path)
+        logits = np.concatenate(parts) if parts else np.zeros((0, self.spec.num_classes), np.float32)
+        check_logits(logits, len(images), self.spec.path, self.spec.num_classes)
         return {"logits": logits, "accuracy_pass_s": time.perf_counter() - t0}
 
     def close(self, progress: Progress | None = None) -> None:
@@ -116,7 +118,7 @@ class FileSession:
     def _images(self) -> np.ndarray:
         if self.spec.latency_images is not None and len(self.spec.latency_images):
             return self.spec.latency_images
-        return np.random.default_rng(0).integers(0, 256, (1, *IMAGE_SHAPE), dtype=np.uint8)
+        return np.random.default_rng(0).integers(0, 256, (1, *self.spec.image_shape), dtype=np.uint8)
 
 
 REQUESTS = ("open", "series", "memory", "logits", "close")  # what a FileSession answers
@@ -130,16 +132,19 @@ def _import_engine(fmt, runtime: str | None = None) -> None:
     importlib.import_module(engine_module(fmt, runtime))
 
 
-def check_io(path: Path, io) -> None:
-    """A clear error for a model that does not take 32x32x3 images and return 10 scores."""
+def check_io(path: Path, io, num_classes: int = NUM_CLASSES, image_shape: tuple = IMAGE_SHAPE) -> None:
+    """A clear error for a model that does not take the run's images (CIFAR-10's 32x32x3, or an image folder's
+    at the reference model's input size) and return one score per class."""
     in_shape, out_shape = tuple(io.input.shape), tuple(io.output.shape)
-    dims_ok = len(in_shape) == 4 and all(d is None or d == e for d, e in zip(in_shape[1:], IMAGE_SHAPE))
-    out_ok = len(out_shape) == 2 and out_shape[-1] in (None, NUM_CLASSES)
+    dims_ok = len(in_shape) == 4 and all(d is None or d == e for d, e in zip(in_shape[1:], image_shape))
+    out_ok = len(out_shape) == 2 and out_shape[-1] in (None, num_classes)
     if not dims_ok or not out_ok:
+        kind = "a CIFAR-10 classifier" if tuple(image_shape) == IMAGE_SHAPE and num_classes == NUM_CLASSES \
+            else "a classifier of the run's images"
         raise BenchError(f"{path} takes input {_fmt(in_shape)} and returns {_fmt(out_shape)}.",
-                         expected=f"a CIFAR-10 classifier: input (N, {', '.join(map(str, IMAGE_SHAPE))}) NHWC, "
-                                  f"output (N, {NUM_CLASSES}) scores",
-                         fix="bench an artifact exported from a CIFAR-10 model (`resnet-deploy export`)")
+                         expected=f"{kind}: input "
+                                  f"(N, {', '.join(map(str, image_shape))}) NHWC, output (N, {num_classes}) scores",
+                         fix="bench artifacts exported from one model, on the data it was made for (--data)")
 
 
 def check_manifest_input(path: Path, io, declared: dict | None) -> None:
@@ -160,11 +165,11 @@ def check_manifest_input(path: Path, io, declared: dict | None) -> None:
                          fix="re-export the artifact, or delete its manifest to bench it with defaults")
 
 
-def check_logits(logits: np.ndarray, n: int, path: Path) -> None:
-    if logits.shape != (n, NUM_CLASSES) or not np.all(np.isfinite(logits)):
-        bad = "non-finite values" if logits.shape == (n, NUM_CLASSES) else f"shape {logits.shape}"
+def check_logits(logits: np.ndarray, n: int, path: Path, num_classes: int = NUM_CLASSES) -> None:
+    if logits.shape != (n, num_classes) or not np.all(np.isfinite(logits)):
+        bad = "non-finite values" if logits.shape == (n, num_classes) else f"shape {logits.shape}"
         raise BenchError(f"{path} returned {bad} for {n} images.",
-                         expected=f"({n}, {NUM_CLASSES}) finite logits", fix="re-export the artifact")
+                         expected=f"({n}, {num_classes}) finite logits", fix="re-export the artifact")
 
 
 def cycle(images: np.ndarray, n: int) -> np.ndarray:

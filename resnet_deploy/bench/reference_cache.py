@@ -58,6 +58,17 @@ def data_fingerprint(x: np.ndarray, y: np.ndarray) -> str:
     return h.hexdigest()
 
 
+def folder_fingerprint(split) -> str:
+    """An image folder's split (``folder_data.FolderData``) as cache data: its content fingerprint (file
+    contents, not times: ``FolderSplit.fingerprint``), the decoding (input size, resize policy) and what
+    decides which files decode (strict, the pixel budget). Reads every file once; decodes none."""
+    h = hashlib.sha256(b"image-folder\0")
+    h.update(split.fingerprint().encode())
+    h.update(json.dumps({"decoding": split.decoding.record(), "strict": bool(split.strict),
+                         "max_memory": split.max_memory}, sort_keys=True).encode())
+    return h.hexdigest()
+
+
 def key_parts(model_sha256: str, fingerprint: str, preprocessing: Preprocessing, images: int) -> dict:
     return {"model_sha256": model_sha256, "data": fingerprint, "images": int(images),
             "preprocessing": {k: v for k, v in preprocessing.to_dict().items() if k != "convention"}}
@@ -85,15 +96,17 @@ def logits_sha256(logits: np.ndarray) -> str:
     return hashlib.sha256(str(a.shape).encode() + a.tobytes()).hexdigest()
 
 
-def load(key: str, images: int, root: Path | None = None, *, parts: dict | None = None,
-         notes: list[str] | None = None) -> np.ndarray | None:
+def load(key: str, images: int | None, root: Path | None = None, *, parts: dict | None = None,
+         notes: list[str] | None = None, max_images: int | None = None,
+         num_classes: int = NUM_CLASSES) -> np.ndarray | None:
     """The cached logits of ``key``, or None: absent, or refused (module docstring) and then discarded,
     with the reason appended to ``notes``. ``parts``: the key's parts (default: those ``cache_key``
-    computed for it in this process)."""
+    computed for it in this process). ``images`` None: any count up to ``max_images`` (an image folder, where
+    files that do not decode are left out; the caller checks the count after its pass)."""
     p = cache_path(key, root)
     if not os.path.lexists(p):
         return None
-    logits, why = _read_entry(p, key, images, parts or _PARTS.get(key))
+    logits, why = _read_entry(p, key, images, parts or _PARTS.get(key), max_images, num_classes)
     if why is not None:
         discard(key, root)
         if notes is not None:
@@ -102,11 +115,12 @@ def load(key: str, images: int, root: Path | None = None, *, parts: dict | None 
     return logits
 
 
-def _read_entry(p: Path, key: str, images: int, parts: dict | None) -> tuple[np.ndarray | None, str | None]:
+def _read_entry(p: Path, key: str, images: int | None, parts: dict | None, max_images: int | None = None,
+                num_classes: int = NUM_CLASSES) -> tuple[np.ndarray | None, str | None]:
     from resnet_deploy.errors import ResnetDeployError
     from resnet_deploy.untrusted.files import open_regular
 
-    limit = images * NUM_CLASSES * 4 + (1 << 20)
+    limit = (images if images is not None else int(max_images or 0)) * num_classes * 4 + (1 << 20)
     try:
         with open_regular(p, "cache entry") as fh:
             if os.fstat(fh.fileno()).st_size > limit:
@@ -123,7 +137,8 @@ def _read_entry(p: Path, key: str, images: int, parts: dict | None) -> tuple[np.
         return None, "its recorded parts do not give its name (it was renamed or edited)"
     if parts is not None and stored != parts:
         return None, "it was made for another model, data or preprocessing"
-    if logits.shape != (images, NUM_CLASSES) or not np.all(np.isfinite(logits)):
+    rows = images if images is not None else min(len(logits), int(max_images or 0))
+    if logits.shape != (rows, num_classes) or not np.all(np.isfinite(logits)):
         return None, f"its logits have shape {logits.shape} or are not finite"
     if meta.get("logits_sha256") != logits_sha256(logits):
         return None, "its logits do not have the recorded sha256 (damaged or edited)"

@@ -85,7 +85,8 @@ def print_report(report: BenchReport, console=None) -> None:
     large = report.options.get("large_batch", 32)
     tables = []
     if report.options.get("accuracy"):
-        tables.append((f"Accuracy on {report.data.get('images', 0):,} CIFAR-10 test images, against the Keras "
+        tables.append((f"Accuracy on {report.data.get('images', 0):,} {report.data.get('dataset', 'CIFAR-10')} "
+                       f"{report.data.get('split') or 'test'} images, against the Keras "
                        "float model", accuracy_columns(report), [accuracy_row(r) for r in report.results]))
     if report.options.get("latency"):
         tables.append((f"Latency and cost, {report.options.get('threads')} threads", COST_COLUMNS,
@@ -167,7 +168,8 @@ def write_markdown(report: BenchReport, path: str | os.PathLike) -> Path:
 def markdown(report: BenchReport) -> str:
     large = report.options.get("large_batch", 32)
     out = ["# resnet-deploy bench report", "",
-           f"{report.created}; {report.data.get('images', 0):,} images of the CIFAR-10 {report.data.get('split') or '-'} "
+           f"{report.created}; {report.data.get('images', 0):,} images of the {report.data.get('dataset', 'CIFAR-10')} "
+           f"{report.data.get('split') or '-'} "
            f"split ({report.data.get('source', '-')}); float reference: {report.reference.get('label') or 'none'}.", ""]
     if report.options.get("accuracy"):
         out += ["## Accuracy", "", _md_table(accuracy_columns(report), [accuracy_row(r) for r in report.results]), ""]
@@ -232,7 +234,8 @@ def _memory_detail(report: BenchReport) -> str:
 
 def _per_class_rows(report: BenchReport) -> list[list[str]]:
     rs = [r for r in report.results if r.accuracy]
-    return [[name] + [_pct(r.accuracy["per_class"][i]) for r in rs] for i, name in enumerate(CLASS_NAMES)]
+    names = report.data.get("class_names") or CLASS_NAMES  # an image folder's, else CIFAR-10's
+    return [[name] + [_pct(r.accuracy["per_class"][i]) for r in rs] for i, name in enumerate(names)]
 
 
 FORMAT_STYLE = {"keras": ("s", "#555555", "Keras (float)"), "tflite": ("o", "#1f77b4", "TFLite"),

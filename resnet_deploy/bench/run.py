@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -37,7 +38,9 @@ from resnet_deploy.bench.rounds import RoundsPlan, SeriesFailed, interleaved_rou
 from resnet_deploy.bench.selection import (add_baselines, assign_labels, cpu_override, expand_runtimes,
                                            find_baseline, identify, refuse_saturating, refuse_stale,
                                            resolve_reference)
-from resnet_deploy.data.constants import IMAGE_SHAPE
+from resnet_deploy.bench.measure import ACCURACY_CHUNK
+from resnet_deploy.data.constants import IMAGE_SHAPE, NUM_CLASSES
+from resnet_deploy.data.folder_data import check_model_classes, is_image_folder
 from resnet_deploy.errors import BenchError
 from resnet_deploy.metrics import output_kind
 from resnet_deploy.runtimes.openvino_runner import precision_summary
@@ -61,9 +64,14 @@ def run_bench(artifact_paths: Iterable[str | os.PathLike], options: BenchOptions
     progress = progress or (lambda msg: None)
     started = time.perf_counter()
     results, ref_path, ref_notes = _participants(artifact_paths, options)
-    contract = resolve_contract(results, ref_path)
-    split, data_info = _test_images(options, data) if options.accuracy else (None, _no_test_images(options))
-    latency_images = _latency_images(split, options) if options.latency else None
+    contract = resolve_contract(results, ref_path, folder=is_image_folder(options.data if data is None else data))
+    if contract.decoding is not None:
+        split, data_info = _folder_images(options, data, contract) if options.accuracy else \
+            (None, _no_test_images(options))
+        ref_notes += contract.notes
+    else:
+        split, data_info = _test_images(options, data) if options.accuracy else (None, _no_test_images(options))
+    latency_images = _latency_images(split, options, contract) if options.latency else None
     cached = _cached_reference(results, contract, split, options, ref_notes)
     workers: dict = {}
     try:
@@ -71,7 +79,11 @@ def run_bench(artifact_paths: Iterable[str | os.PathLike], options: BenchOptions
         if options.latency:
             time_all(workers, results, options, progress)
         if split is not None:
-            _accuracy_passes(workers, results, split, progress)
+            split = _accuracy_passes(workers, results, split, options, progress)
+            _check_cached(results, split, cached, options, ref_notes)
+            if contract.decoding is not None:
+                data_info.update(images=len(split.y), class_counts=np.bincount(
+                    split.y, minlength=split.num_classes).tolist(), notes=split.notes)
     except BaseException:  # Ctrl-C (KeyboardInterrupt) or a bug: the children go at once, not after their work
         for w in workers.values():
             w.close(kill=True)
@@ -152,7 +164,8 @@ def _open_all(workers: dict, results, contract, latency_images, options, split, 
             r.notes.append(note)
         spec = FileSpec(path=r.path, runtime=r.runtime_name, preprocessing=pre.to_dict(), threads=options.threads,
                         eval_batch_size=options.batch_size, latency_images=latency_images,
-                        manifest_input=r.manifest.input.to_dict() if r.manifest else None)
+                        manifest_input=r.manifest.input.to_dict() if r.manifest else None,
+                        num_classes=contract.num_classes, image_shape=contract.image_shape)
         worker = open_worker(spec, options.isolate, options.file_timeout_s(len(split) if needs_pass else 0))
         workers[i] = worker
         try:
@@ -232,20 +245,82 @@ def _series_fn(worker, i, bs):
     return run
 
 
-def _accuracy_passes(workers: dict, results: list[ArtifactResult], split, progress) -> None:
-    for i, w in list(workers.items()):
-        r = results[i]
-        if not r.ok or r.role == "baseline" or r.logits is not None:
-            continue
-        progress(f"test-set pass of {r.label} ({len(split):,} images)")
-        try:
-            out = w.call("logits", split.x)
-        except WorkerFailed as exc:
-            r.error = exc.error
-            workers.pop(i)
-            continue
-        r.logits = out["logits"]
-        r.timing["accuracy_pass_s"] = out["accuracy_pass_s"]
+@dataclass
+class Evaluated:
+    """The images an accuracy pass ran on: their labels in order (an image folder's file that did not decode
+    is not among them), the class count, and what the decoding said (conversions, skipped files)."""
+
+    y: np.ndarray
+    num_classes: int
+    name: str = "test"
+    notes: list = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def _pass_batches(split, chunk: int):
+    """(pixels, labels) in order, ``chunk`` images at a time: rows of an array split, or an image folder's images
+    decoded in bounded, prefetched batches (``FolderData.stream``): never the whole split in memory."""
+    if hasattr(split, "stream"):
+        stream = split.stream(batch_size=chunk)
+        for b in stream:
+            yield b.x, b.y
+        split.note(stream)
+        return
+    for i in range(0, len(split), chunk):
+        yield split.x[i:i + chunk], split.y[i:i + chunk]
+
+
+def _accuracy_passes(workers: dict, results: list[ArtifactResult], split, options: BenchOptions,
+                     progress) -> Evaluated:
+    """Every file that needs a pass runs each batch in turn, so each batch is decoded once for all of them. A
+    chunk is a whole number of evaluation batches, so each runtime sees the batches a whole-split call gives
+    (the same logits, bit for bit, whether the images came from an array or a folder)."""
+    todo = [i for i, w in workers.items()
+            if results[i].ok and results[i].role != "baseline" and results[i].logits is None]
+    bs = options.batch_size
+    chunk = bs * max(1, ACCURACY_CHUNK // bs)
+    if todo:
+        progress(f"test-set pass of {', '.join(results[i].label for i in todo)} ({len(split):,} images, "
+                 f"{chunk} at a time)")
+    parts: dict[int, list] = {i: [] for i in todo}
+    spent: dict[int, float] = {i: 0.0 for i in todo}
+    labels, done = [], 0
+    for x, y in _pass_batches(split, chunk):
+        labels.append(np.asarray(y))
+        done += len(y)
+        for i in list(parts):
+            try:
+                out = workers[i].call("logits", x)
+            except WorkerFailed as exc:
+                results[i].error = exc.error
+                workers.pop(i)
+                parts.pop(i)
+                continue
+            parts[i].append(out["logits"])
+            spent[i] += out["accuracy_pass_s"]
+        if todo:
+            progress(f"accuracy {done:,}/{len(split):,}")
+    for i, got in parts.items():
+        results[i].logits = np.concatenate(got) if got else None
+        results[i].timing["accuracy_pass_s"] = spent[i]
+    y = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+    return Evaluated(y, getattr(split, "num_classes", NUM_CLASSES), split.name,
+                     split.notes() if hasattr(split, "notes") else [])
+
+
+def _check_cached(results, split: Evaluated, cached, options, notes) -> None:
+    """Cached float logits must cover the images this pass decoded (an image folder whose decodable files
+    changed): otherwise they are discarded and the reference has no figures this run (said so)."""
+    ref = next((r for r in results if r.role == "reference"), None)
+    if cached is None or cached["logits"] is None or ref is None or ref.logits is None:
+        return
+    if len(ref.logits) != len(split.y):
+        reference_cache.discard(cached["key"], options.cache_dir)
+        ref.logits = None
+        notes.append(f"the cached float logits hold {len(cached['logits'])} images, this pass decoded "
+                     f"{len(split.y)}: discarded; run again for the float comparison")
 
 
 def _cached_reference(results, contract, split, options, notes) -> dict | None:
@@ -253,11 +328,17 @@ def _cached_reference(results, contract, split, options, notes) -> dict | None:
     ref = next((r for r in results if r.role == "reference" and not r.error), None)
     if ref is None or split is None or not options.cache:
         return None
-    key = reference_cache.cache_key(ref.sha256, reference_cache.data_fingerprint(split.x, split.y),
-                                    contract.preprocessing, len(split))
-    logits = reference_cache.load_verified(  # the float model re-run on random cached images: planted logits fail
-        key, len(split), options.cache_dir, notes=notes,
-        rerun=reference_cache.rerun_in_child(ref.path, split.x, contract.preprocessing, threads=options.threads))
+    if hasattr(split, "fingerprint"):  # an image folder: its content hash, with how its images are decoded
+        fingerprint = reference_cache.folder_fingerprint(split)
+        key = reference_cache.cache_key(ref.sha256, fingerprint, contract.preprocessing, len(split))
+        logits = reference_cache.load(key, None, options.cache_dir, max_images=len(split),
+                                      num_classes=contract.num_classes)
+    else:
+        key = reference_cache.cache_key(ref.sha256, reference_cache.data_fingerprint(split.x, split.y),
+                                        contract.preprocessing, len(split))
+        logits = reference_cache.load_verified(  # the float model re-run on random cached images: planted logits fail
+            key, len(split), options.cache_dir, notes=notes,
+            rerun=reference_cache.rerun_in_child(ref.path, split.x, contract.preprocessing, threads=options.threads))
     if logits is None:
         return {"key": key, "logits": None}
     ref.logits = logits
@@ -290,7 +371,8 @@ def _test_images(options: BenchOptions, data):
     else:
         raise BenchError(f"run_bench got data of type {type(data).__name__}.", expected="a Split, a Cifar10 or None")
     split = split.take(options.limit)
-    return split, {"source": str(source), "split": split.name, "images": len(split), "limit": options.limit,
+    return split, {"source": str(source), "dataset": "CIFAR-10", "split": split.name, "images": len(split),
+                   "limit": options.limit,
                    "class_counts": split.class_counts().tolist(),
                    "latency_images": f"the first {min(options.large_batch, len(split))} test images"}
 
@@ -300,11 +382,38 @@ def _no_test_images(options: BenchOptions) -> dict:
             "latency_images": f"random pixels (seed {options.seed}): --no-accuracy loads no test images"}
 
 
-def _latency_images(split, options: BenchOptions) -> np.ndarray:
+def _folder_images(options: BenchOptions, data, contract):
+    """An image folder's test/ split (else val/), decoded as the contract says (the manifests' input size and
+    resize policy), limited to its first ``limit`` images; read lazily, never whole."""
+    from resnet_deploy.data.folder_data import FolderData, eval_split_name, open_folder
+
+    src = options.data if data is None else data
+    strict = bool(getattr(src, "strict", False))
+    folder = open_folder(src, strict=strict)
+    check_model_classes(contract.num_classes, folder, contract.classes_from)
+    if contract.class_names and list(contract.class_names) != list(folder.class_names):
+        raise BenchError(f"The artifacts' manifests name the classes {', '.join(contract.class_names[:6])}, but the "
+                         f"folder {folder.root} has {', '.join(folder.class_names[:6])} (sorted folder names).",
+                         expected="the folder the artifacts were exported for: label i is the i-th class folder",
+                         fix="bench on the folder the model was trained on, or rename its class folders")
+    name = eval_split_name(folder)
+    split = FolderData(folder, folder.split(name), contract.decoding, strict=strict)
+    if options.limit is not None and options.limit < len(split):
+        split = split.limited(options.limit)
+    return split, {"source": str(folder.root), "dataset": "image folder", "split": name, "images": len(split),
+                   "limit": options.limit, "class_names": list(folder.class_names),
+                   "class_counts": split.class_counts().tolist(), "decoding": contract.decoding.record(),
+                   "latency_images": f"the first {min(options.large_batch, len(split))} {name} images"}
+
+
+def _latency_images(split, options: BenchOptions, contract=None) -> np.ndarray:
     n = options.large_batch
     if split is not None and len(split):
+        if hasattr(split, "gather"):
+            return split.gather(np.arange(min(n, len(split))))[0]
         return split.x[:n]
-    return np.random.default_rng(options.seed).integers(0, 256, (n, *IMAGE_SHAPE), dtype=np.uint8)
+    shape = contract.image_shape if contract is not None else IMAGE_SHAPE
+    return np.random.default_rng(options.seed).integers(0, 256, (n, *shape), dtype=np.uint8)
 
 
 def _dedupe(entries: list[ArtifactResult]) -> list[ArtifactResult]:

@@ -1,7 +1,8 @@
 """The one calibration sample every INT8 converter reads.
 
-CIFAR-10 *training* images, class-balanced and seeded (``data.calibration_sample``), passed through
-the same ``preprocess`` as evaluation. The TFLite representative dataset and the ONNX Runtime
+CIFAR-10 *training* images (or an image folder's ``train/`` split, decoded at the model's input size with the
+run's resize policy: only the images drawn are decoded), class-balanced and seeded (``data.calibration_sample``),
+passed through the same ``preprocess`` as evaluation. The TFLite representative dataset and the ONNX Runtime
 calibration reader iterate over the same float array, and the recipe (split, count, seed, per-class
 counts, hash of the indices, preprocessing) goes into every INT8 manifest.
 """
@@ -37,7 +38,7 @@ class Calibration:
             yield [b]
 
 
-def build_calibration(train: Split, n: int, seed: int, spec: Preprocessing,
+def build_calibration(train: "Split | FolderData", n: int, seed: int, spec: Preprocessing,
                       exclude: np.ndarray | None = None) -> Calibration:
     """The calibration sample, preprocessed; ``exclude``: training indices never drawn (the validation split)."""
     sample = calibration_sample(train, n, seed, exclude=exclude)
@@ -45,6 +46,9 @@ def build_calibration(train: Split, n: int, seed: int, spec: Preprocessing,
     if exclude is not None:
         recipe["disjoint_from"] = f"validation split ({len(exclude)} training images, indices {indices_hash(exclude)})"
     recipe["preprocessing"] = spec.to_dict()
+    if hasattr(train, "decoding"):  # an image folder: which one, and how its images became model input
+        recipe["source"] = {"layout": "image-folder", "root": str(train.folder.root), "split": train.name}
+        recipe["decoding"] = train.decoding.record()
     return Calibration(preprocess(sample.x, spec), recipe, sample.indices)
 
 

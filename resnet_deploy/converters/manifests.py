@@ -27,8 +27,9 @@ def shared_fields(plan) -> dict:
     source = SourceModel(abs_path=str(plan.model_path.resolve()), sha256=sha256_file(plan.model_path),
                          architecture=meta.get("architecture"), width=meta.get("width"), stem=meta.get("stem"),
                          has_metadata=plan.metadata is not None)
-    return {"preprocessing": pre, "class_names": list(meta.get("class_names") or CLASS_NAMES), "source_model": source,
-            "libraries": library_versions(), "machine": machine_info()}
+    names = getattr(plan, "class_names", None) or meta.get("class_names") or CLASS_NAMES  # an image folder's first
+    return {"preprocessing": pre, "class_names": list(names), "source_model": source,
+            "libraries": library_versions(), "machine": machine_info(), "data": getattr(plan, "data_info", None)}
 
 
 def source_relative_to(source: SourceModel, folder: Path) -> SourceModel:
@@ -57,6 +58,8 @@ def manifest_for(job: ArtifactPlan, final: Path, result: ConvertResult, parity: 
     if model_output:  # logits or probabilities, said at export (a softmax last layer)
         opts["model_output"] = model_output
     fields = dict(shared, source_model=source_relative_to(shared["source_model"], final.parent).to_json())
+    if fields.pop("data", None) is not None:  # an image folder: its classes, splits and resize policy
+        opts["data"] = shared["data"]
     return Manifest(format=job.target.format.value, precision=job.target.precision.value, artifact=final.name,
                     input=result.input, output=result.output, calibration=result.calibration, options=opts,
                     validation=parity.to_json(), int8_accuracy=job.int8_record.to_json() if job.int8_record else None,

@@ -6,7 +6,8 @@ Order of work, so that bad input costs nothing and loses nothing:
    (``fileio.sweep_stages``), existing artifacts or manifests refused unless ``force``;
 2. the model, loaded safely (a non-model, truncated or non-CIFAR model is a ModelError, nothing written),
    and ``--int8-float-layers`` checked against its layers;
-3. the preprocessing (model metadata, else options, else raw pixels) and CIFAR-10;
+3. the preprocessing (model metadata, else options, else raw pixels) and the data: CIFAR-10, or an image
+   folder (``folder_splits``: the model's input size, the resize policy, the class count checked);
 4. the float model's logits on the parity images (``parity.Reference``) and what it outputs (logits or
    probabilities); with accuracy-aware INT8 or ``--analyze``, the tuning split of training images; the
    calibration sample (disjoint from the tuning split); the QAT fine-tuning.
@@ -64,6 +65,13 @@ class ExportPlan:
     qat_model: object = None
     qat_info: dict | None = None
     progress: Progress = field(default=lambda msg: None, repr=False)
+    # an image folder: {"class_names", "decoding", "train", "eval"} (``folder_splits``), recorded in every manifest
+    data_info: dict | None = None
+
+    @property
+    def class_names(self) -> list | None:
+        """The folder's class names (None for CIFAR-10: the model's metadata, else CIFAR-10's, are recorded)."""
+        return None if self.data_info is None else list(self.data_info["class_names"])
 
     def artifact(self, target: Target, session) -> ArtifactPlan | None:
         """The plan of one file: what it is made from and with (an accuracy-aware INT8 file's calibration and
@@ -130,7 +138,10 @@ class ExportPlan:
 
 def plan_export(model_path: str | os.PathLike, options: ExportOptions, data=None,
                 progress: Progress | None = None) -> ExportPlan:
-    """Steps 1 to 4 of the module docstring: everything but the conversions."""
+    """Steps 1 to 4 of the module docstring: everything but the conversions. ``data``: CIFAR-10 (any layout
+    ``load_cifar10`` reads) or an image folder (``folder_data.is_image_folder``: a path, or a
+    ``folder_data.FolderSource`` with the resize policy ``fit``, crop by default, and ``strict``, which refuses
+    a file that cannot be used instead of skipping it with a count)."""
     from resnet_deploy.data.sources import load_cifar10
     from resnet_deploy.models.io import load_model, read_metadata
 
@@ -140,20 +151,30 @@ def plan_export(model_path: str | os.PathLike, options: ExportOptions, data=None
     refuse_existing(paths, options.force)
     if any(t.format is Format.ONNX and t.precision is Precision.INT8 for t in paths):
         progress(options.onnx_int8().describe())
-    model = load_model(model_path, trust=options.trust_model)
+    from resnet_deploy.data.folder_data import is_image_folder
+
+    folder = is_image_folder(data)
+    model = load_model(model_path, trust=options.trust_model, check_io=not folder)
     check_float_layers(model, options.search.float_layers)
     metadata = read_metadata(model_path)
     spec, spec_source = resolve_preprocessing(metadata, options.preprocessing)
     progress(f"model {model_path} ({model.count_params():,} params), preprocessing from {spec_source}")
     needs_train = options.needs_calibration or options.qat.epochs > 0
-    ds = load_cifar10(data, splits=("train", "test") if needs_train else ("test",))
-    reference = float_reference(model, ds.test, options.parity_samples, spec)
+    if folder:
+        train, test, data_info = folder_splits(model, metadata, data, needs_train, progress)
+    else:
+        ds = load_cifar10(data, splits=("train", "test") if needs_train else ("test",))
+        train, test, data_info = ds.train, ds.test, None
+    reference = float_reference(model, test, options.parity_samples, spec)
     output = model_output(model, reference.logits)
     if output["kind"] == "probabilities":
         progress(f"NOTE: {output['note']}")
     p = ExportPlan(model_path, model, metadata, options, paths, spec, spec_source, reference, output,
-                   train=ds.train if needs_train else None, progress=progress)
+                   train=train if needs_train else None, progress=progress, data_info=data_info)
     _draw_samples(p)
+    if data_info is not None:
+        for n in (train.notes() if needs_train else []) + test.notes():
+            progress(f"NOTE: {n}")
     if options.qat.epochs:
         from resnet_deploy.converters.qat import qat_finetune
 
@@ -180,6 +201,42 @@ def _draw_samples(p: ExportPlan) -> None:
                                           exclude=None if p.tuning is None else p.tuning.indices)
         p.progress(f"calibration: {len(p.calibration)} training images, seed {c.seed}, "
                    f"indices {p.calibration.recipe['indices_sha256_16']}")
+
+
+def folder_splits(model, metadata: dict | None, data, needs_train: bool, progress: Progress):
+    """An image folder's training split (when calibration or QAT needs it) and the split the parity check
+    evaluates (test/, else val/), both decoded at the model's input size with ``fit``; and the record every
+    manifest gets. A model whose output width is not the folder's class count is refused here, before any
+    image is decoded."""
+    from resnet_deploy.data.folder import DEFAULT_FIT
+    from resnet_deploy.data.folder_data import (check_model_classes, eval_split_name, folder_split, model_decoding,
+                                                open_folder)
+
+    source = f"The model {getattr(model, 'name', '')!s}".rstrip()
+    if len(model.inputs or []) != 1 or len(model.outputs or []) != 1:
+        raise ExportError(f"{source} has {len(model.inputs or [])} inputs and {len(model.outputs or [])} outputs.",
+                          expected="one image input and one class-score output",
+                          fix="wrap it as keras.Model(image_input, logits)")
+    fit, strict = getattr(data, "fit", None) or DEFAULT_FIT, bool(getattr(data, "strict", False))
+    decoding = model_decoding(tuple(model.inputs[0].shape), fit, source)
+    folder = open_folder(data, strict=strict)
+    out_shape = tuple(model.outputs[0].shape[1:])
+    check_model_classes(out_shape[0] if len(out_shape) == 1 else None, folder, source)
+    recorded = (metadata or {}).get("class_names")
+    if recorded and list(recorded) != list(folder.class_names):
+        progress(f"NOTE: the model's metadata names its classes {', '.join(map(str, recorded[:6]))}...; the folder's "
+                 f"({', '.join(folder.class_names[:6])}...) are recorded in the manifests (labels are folder order)")
+    for n in folder.notes:
+        progress(f"NOTE: {n}")
+    eval_name = eval_split_name(folder)
+    test = folder_split(folder, eval_name, decoding, strict)
+    train = folder_split(folder, "train", decoding, strict) if needs_train else None
+    progress(f"image folder {folder.root}: {folder.num_classes} classes, images decoded as {decoding.description} "
+             f"(fit {decoding.fit}); parity on {eval_name}/")
+    info = {"layout": "image-folder", "root": str(folder.root), "class_names": list(folder.class_names),
+            "decoding": decoding.record(), "eval_split": test.split.record(),
+            "train_split": train.split.record() if train is not None else None, "strict": strict}
+    return train, test, info
 
 
 def refuse_existing(paths: dict[Target, Path], force: bool) -> None:
@@ -240,7 +297,7 @@ def float_reference(model, test, n: int, spec: Preprocessing):
 
     split = test.take(n)
     logits = float_logits(model, preprocess(split.x, spec))
-    return Reference(split.x, split.y, logits.astype(np.float32), f"test[:{len(split)}]")
+    return Reference(split.x, split.y, logits.astype(np.float32), f"{test.name}[:{len(split)}]")
 
 
 def model_output(model, float_outputs: np.ndarray) -> dict:

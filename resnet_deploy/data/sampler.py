@@ -1,5 +1,9 @@
 """Seeded, class-balanced samples: calibration images come from the *training* split only.
 
+An image folder's training split (``folder_data.FolderData``) is drawn from the same way, on its labels
+in the folder's order; only the images drawn are decoded. Written from an array with
+``write_image_folder``, a folder gives the array's indices, hence the same images.
+
 Accuracy-aware INT8 adds a validation split, also drawn from the training split (the test split
 only reports): ``validation_split`` draws it first, and ``calibration_sample(..., exclude=...)``
 keeps the calibration images disjoint from it.
@@ -59,11 +63,13 @@ class CalibrationSample:
     y: np.ndarray
     indices: np.ndarray  # into the training split
     seed: int
+    num_classes: int = NUM_CLASSES
+    skipped: tuple = ()  # image-folder files drawn that could not be decoded (left out, counted)
 
     @property
     def recipe(self) -> dict:
-        counts = np.bincount(self.y, minlength=NUM_CLASSES)
-        return {
+        counts = np.bincount(self.y, minlength=self.num_classes)
+        out = {
             "split": "train",
             "samples": int(len(self.indices)),
             "seed": self.seed,
@@ -71,9 +77,23 @@ class CalibrationSample:
             "per_class": counts.tolist(),
             "indices_sha256_16": indices_hash(self.indices),
         }
+        if self.skipped:
+            out["skipped"] = [s.to_dict() for s in self.skipped[:20]]
+            out["skipped_count"] = len(self.skipped)
+        return out
 
 
-def calibration_sample(train: Split, n: int, seed: int = 0, exclude: np.ndarray | None = None) -> CalibrationSample:
+def _gather(train, idx: np.ndarray, seed: int) -> CalibrationSample:
+    """The sample ``idx`` of ``train``: an array split's rows, or an image folder's images decoded now
+    (``FolderData.gather``: only these images; a file that cannot be decoded is left out and recorded)."""
+    if hasattr(train, "gather"):
+        x, y, kept, skipped = train.gather(idx)
+        return CalibrationSample(x, y, kept, seed, train.num_classes, tuple(skipped))
+    return CalibrationSample(train.x[idx], train.y[idx], idx, seed)
+
+
+def calibration_sample(train: "Split | FolderData", n: int, seed: int = 0,
+                       exclude: np.ndarray | None = None) -> CalibrationSample:
     """``n`` class-balanced training images; indices in ``exclude`` (the validation split) are never drawn."""
     if train.name != "train":
         raise DataError(f"Calibration must come from the training split, got {train.name!r}.",
@@ -85,10 +105,10 @@ def calibration_sample(train: Split, n: int, seed: int = 0, exclude: np.ndarray 
                         expected=f"calibration + validation images <= {len(train)}",
                         fix="lower --calib-samples or --val-samples")
     idx = class_balanced_indices(train.y, n, seed, exclude=exclude)
-    return CalibrationSample(train.x[idx], train.y[idx], idx, seed)
+    return _gather(train, idx, seed)
 
 
-def validation_split(train: Split, n: int, seed: int = 0) -> CalibrationSample:
+def validation_split(train: "Split | FolderData", n: int, seed: int = 0) -> CalibrationSample:
     """The accuracy-aware INT8 validation split: ``n`` class-balanced *training* images drawn with ``seed``.
     It is the only data that decides a setting; calibration samples are drawn disjoint from it."""
     if train.name != "train":
@@ -99,4 +119,4 @@ def validation_split(train: Split, n: int, seed: int = 0) -> CalibrationSample:
                         expected=f"1 to {len(train) - 1} images, leaving some for calibration",
                         fix="choose --val-samples (a few thousand on the full CIFAR-10 training split)")
     idx = class_balanced_indices(train.y, n, seed)
-    return CalibrationSample(train.x[idx], train.y[idx], idx, seed)
+    return _gather(train, idx, seed)

@@ -90,15 +90,28 @@ class Runner(abc.ABC):
         pixels = np.asarray(pixels)
         if pixels.ndim == 3:
             pixels = pixels[None]
-        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != IMAGE_SHAPE:
+        want = self.image_shape()
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != want:
             raise ResnetDeployError(f"{self.name} got images of shape {pixels.shape}.",
-                                    expected=f"(N, {', '.join(map(str, IMAGE_SHAPE))}) RGB pixels 0..255")
+                                    expected=f"(N, {', '.join(map(str, want))}) RGB pixels 0..255")
         bs = batch_size or self.batch_size
         if not self.supports_batch:
             bs = 1
         outs = [self.predict_preprocessed(preprocess(pixels[i:i + bs], self.preprocessing))
                 for i in range(0, len(pixels), bs)]
         return np.concatenate(outs).astype(np.float32, copy=False)
+
+    def image_shape(self) -> tuple:
+        """(H, W, 3): the loaded model's NHWC input size (any HxW: an image-folder model); CIFAR-10's 32x32x3
+        where the model leaves a dimension dynamic or its input is not NHWC RGB."""
+        try:
+            shape = tuple(self._io_impl()[0].shape)
+        except Exception:  # a runner that cannot say: the CIFAR-10 convention
+            return IMAGE_SHAPE
+        if len(shape) != 4 or shape[-1] != 3:
+            return IMAGE_SHAPE
+        return tuple(int(d) if isinstance(d, (int, np.integer)) and d > 0 else e
+                     for d, e in zip(shape[1:], IMAGE_SHAPE))
 
     def predict_preprocessed(self, x: np.ndarray) -> np.ndarray:
         """One batch of already-preprocessed float32 input; the hot path bench times."""

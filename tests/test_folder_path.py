@@ -1,0 +1,168 @@
+"""An image folder as ``--data`` in export and bench: the same answer as the npz it was written from.
+
+The CIFAR-shaped split (synthetic in the fast tier; ``test_real_cifar_png_folder_*`` reads the real copy and
+is `slow`) is written as a PNG image folder (lossless, files named by their index, so the folder lists in the
+array's order). Then:
+
+- bench on the folder gives exactly the accuracy, agreement and intervals bench gives on the npz (the same
+  artifacts, the float reference run again on each: no cache);
+- calibrating from the folder's train/ with the same seed draws the same indices, decodes the same pixels
+  and writes the same INT8 file (equal sha256), while the manifest records the folder, its classes and the
+  resize policy;
+- a model whose output width is not the folder's class count is refused before any image is decoded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from resnet_deploy.data.folder import write_image_folder
+from resnet_deploy.errors import DataError
+from tests.conftest import copy_with_sidecar
+
+N_TRAIN, N_TEST = 200, 100
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESNET_DEPLOY_CACHE", str(tmp_path / "cache"))
+
+
+def _subset_pair(src: Path, out: Path) -> tuple[Path, Path]:
+    """The first images of ``src``'s npz splits, as an npz folder and as a PNG image folder."""
+    from resnet_deploy.data.constants import CLASS_NAMES
+
+    arrays = {}
+    npz = out / "npz"
+    npz.mkdir(parents=True)
+    for name, n in (("train", N_TRAIN), ("test", N_TEST)):
+        with np.load(src / f"{name}.npz") as z:
+            x, y = z["x"][:n], z["y"].reshape(-1)[:n].astype(np.int64)
+        np.savez(npz / f"{name}.npz", x=x, y=y)
+        arrays[name] = (x, y)
+    png = write_image_folder(out / "png", arrays, CLASS_NAMES, image_format="png")
+    return npz, png
+
+
+def _export(model: Path, out: Path, data, **kw):
+    from resnet_deploy.converters.export import export_model
+    from resnet_deploy.converters.options import ExportOptions
+
+    out.mkdir()
+    dest = copy_with_sidecar(model, out / "model.keras")
+    opts = ExportOptions(formats=("tflite",), int8=True, calib_samples=40, calib_seed=3, parity_samples=32, **kw)
+    return {a.precision: a for a in export_model(dest, opts, data=data)}
+
+
+def _bench(paths, data, reference=None):
+    from resnet_deploy.bench.options import BenchOptions
+    from resnet_deploy.bench.run import run_bench
+
+    rep = run_bench(paths, BenchOptions(data=data, reference=reference, latency=False, isolate=False, cache=False,
+                                        bootstrap=500))
+    return {r.path.name: r for r in rep.results}, rep
+
+
+TIMING = ("speedup", "throughput_ratio", "peak_rss_ratio", "artifact_rss_ratio", "first_inference_ratio")
+
+
+def _figures(r) -> dict:
+    """A result's accuracy figures against the float model (not its timings, which no two runs share)."""
+    return {k: v for k, v in (r.vs_float or {}).items() if not k.startswith(TIMING)}
+
+
+def _bench_equal(arts, npz: Path, png: Path, reference: Path | None = None) -> dict:
+    on_npz, _ = _bench(arts, npz, reference)
+    on_png, rep_png = _bench(arts, png, reference)
+    assert rep_png.data["dataset"] == "image folder" and rep_png.data["images"] == N_TEST
+    assert set(on_npz) == set(on_png)
+    for name in on_npz:
+        x, y = on_npz[name], on_png[name]
+        assert x.error is None and y.error is None
+        np.testing.assert_array_equal(x.logits, y.logits)
+        assert x.accuracy == y.accuracy
+        assert _figures(x) == _figures(y)
+    # the figures themselves, computed another way: plain argmax against the npz labels
+    with np.load(npz / "test.npz") as z:
+        labels = z["y"]
+    ref = next(r for r in on_png.values() if r.role == "reference")
+    for r in on_png.values():
+        assert r.accuracy["top1"] == pytest.approx(np.mean(r.logits.argmax(1) == labels))
+        if r is not ref:
+            assert r.vs_float["agreement"] == pytest.approx(np.mean(r.logits.argmax(1) == ref.logits.argmax(1)))
+    return on_png
+
+
+def test_png_folder_gives_the_npz_calibration_and_bench_figures(tiny_model_path, small_npz_dir, tmp_path):
+    """Fast: the calibration sample and the INT8 tuning split drawn from the PNG folder are the npz's (same
+    indices, same pixels, same float inputs); bench of a model against its float reference gives the npz's
+    figures. The INT8 file itself: ``test_png_folder_export_writes_the_same_int8_file`` (slow)."""
+    from resnet_deploy.converters.calibration import build_calibration
+    from resnet_deploy.data.folder import Decoding
+    from resnet_deploy.data.folder_data import FolderSource, folder_split, open_folder
+    from resnet_deploy.data.preprocess import Preprocessing
+    from resnet_deploy.data.sampler import validation_split
+    from resnet_deploy.data.sources import load_cifar10
+
+    npz, png = _subset_pair(small_npz_dir, tmp_path / "data")
+    train = load_cifar10(npz, splits=("train",)).train
+    ftrain = folder_split(open_folder(FolderSource(png)), "train", Decoding(32))
+    spec = Preprocessing.pixels()
+    tune_a, tune_b = validation_split(train, 60, seed=7), validation_split(ftrain, 60, seed=7)
+    np.testing.assert_array_equal(tune_a.indices, tune_b.indices)
+    np.testing.assert_array_equal(tune_a.x, tune_b.x)
+    assert tune_a.recipe == tune_b.recipe
+    a = build_calibration(train, 40, 3, spec, exclude=tune_a.indices)
+    b = build_calibration(ftrain, 40, 3, spec, exclude=tune_b.indices)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    np.testing.assert_array_equal(a.x, b.x)  # float32 inputs, bit for bit: what the converter is fed
+    assert {k: v for k, v in b.recipe.items() if k not in ("source", "decoding")} == a.recipe
+    assert b.recipe["decoding"]["size"] == [32, 32] and b.recipe["source"]["layout"] == "image-folder"
+
+    model = copy_with_sidecar(tiny_model_path, tmp_path / "model.keras")
+    twin = copy_with_sidecar(tiny_model_path, tmp_path / "twin.keras")
+    _bench_equal([twin], npz, png, reference=model)
+
+
+@pytest.mark.slow
+def test_png_folder_export_writes_the_same_int8_file(tiny_model_path, small_npz_dir, tmp_path):
+    """Slow (two TFLite exports): calibrating from the PNG folder's train/ with the same seed writes the INT8
+    file the npz writes (equal bytes), and bench of both exports' artifacts on the folder is the npz's."""
+    npz, png = _subset_pair(small_npz_dir, tmp_path / "data")
+    a = _export(tiny_model_path, tmp_path / "from_npz", npz)
+    b = _export(tiny_model_path, tmp_path / "from_png", png)
+    ma, mb = a["int8"].manifest, b["int8"].manifest
+    assert ma.calibration["sample"]["indices_sha256_16"] == mb.calibration["sample"]["indices_sha256_16"]
+    assert ma.sha256 == mb.sha256
+    assert a["int8"].path.read_bytes() == b["int8"].path.read_bytes()
+    assert ma.validation["max_abs_logit_diff"] == mb.validation["max_abs_logit_diff"]
+    data = mb.options["data"]  # the folder export says where its images came from and how they were decoded
+    assert data["layout"] == "image-folder" and data["decoding"]["size"] == [32, 32]
+    assert data["decoding"]["fit"] == "crop"
+    assert mb.class_names == sorted(mb.class_names) == data["class_names"]
+    assert "data" not in ma.options
+    _bench_equal([a["fp32"].path, a["int8"].path], npz, png)
+
+
+def test_real_cifar_png_folder_gives_the_npz_answer(tiny_model_path, real_small_npz_dir, tmp_path):
+    test_png_folder_export_writes_the_same_int8_file(tiny_model_path, real_small_npz_dir, tmp_path)
+
+
+def test_a_model_for_another_class_count_is_refused_before_decoding(tiny_model_path, tmp_path):
+    from resnet_deploy.converters.planning import plan_export
+    from resnet_deploy.converters.options import ExportOptions
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (12, 20, 20, 3), dtype=np.uint8)
+    folder = write_image_folder(tmp_path / "five", {"train": (x, np.arange(12) % 5), "test": (x, np.arange(12) % 5)},
+                                list("abcde"))
+    model = copy_with_sidecar(tiny_model_path, tmp_path / "model.keras")
+    with pytest.raises(DataError) as e:
+        plan_export(model, ExportOptions(formats=("tflite",), int8=True, calib_samples=5), data=folder)
+    msg = str(e.value)
+    assert "outputs 10 class scores" in msg and "has 5 classes" in msg and "Expected:" in msg and "Fix:" in msg
+    assert not list(tmp_path.glob("*.tflite"))
