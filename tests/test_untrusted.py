@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import stat
 import subprocess
 import sys
@@ -815,6 +816,12 @@ def test_max_memory_values(tmp_path):
     img = pngs(tmp_path / "img", 1)[0]
     assert_refused(predict(model, img, "--max-memory", "lots"), "--max-memory 'lots' is not an amount of memory")
     assert_refused(predict(model, img, "--max-memory", "12"), "is below 64 MiB")
+    # 99999999T overflowed setrlimit in the child, reported as "could not start ... reinstall resnet-deploy"
+    text = assert_refused(predict(model, img, "--max-memory", "99999999T"), "is more than a memory limit can hold")
+    assert "could not start" not in text and "reinstall" not in text
+    from resnet_deploy.untrusted.limits import lower
+
+    lower(resource.RLIMIT_CORE, 1 << 80)  # lowering to more than a C long holds is no change, not an OverflowError
 
 
 @pytest.mark.parametrize("case", ["nested 200,000 levels", "a FIFO", "a list", "over 16 MiB"])

@@ -193,10 +193,11 @@ def sha256_file_object(fh, chunk: int = 1 << 20) -> str:
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
           "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
 MIN_MEMORY = 64 << 20
+MAX_MEMORY = 1 << 60  # 1 EiB: far past any machine, well inside the C long setrlimit takes
 
 
 def parse_memory(text: str | int, option: str = "--max-memory") -> int:
-    """"2G", "512M", "1.5GiB", "2147483648" -> bytes (binary units: G = GiB); at least 64 MiB."""
+    """"2G", "512M", "1.5GiB", "2147483648" -> bytes (binary units: G = GiB); 64 MiB to 1 EiB."""
     if isinstance(text, int) and not isinstance(text, bool):
         value = text
     else:
@@ -207,6 +208,10 @@ def parse_memory(text: str | int, option: str = "--max-memory") -> int:
                                      expected="a number with a unit: 512M, 2G, 1.5G (binary: G = GiB)",
                                      fix=f"e.g. {option} 2G")
         value = int(float(m.group(1)) * _UNITS[unit])
+    if value > MAX_MEMORY:  # setrlimit takes a C long: 99999999T failed in the child as "could not start"
+        raise UntrustedFileError(f"{option} {safe(text)} is more than a memory limit can hold.",
+                                 expected=f"at most {format_bytes(MAX_MEMORY)} (binary units: 2G, 512M)",
+                                 fix=f"e.g. {option} 2G, or the machine's memory")
     if value < MIN_MEMORY:
         raise UntrustedFileError(f"{option} {safe(text)} is below {format_bytes(MIN_MEMORY)}.",
                                  expected=f"at least {format_bytes(MIN_MEMORY)} (a runtime alone takes about 100 MiB)",

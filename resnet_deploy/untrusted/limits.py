@@ -12,6 +12,7 @@ def lower(res: int, value: int) -> None:
     import resource
 
     soft, hard = resource.getrlimit(res)
+    value = min(int(value), (1 << 63) - 1)  # a C long: anything larger is no limit anyway
     if hard != resource.RLIM_INFINITY:
         value = min(value, hard)
     if soft == resource.RLIM_INFINITY or soft > value:
