@@ -70,8 +70,10 @@ def handle_errors(fn):
             from rich.console import Console
             from rich.markup import escape
 
+            from resnet_deploy.terminal import safe_lines  # a file's name in a message: no ESC sequence
+
             Console(file=_error_stream(), stderr=True).print(
-                f"[bold red]error:[/] {escape(exc.render())}{escape(_hidden_hint())}", highlight=False)
+                f"[bold red]error:[/] {escape(safe_lines(exc.render()))}{escape(_hidden_hint())}", highlight=False)
             raise typer.Exit(exc.exit_code)
         except KeyboardInterrupt:
             print("interrupted: nothing half-written was left behind", file=_error_stream())

@@ -878,3 +878,24 @@ def test_bench_checks_a_cache_hit_by_re_running_the_float_model(tmp_path):
     got, ref, notes = lookup()
     np.testing.assert_array_equal(got["logits"], honest)
     assert any("random test images re-run through the float model match" in n for n in notes), notes
+
+
+def test_bench_escapes_file_names_in_its_report_and_its_errors(tmp_path):
+    """bench printed a file's name raw in its report table and in error messages: ESC sequences reached the
+    terminal and a newline in a name forged a line. Both go through terminal.safe now; --json stays exact."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 20), ("test", 20)):
+        np.savez(data / f"{split}.npz", x=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), y=np.arange(n) % 10)
+    model = onnx_classifier(tmp_path / "e\x1b[2Jx\nFAKE: accuracy 100%.onnx")
+    r = runner.invoke(app, ["bench", str(model), "--data", str(data), "--limit", "20", "--no-latency", "--no-cache",
+                            "--in-process", "--json-output", str(tmp_path / "r.json")], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "r.json").read_text())["results"][0]["path"] == str(model)  # exact in JSON
+    assert "\x1b" not in r.output and "e\\x1b[2Jx\\nFAKE" in r.output
+    assert not any(line.lstrip().startswith("FAKE") for line in r.output.splitlines()), r.output
+    r = runner.invoke(app, ["bench", str(tmp_path / "gone\x1b]0;pwned\x07.onnx"), "--data", str(data)],
+                      env={"COLUMNS": "200"})
+    text = assert_refused(r, "gone\\x1b]0;pwned\\x07.onnx does not exist")
+    assert "\x1b" not in text and "\x07" not in text

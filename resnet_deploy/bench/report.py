@@ -81,6 +81,8 @@ def print_report(report: BenchReport, console=None) -> None:
     from rich.markup import escape
     from rich.table import Table
 
+    from resnet_deploy.terminal import safe, safe_lines
+
     console = console or Console()
     large = report.options.get("large_batch", 32)
     tables = []
@@ -103,12 +105,12 @@ def print_report(report: BenchReport, console=None) -> None:
                 t.add_column(cols[i].format(B=large), justify="left" if left else "right",
                              min_width=width if i == 0 else None, overflow="fold")
             for row in rows:  # cells are text, not rich markup: a label's "[openvino]" must show as it is
-                t.add_row(*(escape(row[i]) for i in group))
+                t.add_row(*(escape(safe(row[i])) for i in group))  # a file's name: no ESC, no line break
             console.print(t)
     if report.options.get("latency"):
         console.print(LEGEND.format(B=large), style="dim", highlight=False, markup=False)
     for line in notes(report):
-        console.print(line, highlight=False, markup=False)
+        console.print(safe_lines(line), highlight=False, markup=False)
 
 
 def column_groups(headers: list[str], rows: list[list[str]], console_width: int, first_width: int) -> list[list[int]]:
@@ -130,15 +132,17 @@ def column_groups(headers: list[str], rows: list[list[str]], console_width: int,
 
 
 def notes(report: BenchReport) -> list[str]:
+    from resnet_deploy.terminal import safe
+
     m = report.machine
     lines = [f"machine: {m.get('cpu')}, {m.get('cpu_count')} cores, flags: {' '.join(m.get('cpu_flags') or []) or '-'}",
              "versions: " + ", ".join(f"{k} {v}" for k, v in report.libraries.items())]
     lines += [f"reference: {n}" for n in report.reference.get("notes", [])]
     for r in report.results:
-        lines += [f"{r.label}: {n}" for n in r.notes]
+        lines += [f"{safe(r.label)}: {n}" for n in r.notes]  # a file's name: a newline in it forges no line
         if r.role == "baseline":
-            lines.append(f"{r.label}: not named on the command line; measured as the FP32 baseline")
-    lines += [f"ERROR {r.label}: {r.error['message']}" for r in report.errors]
+            lines.append(f"{safe(r.label)}: not named on the command line; measured as the FP32 baseline")
+    lines += [f"ERROR {safe(r.label)}: {r.error['message']}" for r in report.errors]
     lines += [f"gate {'passed' if g['passed'] else 'FAILED'}: {g['message']}" for g in report.gates]
     lines += [f"gate {g['gate']} not applied to {g['artifact']}: {g['reason']}" for g in report.not_gated]
     return lines
