@@ -166,3 +166,112 @@ def test_a_model_for_another_class_count_is_refused_before_decoding(tiny_model_p
     msg = str(e.value)
     assert "outputs 10 class scores" in msg and "has 5 classes" in msg and "Expected:" in msg and "Fix:" in msg
     assert not list(tmp_path.glob("*.tflite"))
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole path on a user's folder: export --int8 -> bench -> predict, through the command line
+# ----------------------------------------------------------------------------------------------
+FIVE = ("ant", "bee", "cat", "dog", "eel")
+INPUT = (24, 32)  # height, width: not CIFAR's
+
+
+def _user_folder(root: Path) -> Path:
+    """5 classes, images of mixed sizes as PNG and JPEG, one grayscale and one RGBA image per split, and one
+    truncated JPEG in test/ (skipped with a count). Each class has its own colour, so a model can tell them."""
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    colours = rng.integers(30, 226, (5, 3))
+    sizes = [(40, 60), (64, 48), (24, 32), (90, 30), (33, 33)]
+    for split, per_class in (("train", 12), ("test", 4)):
+        for c, name in enumerate(FIVE):
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                h, w = sizes[(i + c) % len(sizes)]
+                px = np.clip(colours[c] + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
+                img = Image.fromarray(px)
+                if i == 1 and c == 0:
+                    img = img.convert("L")  # grayscale: repeated over RGB, and said so
+                if i == 2 and c == 1:
+                    img = img.convert("RGBA")  # transparency composited onto white, and said so
+                if i % 2:
+                    img.convert("RGB").save(d / f"{i:02d}.jpg", quality=90) if img.mode == "RGBA" else \
+                        img.save(d / f"{i:02d}.jpg", quality=90)
+                else:
+                    img.save(d / f"{i:02d}.png")
+    good = (root / "test" / "dog" / "01.jpg").read_bytes()
+    (root / "test" / "dog" / "99.jpg").write_bytes(good[: len(good) // 2])  # truncated: corrupt
+    return root
+
+
+def _five_class_model(path: Path, folder: Path) -> Path:
+    """A tiny ResNet for the folder's 5 classes at 24x32, fitted for a few steps on its decoded train/ images
+    (``train`` does not read folders yet), saved with its metadata."""
+    import keras
+
+    from resnet_deploy.data.folder import Decoding
+    from resnet_deploy.data.folder_data import folder_split, open_folder
+    from resnet_deploy.models.builder import build_model
+    from resnet_deploy.models.io import base_metadata, save_model
+
+    keras.utils.set_random_seed(0)
+    model = build_model("resnet8", width=0.25, input_shape=(*INPUT, 3), num_classes=len(FIVE))
+    train = folder_split(open_folder(folder), "train", Decoding(INPUT))
+    x, y, _, _ = train.gather(np.arange(len(train)))
+    model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x.astype(np.float32), y, epochs=3, batch_size=12, verbose=0)
+    meta = base_metadata("resnet8", width=0.25)
+    meta.update(input_shape=[*INPUT, 3], class_names=list(FIVE))
+    return save_model(model, path, meta)
+
+
+def test_user_folder_export_bench_predict_through_the_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from resnet_deploy.cli import app
+    from resnet_deploy.predict.images import load_image
+    from resnet_deploy.runtimes import open_runner
+
+    runner = CliRunner()
+    folder = _user_folder(tmp_path / "photos")
+    model = _five_class_model(tmp_path / "m" / "model.keras", folder)
+
+    r = runner.invoke(app, ["export", str(model), "--data", str(folder), "--formats", "tflite", "--int8",
+                            "--calib-samples", "20", "--parity-samples", "16", "--out", str(tmp_path / "o")],
+                      env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    int8 = tmp_path / "o" / "model_int8.tflite"
+    m = json.loads(Path(f"{int8}.json").read_text())
+    assert m["class_names"] == list(FIVE) and m["input"]["shape"][1:] == [*INPUT, 3]
+    assert m["options"]["data"]["decoding"]["size"] == list(INPUT) and m["options"]["data"]["decoding"]["fit"] == "crop"
+    assert m["calibration"]["sample"]["samples"] == 20 and len(m["calibration"]["sample"]["per_class"]) == 5
+    assert "converted to RGB" in r.output  # the grayscale and RGBA images, said so
+
+    r = runner.invoke(app, ["bench", str(int8), "--data", str(folder), "--no-latency", "--in-process", "--json"],
+                      env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout[r.stdout.index("{"):])
+    assert rep["data"]["dataset"] == "image folder" and rep["data"]["class_names"] == list(FIVE)
+    assert rep["data"]["images"] == 20  # 21 files listed, the truncated JPEG skipped
+    assert any("skipped 1 file" in n and "99.jpg" in n for n in rep["data"]["notes"])
+    res = {Path(x["path"]).name: x for x in rep["results"]}
+    top1 = res["model_int8.tflite"]["accuracy"]["top1"]
+
+    # the same figure another way: predict's decoder image by image, a plain runtime loop, numpy
+    files = sorted((p for p in (folder / "test").rglob("*") if p.is_file() and p.name != "99.jpg"),
+                   key=lambda p: (p.name, p.parent.name))
+    labels = np.array([FIVE.index(p.parent.name) for p in files])
+    pixels = np.stack([load_image(p, "crop", size=INPUT) for p in files])
+    with open_runner(int8) as rt:
+        logits = np.concatenate([rt.predict(pixels[i:i + 1]) for i in range(len(pixels))])
+    assert top1 == pytest.approx(np.mean(logits.argmax(1) == labels))
+
+    r = runner.invoke(app, ["predict", str(int8), str(folder / "test" / "bee"), "--json"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout[r.stdout.index("{"):])
+    assert out["class_names"] == list(FIVE) and out["resize"]["fit"] == "crop" and "24x32" in out["resize"]["method"]
+    got = {Path(p["input"]).name: p["top"][0]["index"] for p in out["predictions"]}
+    want = {p.name: int(logits[i].argmax()) for i, p in enumerate(files) if p.parent.name == "bee"}
+    assert got == want

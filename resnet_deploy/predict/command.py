@@ -30,9 +30,10 @@ def predict(
         help="PNG/JPEG files of any size, folders of them, or .npz files (x: N,H,W,3 uint8; optional y).")],
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Classes shown per image, most likely first.")] = 3,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout (for scripts).")] = False,
-    fit: Annotated[str, typer.Option(
+    fit: Annotated[Optional[str], typer.Option(
         help="Non-square images: crop (the centred square) or stretch (the whole image). Then "
-             "32x32: box filter when shrinking, bicubic when enlarging.")] = "crop",
+             "32x32: box filter when shrinking, bicubic when enlarging. Default: the policy the artifact's "
+             "manifest declares (an image-folder export), else crop.", show_default=False)] = None,
     limit: Annotated[Optional[int], typer.Option(help="Use only the first N images of each .npz.",
                                                  show_default=False)] = None,
     batch_size: Annotated[int, typer.Option(help="Images per inference call.")] = 256,
@@ -110,7 +111,6 @@ def print_result(result) -> None:
     artifact's name) goes through ``terminal.safe``."""
     import shutil
 
-    from resnet_deploy.predict.images import RESIZE_METHOD
     from resnet_deploy.terminal import safe
 
     a = result.artifact
@@ -118,7 +118,7 @@ def print_result(result) -> None:
     what = " ".join(safe(x) for x in (a.format, a.precision) if x)
     print(f"{safe(a.path.name)} ({what}, {result.runtime or 'not run'}): top-{result.top_k} of {len(names)} classes")
     print(f"  probabilities: {result.scores}")
-    print(f"  resize: {RESIZE_METHOD[result.fit]}")
+    print(f"  resize: {result.resize_method}")
     if a.sidecar is None:
         print("  no manifest beside the artifact: pixels 0..255 and CIFAR-10 class names assumed")
     if not len(result.inputs):

@@ -42,6 +42,7 @@ class ArtifactInfo:
     declared_output: str | None  # "logits", "probabilities" or None (not stated)
     sidecar: Path | None  # the manifest / metadata file read, None when there is none
     preprocessing: dict | None = None  # the checked Preprocessing.to_dict(); None: raw pixels 0..255
+    decoding: dict | None = None  # an image-folder export's {"size": (h, w), "fit"} (images.declared_decoding)
 
 
 @dataclass
@@ -54,11 +55,15 @@ class Result:
     inputs: Inputs
     probabilities: np.ndarray  # (N, classes)
     top: np.ndarray  # (N, k) class indices, most likely first
+
+    @property
+    def resize_method(self) -> str:
+        from resnet_deploy.predict.images import resize_method
+
+        return resize_method(self.fit, (self.artifact.decoding or {}).get("size"))
     accuracy: list[dict] = field(default_factory=list)  # one entry per labelled source
 
     def to_dict(self) -> dict:
-        from resnet_deploy.predict.images import RESIZE_METHOD
-
         names = self.artifact.class_names
         preds = []
         for i, name in enumerate(self.inputs.names):
@@ -74,7 +79,7 @@ class Result:
         return {
             "artifact": str(a.path), "format": a.format, "precision": a.precision, "runtime": self.runtime,
             "sidecar": str(a.sidecar) if a.sidecar else None, "class_names": list(names),
-            "scores": self.scores, "top_k": self.top_k, "resize": {"fit": self.fit, "method": RESIZE_METHOD[self.fit]},
+            "scores": self.scores, "top_k": self.top_k, "resize": {"fit": self.fit, "method": self.resize_method},
             "predictions": preds, "accuracy": self.accuracy,
             "errors": [e.to_dict() for e in self.inputs.errors], "notes": list(self.inputs.notes),
         }
@@ -110,8 +115,10 @@ def artifact_info(path: str | os.PathLike) -> ArtifactInfo:
     except UntrustedFileError as exc:
         raise PredictError(exc.what, expected=exc.expected, fix=exc.fix) from None
     precision = "fp32" if fmt is Format.KERAS else side.precision
+    from resnet_deploy.predict.images import declared_decoding
+
     return ArtifactInfo(path, fmt.value, precision, list(side.class_names or CLASS_NAMES), side.declared_output,
-                        side.path, side.preprocessing)
+                        side.path, side.preprocessing, declared_decoding(side.doc))
 
 
 ARTIFACT_SUFFIXES = (".tflite", ".onnx", ".keras", ".h5", ".hdf5")
@@ -200,7 +207,7 @@ def accuracy_by_source(inputs: Inputs, top: np.ndarray) -> list[dict]:
     return out
 
 
-def classify(artifact: str | os.PathLike, inputs: list[str | os.PathLike], top_k: int = 3, fit: str = "crop",
+def classify(artifact: str | os.PathLike, inputs: list[str | os.PathLike], top_k: int = 3, fit: str | None = None,
              limit: int | None = None, batch_size: int = 256, threads: int | None = None,
              runtime: str | None = None, max_memory: int | None = DEFAULT_MAX_MEMORY,
              timeout_s: float | None = DEFAULT_TIMEOUT_S) -> Result:
@@ -227,7 +234,10 @@ def classify(artifact: str | os.PathLike, inputs: list[str | os.PathLike], top_k
     if not 1 <= top_k <= n_classes:
         raise PredictError(f"--top-k {top_k} is out of range for {n_classes} classes.",
                            expected=f"1 to {n_classes}", fix="e.g. --top-k 3")
-    data = collect([Path(p) for p in inputs], fit=fit, limit=limit, num_classes=n_classes, max_memory=max_memory)
+    size = info.decoding["size"] if info.decoding else None  # an image-folder model: its size, and its policy
+    fit = fit or (info.decoding["fit"] if info.decoding else "crop")  # unless --fit says otherwise
+    data = collect([Path(p) for p in inputs], fit=fit, limit=limit, num_classes=n_classes, max_memory=max_memory,
+                   size=size)
     ran_in = None
     out = np.zeros((0, n_classes), np.float32)
     if len(data):

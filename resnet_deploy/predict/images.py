@@ -12,6 +12,10 @@ Every image becomes 32x32 RGB uint8 pixels, the models' input:
    range), bicubic when enlarging (a box filter would give blocky pixels). A 32x32 image is left as is,
    so a PNG written from CIFAR-10 pixels comes back exactly.
 
+A model exported for an image folder (``export --data DIR``) declares its input size and resize policy in
+its manifest (``options.data.decoding``, ``declared_decoding``); predict then decodes to that size (any HxW,
+``size=``) with that policy, through ``data.folder.fit_any``: the very steps calibration and bench applied.
+
 Bounded memory: an image file is opened only when it is a regular file (a FIFO named ``x.png`` is
 refused, not waited on), and its header's dimensions are checked against a pixel budget
 (``MAX_PIXELS``, lowered to ``--max-memory`` / 16 bytes per pixel) before anything is decoded; a
@@ -129,9 +133,54 @@ def pixel_budget(max_memory: int | None = DEFAULT_MAX_MEMORY) -> int:
     return MAX_PIXELS if not max_memory else max(SIZE * SIZE, min(MAX_PIXELS, max_memory // BYTES_PER_PIXEL))
 
 
-def load_image(path: str | os.PathLike, fit: str = "crop", max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """One image file -> (32, 32, 3) uint8; a file that is not a regular file, is over the pixel budget or that
-    Pillow cannot read raises ``PredictError``."""
+def fit_to(img, fit: str = "crop", size: tuple[int, int] | None = None) -> np.ndarray:
+    """``fit_image`` at 32x32 (``size`` None), else the same steps at (height, width) ``size``."""
+    if size is None or tuple(size) == (SIZE, SIZE):
+        return fit_image(img, fit)
+    if fit not in FITS:
+        raise PredictError(f"Unknown --fit {fit!r}.", expected=" or ".join(FITS), fix="e.g. --fit crop")
+    from resnet_deploy.data.folder import fit_any
+
+    return fit_any(img, tuple(size), fit)
+
+
+def resize_method(fit: str, size: tuple[int, int] | None = None) -> str:
+    """How images become input, in words (``RESIZE_METHOD`` at 32x32)."""
+    if size is None or tuple(size) == (SIZE, SIZE):
+        return RESIZE_METHOD[fit]
+    from resnet_deploy.data.folder import Decoding
+
+    return Decoding(tuple(size), fit).description
+
+
+def declared_decoding(doc: dict | None) -> dict | None:
+    """The input size and resize policy an image-folder export recorded in the manifest
+    (``options.data.decoding``): ``{"size": (h, w), "fit": ...}``, or None when it records none. The document
+    is someone else's file: a value that is not a size and a known policy is a ``PredictError``."""
+    from resnet_deploy.errors import DataError
+
+    opts = doc.get("options") if isinstance(doc, dict) else None
+    data = opts.get("data") if isinstance(opts, dict) else None
+    dec = data.get("decoding") if isinstance(data, dict) else None
+    if dec is None:
+        return None
+    try:
+        if not isinstance(dec, dict) or not isinstance(dec.get("size"), list):
+            raise DataError(f"{safe(repr(dec))[:80]} is not a decoding record")
+        from resnet_deploy.data.folder import Decoding
+
+        d = Decoding(tuple(dec["size"]), dec.get("fit"))
+    except DataError as exc:
+        raise PredictError(f"The manifest's options.data.decoding is unusable: {exc.what}",
+                           expected='{"size": [height, width], "fit": "crop" or "stretch"}, as export writes it',
+                           fix="re-export the artifact, or delete the manifest") from None
+    return {"size": d.size, "fit": d.fit}
+
+
+def load_image(path: str | os.PathLike, fit: str = "crop", max_pixels: int = MAX_PIXELS,
+               size: tuple[int, int] | None = None) -> np.ndarray:
+    """One image file -> (32, 32, 3) uint8, or (h, w, 3) at ``size``; a file that is not a regular file, is over
+    the pixel budget or that Pillow cannot read raises ``PredictError``."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     import warnings
@@ -145,10 +194,10 @@ def load_image(path: str | os.PathLike, fit: str = "crop", max_pixels: int = MAX
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the budget below is stricter
             with open_regular(path, "image") as fh, Image.open(fh) as img:
-                _fit_budget(img, shown, max_pixels)
+                _fit_budget(img, shown, max_pixels, size)
                 img.load()  # decode now: a truncated file fails here, not later
                 img = ImageOps.exif_transpose(img)
-                return fit_image(img, fit)
+                return fit_to(img, fit, size)
     except UntrustedFileError as exc:
         raise PredictError(exc.what, expected=exc.expected or ACCEPTED, fix=exc.fix) from None
     except UnidentifiedImageError:
@@ -180,11 +229,11 @@ def within_budget(img, max_pixels: int, min_size: tuple[int, int] = (SIZE, SIZE)
     return img.size[0] * img.size[1] <= max_pixels
 
 
-def _fit_budget(img, shown: str, max_pixels: int) -> None:
-    """Refuse an image whose header declares more than ``max_pixels`` pixels (``within_budget``), before it
-    is decoded."""
+def _fit_budget(img, shown: str, max_pixels: int, size: tuple[int, int] | None = None) -> None:
+    """Refuse an image whose header declares more than ``max_pixels`` pixels (``within_budget``: a JPEG's
+    reduced-scale decode keeps at least the output ``size``), before it is decoded."""
     w, h = img.size
-    if within_budget(img, max_pixels):
+    if within_budget(img, max_pixels, tuple(size) if size is not None else (SIZE, SIZE)):
         return
     raise PredictError(f"{shown} declares {w:,} x {h:,} pixels ({w * h / 1e6:,.0f} megapixels), over the budget of "
                        f"{max_pixels / 1e6:g} megapixels for one image.",
@@ -195,7 +244,8 @@ def _fit_budget(img, shown: str, max_pixels: int) -> None:
 
 def load_npz(path: str | os.PathLike, fit: str = "crop", limit: int | None = None,
              num_classes: int | None = None, max_bytes: int | None = None,
-             max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, np.ndarray | None]:
+             max_pixels: int = MAX_PIXELS,
+             size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """``x`` (N, H, W, 3) uint8 and optional ``y`` (N,) from an .npz (no pickles); images that are not
     32x32 go through ``fit_image`` like files do. The arrays' headers are checked before their data is
     read: x must declare at most ``max_bytes`` (default ``DEFAULT_MAX_MEMORY / NPZ_SHARE``) and images of at
@@ -244,11 +294,12 @@ def load_npz(path: str | os.PathLike, fit: str = "crop", limit: int | None = Non
                                expected=f"class indices 0..{(num_classes or 10) - 1}",
                                fix="use the class indices of the artifact's class names")
         y = y.astype(np.int64)
-    if tuple(x.shape[1:]) != IMAGE_SHAPE:
+    shape = IMAGE_SHAPE if size is None else (*size, 3)
+    if tuple(x.shape[1:]) != tuple(shape):
         from PIL import Image
 
-        x = np.stack([fit_image(Image.fromarray(img), fit) for img in x]) if len(x) \
-            else np.zeros((0, *IMAGE_SHAPE), np.uint8)
+        x = np.stack([fit_to(Image.fromarray(img), fit, size) for img in x]) if len(x) \
+            else np.zeros((0, *shape), np.uint8)
     return x, y
 
 
@@ -322,9 +373,11 @@ def expand(paths: list[Path]) -> tuple[list[Path], list[str], list[InputError]]:
 
 
 def collect(paths: list[Path], fit: str = "crop", limit: int | None = None,
-            num_classes: int | None = None, max_memory: int | None = DEFAULT_MAX_MEMORY) -> Inputs:
+            num_classes: int | None = None, max_memory: int | None = DEFAULT_MAX_MEMORY,
+            size: tuple[int, int] | None = None) -> Inputs:
     """Read every input; an unreadable one becomes an ``InputError`` and the rest still load. Each image
-    is decoded under ``pixel_budget(max_memory)``, each .npz under ``max_memory / NPZ_SHARE`` bytes."""
+    is decoded under ``pixel_budget(max_memory)``, each .npz under ``max_memory / NPZ_SHARE`` bytes; to
+    32x32, or to (height, width) ``size`` (a model's declared input size)."""
     if fit not in FITS:
         raise PredictError(f"Unknown --fit {fit!r}.", expected=" or ".join(FITS), fix="e.g. --fit crop")
     files, notes, errors = expand([Path(p) for p in paths])
@@ -334,19 +387,20 @@ def collect(paths: list[Path], fit: str = "crop", limit: int | None = None,
     for f in files:
         try:
             if f.suffix.lower() == ".npz":
-                x, y = load_npz(f, fit, limit, num_classes, max_bytes=max(npz_left, 1), max_pixels=budget)
+                x, y = load_npz(f, fit, limit, num_classes, max_bytes=max(npz_left, 1), max_pixels=budget, size=size)
                 npz_left -= x.nbytes
                 arrays.append(x)
                 names.extend(f"{f}[{i}]" for i in range(len(x)))
                 labels.append(y if y is not None else np.full(len(x), -1, np.int64))
                 sources.extend([str(f)] * len(x))
             else:
-                arrays.append(load_image(f, fit, budget)[None])
+                arrays.append(load_image(f, fit, budget, size)[None])
                 names.append(str(f))
                 labels.append(np.full(1, -1, np.int64))
                 sources.append(str(f))
         except PredictError as exc:
             errors.append(InputError(str(f), exc))
-    pixels = np.concatenate(arrays) if arrays else np.zeros((0, *IMAGE_SHAPE), np.uint8)
+    pixels = np.concatenate(arrays) if arrays else np.zeros((0, *(IMAGE_SHAPE if size is None else (*size, 3))),
+                                                                 np.uint8)
     return Inputs(pixels, names, np.concatenate(labels) if labels else np.zeros(0, np.int64), sources,
                   errors, notes)

@@ -84,6 +84,7 @@ def check_io(job: dict, io) -> None:
     its width is known, one score per class name."""
     from resnet_deploy.data.constants import IMAGE_SHAPE
 
+    IMAGE_SHAPE = tuple(job.get("image_shape") or IMAGE_SHAPE)  # noqa: N806 (the images sent: any HxW)
     shape = tuple(io.input.shape)
     if len(shape) != 4 or any(d not in (None, -1, e) for d, e in zip(shape[1:], IMAGE_SHAPE)):
         nchw = len(shape) == 4 and shape[1] == 3 and shape[2] == shape[3] == IMAGE_SHAPE[0]

@@ -87,7 +87,7 @@ def run_model(path: str | os.PathLike, pixels: np.ndarray, *, preprocessing: dic
     runtime = check_runtime(runtime, fmt) if runtime else DEFAULT_RUNTIME[fmt]
     job = {"path": str(path.absolute()), "format": fmt.value, "runtime": runtime, "preprocessing": preprocessing,
            "n_classes": int(n_classes), "threads": threads, "batch_size": int(batch_size),
-           "max_memory": int(max_memory or 0)}
+           "max_memory": int(max_memory or 0), "image_shape": [int(d) for d in np.shape(pixels)[1:]]}
     jobdir = _make_jobdir()
     try:
         _write_job(jobdir, job, pixels)
