@@ -26,8 +26,10 @@ DataOption = Annotated[
     typer.Option(
         "--data",
         help="CIFAR-10 location: a folder with train.npz/test.npz, the cifar-10-batches-py folder or "
-             "cifar-10-python.tar.gz. Default: $RESNET_DEPLOY_DATA, then the Keras cache (~/.keras/datasets), "
-             "then a download.",
+             "cifar-10-python.tar.gz; or your own images as an image folder, DIR/train/<class>/*.jpg|png with "
+             "DIR/test/<class>/... and/or DIR/val/<class>/... (export and bench; decoded at the model's input "
+             "size, centred crop, the policy recorded in the manifests). Default: $RESNET_DEPLOY_DATA, then the "
+             "Keras cache (~/.keras/datasets), then a download.",
         show_default=False,
     ),
 ]

@@ -275,3 +275,43 @@ def test_user_folder_export_bench_predict_through_the_cli(tmp_path):
     got = {Path(p["input"]).name: p["top"][0]["index"] for p in out["predictions"]}
     want = {p.name: int(logits[i].argmax()) for i, p in enumerate(files) if p.parent.name == "bee"}
     assert got == want
+
+
+def test_bench_caches_float_logits_by_the_folders_content(tiny_model_path, tmp_path):
+    """The float reference's cached logits are keyed on the folder's content: a second run reads them, a
+    file whose bytes changed (same name, same size, same time) is a miss, never another folder's logits."""
+    import os
+
+    from resnet_deploy.bench.options import BenchOptions
+    from resnet_deploy.bench.run import run_bench
+    from resnet_deploy.data.constants import CLASS_NAMES
+
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8)
+    y = np.arange(30) % 10
+    folder = write_image_folder(tmp_path / "f", {"test": (x, y)}, CLASS_NAMES)  # test/ only: bench needs no train/
+    model = copy_with_sidecar(tiny_model_path, tmp_path / "model.keras")
+    twin = copy_with_sidecar(tiny_model_path, tmp_path / "twin.keras")
+    opts = BenchOptions(data=folder, reference=model, latency=False, isolate=False, cache_dir=tmp_path / "c",
+                        bootstrap=100)
+
+    def notes():
+        rep = run_bench([twin], opts)
+        return " ".join(rep.reference["notes"]), rep
+
+    first, rep1 = notes()
+    assert "cached in" in first
+    second, rep2 = notes()
+    assert "read from the cache" in second
+    ref1 = next(r for r in rep1.results if r.role == "reference")
+    ref2 = next(r for r in rep2.results if r.role == "reference")
+    np.testing.assert_array_equal(ref1.logits, ref2.logits)
+
+    f = next((folder / "test" / "cat").iterdir())  # other pixels, the same byte count and modification time
+    st = f.stat()
+    data = bytearray(f.read_bytes())
+    data[-20] ^= 0xFF  # inside the PNG's end: the bytes differ (Pillow may still read it, or skip it)
+    f.write_bytes(bytes(data))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    third, _ = notes()
+    assert "read from the cache" not in third

@@ -79,7 +79,9 @@ def run_bench(artifact_paths: Iterable[str | os.PathLike], options: BenchOptions
         if options.latency:
             time_all(workers, results, options, progress)
         if split is not None:
+            t_pass = time.perf_counter()
             split = _accuracy_passes(workers, results, split, options, progress)
+            data_info["accuracy_pass_wall_s"] = time.perf_counter() - t_pass  # decoding and every file's pass
             _check_cached(results, split, cached, options, ref_notes)
             if contract.decoding is not None:
                 data_info.update(images=len(split.y), class_counts=np.bincount(
