@@ -1020,7 +1020,7 @@ def run_case(name: str, build, root: Path, index: int, verbose: bool) -> Outcome
         run.cleanup()
     leftover = sorted(p for p in snapshot(d) - before if p not in run.allowed) + \
         [f"$TMPDIR/{p}" for p in sorted(snapshot(tmp)) if p not in FOREIGN_TMP]
-    message = first_line(stdout, stderr)
+    message = first_line(stdout, stderr).replace(f"{root}/", "")  # paths relative to the temporary folder
     if verbose:
         print(f"--- {name}\n{stdout[-3000:]}\n{stderr[-3000:]}", file=sys.stderr)
     if hung:
