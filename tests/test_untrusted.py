@@ -899,3 +899,29 @@ def test_bench_escapes_file_names_in_its_report_and_its_errors(tmp_path):
                       env={"COLUMNS": "200"})
     text = assert_refused(r, "gone\\x1b]0;pwned\\x07.onnx does not exist")
     assert "\x1b" not in text and "\x07" not in text
+
+
+def test_bench_caps_each_files_process_and_names_the_cap(tmp_path):
+    """bench's children ran with no memory cap: the 500-byte ONNX that materialises 4 GiB at load took the machine
+    past 4 GB under bench as it did under predict. Each file's process is now capped (--max-memory, default 4G):
+    the file is one error entry naming the cap, the other file is still measured, peak memory stays under it."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 20), ("test", 20)):
+        np.savez(data / f"{split}.npz", x=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), y=np.arange(n) % 10)
+    bomb = onnx_classifier(tmp_path / "bomb.onnx", extra=constant_of_shape_bomb)
+    fine = onnx_classifier(tmp_path / "fine.onnx")
+    proc, peak = cli_process("bench", bomb, fine, "--data", data, "--limit", "20", "--no-latency", "--no-cache",
+                             "--max-memory", "1G", "--json-output", tmp_path / "r.json")
+    text = flat(proc.stdout + proc.stderr)
+    assert "Traceback" not in text, text
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["options"]["max_memory"] == 1 << 30
+    rows = {Path(r["path"]).name: r for r in doc["results"]}
+    assert rows["fine.onnx"]["error"] is None and rows["fine.onnx"]["accuracy"]["images"] == 20
+    err = rows["bomb.onnx"]["error"]
+    assert err is not None and "--max-memory 1 GiB" in (err["what"] + err["fix"]), err
+    assert peak < 1 << 30, peak
+    r = runner.invoke(app, ["bench", str(fine), "--data", str(data), "--max-memory", "lots"])
+    assert_refused(r, "--max-memory 'lots' is not an amount of memory")

@@ -72,7 +72,7 @@ class ChildWorker:
 
     def __init__(self, spec: FileSpec, timeout_s: float | None = None, max_memory: int | None = None):
         ctx = mp.get_context("spawn")
-        self.path, self.timeout_s = spec.path, timeout_s
+        self.path, self.timeout_s, self.max_memory = spec.path, timeout_s, max_memory
         self.conn, child_end = ctx.Pipe(duplex=True)
         # only the pipe and the cap travel with the start (a small write); the spec follows through the sender
         self.proc = ctx.Process(target=_child_main, args=(child_end, max_memory), daemon=True)
@@ -104,7 +104,7 @@ class ChildWorker:
             self.close(kill=True)
             if self.sender is not None and self.sender.error is not None and (self.proc.exitcode or 0) > 0:
                 raise WorkerFailed(_start_error(self.path, f"exit code {self.proc.exitcode} before it read its job"))
-            raise WorkerFailed(crash_error(self.path, self.proc.exitcode))
+            raise WorkerFailed(crash_error(self.path, self.proc.exitcode, self.max_memory))
         status, value = reply
         if status == "error":
             self.close()
@@ -180,7 +180,21 @@ def _answer(session: FileSession, request: str, args: tuple, progress):
     except ResnetDeployError as exc:
         raise _Failed(error_dict(exc)) from None
     except Exception as exc:  # a runtime failing in a way nobody anticipated: keep the traceback
+        from resnet_deploy.untrusted.child import is_memory_error
+
+        if is_memory_error(exc):  # under the cap an allocation failed (MemoryError or the runtime's own words)
+            raise _Failed(_memory_error(session.spec.path)) from None
         raise _Failed(unexpected_error(exc, session.spec.path, traceback.format_exc(limit=8))) from None
+
+
+def _memory_error(path) -> dict:
+    from resnet_deploy.untrusted.files import format_bytes
+
+    cap = f"--max-memory {format_bytes(_CAP[0])}" if _CAP[0] else "the machine's memory"
+    return error_entry("memory", f"Benchmarking {path} needed more memory than its process may use ({cap}).",
+                       "a file whose runtime fits in the memory cap of its process",
+                       "raise --max-memory if you trust the file and the machine has the memory (a small file "
+                       "that needs gigabytes is built to exhaust memory), or lower --batch-size")
 
 
 class _sigint_blocked:
@@ -196,6 +210,9 @@ class _sigint_blocked:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
+_CAP = [None]  # the child's memory cap, for its error messages
+
+
 def _child_main(conn, max_memory: int | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (module docstring)
     if hasattr(signal, "pthread_sigmask"):
@@ -204,6 +221,7 @@ def _child_main(conn, max_memory: int | None = None) -> None:
     from resnet_deploy.untrusted.limits import apply_memory_cap
 
     apply_memory_cap(max_memory)  # before anything of the file is read
+    _CAP[0] = max_memory
     quiet_frameworks()  # honours --verbose; also the libraries' Python warnings in the child
     try:
         spec = conn.recv()  # the first message: what to open

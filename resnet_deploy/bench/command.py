@@ -101,6 +101,10 @@ def bench(
                           "an error (not with --in-process). Default: 300 + 3 x --max-time + 0.1 s per image of "
                           "a chunk (432 s with the defaults).",
         show_default=False)] = None,
+    max_memory: Annotated[str, typer.Option(
+        "--max-memory", help="Memory cap of each file's process (binary units: 512M, 4G; 'none': no cap). A "
+                             "file that needs more is reported as an error naming the cap (not with "
+                             "--in-process).")] = "4G",
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap interval.")] = _D["seed"],
     runtimes: Annotated[str, typer.Option(
         "--runtimes", help="Runtimes each ONNX file runs in, a row each, comma-separated: onnxruntime, "
@@ -120,7 +124,8 @@ def bench(
                            min_time_s=min_time, max_time_s=max_time, isolate=isolate, baselines=baselines,
                            seed=seed, max_drop_pp=max_drop, min_speedup=min_speedup, gate_fp16=gate_fp16,
                            timeout_s=timeout, min_rounds=min_rounds, allow_stale=allow_stale, cache=cache,
-                           runtimes=runtimes, allow_saturating=allow_saturating)
+                           runtimes=runtimes, allow_saturating=allow_saturating,
+                           max_memory=None if max_memory.strip().lower() == "none" else max_memory)
     check_outputs(json_path, markdown_path, plot_path, force, options)
     quiet_frameworks()
     from rich.console import Console

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from resnet_deploy.envinfo import usable_cores
-from resnet_deploy.errors import BenchError
+from resnet_deploy.errors import BenchError, ResnetDeployError
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,9 @@ class BenchOptions:
     cache_dir: Path | None = None  # None: $RESNET_DEPLOY_CACHE or ~/.cache/resnet-deploy
     runtimes: tuple[str, ...] = ("onnxruntime",)  # the runtimes every ONNX file runs in, a row each
     allow_saturating: bool = False  # bench ONNX INT8 files whose U8S8 kernels saturate on this CPU (marked)
+    # memory cap (bytes, RLIMIT_DATA) of each isolated file's process; None: no cap. Larger than predict's 2 GiB:
+    # a bench child holds a chunk of the split, its logits and a batch of --batch-size activations
+    max_memory: int | None = 4 << 30
 
     SPEEDUP_GATED = ("int8", "dynamic_int8")  # precisions --min-speedup applies to (+ fp16 with gate_fp16)
     # The derived per-file timeout (time without progress): a fixed allowance for the runtime's import and
@@ -87,6 +90,13 @@ class BenchOptions:
         if self.timeout_s is not None and not self.timeout_s > 0:
             raise BenchError(f"--timeout {self.timeout_s} is not a positive number of seconds.",
                              fix="leave it out for a limit derived from --max-time and the number of images")
+        if self.max_memory is not None:
+            from resnet_deploy.untrusted.files import parse_memory
+
+            try:
+                object.__setattr__(self, "max_memory", parse_memory(self.max_memory))
+            except ResnetDeployError as exc:
+                raise BenchError(exc.what, expected=exc.expected, fix=exc.fix) from None
         if not 0 < self.confidence < 1:
             raise BenchError(f"Confidence {self.confidence} is not a probability.", expected="e.g. 0.95")
         if not 0 < self.noisy_cv:

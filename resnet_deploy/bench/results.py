@@ -33,16 +33,21 @@ def error_dict(exc: ResnetDeployError) -> dict:
     return error_entry(type(exc).__name__, exc.what, exc.expected, exc.fix)
 
 
-def crash_error(path: Path, exitcode: int | None) -> dict:
+def crash_error(path: Path, exitcode: int | None, max_memory: int | None = None) -> dict:
     how = f"exit code {exitcode}"
     if exitcode is not None and exitcode < 0:
         try:
             how = f"signal {signal.Signals(-exitcode).name}"
         except ValueError:
             pass
+    fix = "the file may be corrupt or built for another runtime version; re-export it"
+    if max_memory:
+        from resnet_deploy.untrusted.files import format_bytes
+
+        fix += (f"; or it needed more than --max-memory {format_bytes(max_memory)} (a runtime that cannot "
+                f"allocate often aborts): raise --max-memory if you trust the file")
     return error_entry("crash", f"The runtime crashed while benchmarking {path} ({how}).",
-                       "a runtime that loads and runs the artifact",
-                       "the file may be corrupt or built for another runtime version; re-export it")
+                       "a runtime that loads and runs the artifact", fix)
 
 
 def timeout_error(path: Path, timeout_s: float | None) -> dict:

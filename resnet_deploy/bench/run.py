@@ -168,7 +168,8 @@ def _open_all(workers: dict, results, contract, latency_images, options, split, 
                         eval_batch_size=options.batch_size, latency_images=latency_images,
                         manifest_input=r.manifest.input.to_dict() if r.manifest else None,
                         num_classes=contract.num_classes, image_shape=contract.image_shape)
-        worker = open_worker(spec, options.isolate, options.file_timeout_s(len(split) if needs_pass else 0))
+        worker = open_worker(spec, options.isolate, options.file_timeout_s(len(split) if needs_pass else 0),
+                             max_memory=options.max_memory)
         workers[i] = worker
         try:
             opened = worker.call("open")

@@ -116,7 +116,7 @@ def _error(exc: BaseException, job: dict) -> dict:
     from resnet_deploy.terminal import safe
 
     path, runtime = safe(job["path"]), job["runtime"]
-    if _is_memory(exc):
+    if is_memory_error(exc):
         return {"kind": "memory", "what": f"{path} needed more memory than its process may use while {runtime} "
                                           f"loaded or ran it",
                 "expected": "a model that fits under the memory cap",
@@ -135,7 +135,8 @@ def _error(exc: BaseException, job: dict) -> dict:
             "fix": "re-export the file; `resnet-deploy --verbose ...` shows the runtime's traceback"}
 
 
-def _is_memory(exc: BaseException) -> bool:
+def is_memory_error(exc: BaseException) -> bool:
+    """An allocation failure: MemoryError, or a runtime's own words for one, anywhere in the chain."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
