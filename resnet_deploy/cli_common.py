@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import io
+import os
 import re
 import sys
 from pathlib import Path
@@ -33,6 +34,38 @@ DataOption = Annotated[
         show_default=False,
     ),
 ]
+
+FitOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--fit",
+        help="Image folders (--data DIR): how images become the model's input size: crop (the largest centred "
+             "box of the input's aspect ratio, then resize; the default) or stretch (the whole image resized). "
+             "Recorded in every manifest; bench and predict read it from there.",
+        show_default=False,
+    ),
+]
+StrictOption = Annotated[
+    bool,
+    typer.Option("--strict", help="Image folders: refuse a file that cannot be used (not an image, corrupt, too "
+                                  "large, not a regular file) instead of skipping it with a count."),
+]
+
+
+def folder_data(data: Optional[Path], fit: Optional[str] = None, strict: bool = False):
+    """``--data`` with ``--fit``/``--strict``: a ``folder_data.FolderSource`` when either is given (a folder is
+    then required: the flags mean nothing for CIFAR-10), else ``data`` as it is."""
+    if fit is None and not strict:
+        return data
+    from resnet_deploy.data.folder_data import FolderSource, is_image_folder
+    from resnet_deploy.errors import DataError
+
+    if not is_image_folder(data):
+        raise DataError("--fit and --strict apply to an image folder, and --data names none.",
+                        expected="--data DIR with DIR/train/<class>/... (and DIR/test/<class>/...)",
+                        fix="drop --fit/--strict for CIFAR-10, or point --data at your image folder")
+    return FolderSource(data if data is not None else Path(os.environ["RESNET_DEPLOY_DATA"]), fit=fit or "crop",
+                        strict=strict)
 
 
 def _error_stream():

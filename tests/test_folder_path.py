@@ -315,3 +315,19 @@ def test_bench_caches_float_logits_by_the_folders_content(tiny_model_path, tmp_p
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
     third, _ = notes()
     assert "read from the cache" not in third
+
+
+def test_class_folders_without_a_split_folder_get_the_image_folder_error(tiny_model_path, tmp_path):
+    """--data naming class folders directly (no train/ or test/) is recognised as a user's folder and told how
+    to lay it out, rather than "no CIFAR-10 found"; nothing is run."""
+    from resnet_deploy.bench.options import BenchOptions
+    from resnet_deploy.bench.run import run_bench
+    from resnet_deploy.data.folder import FolderLayoutError
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (4, 12, 12, 3), dtype=np.uint8)
+    root = write_image_folder(tmp_path / "w", {"train": (x, np.arange(4) % 2)}, ["cat", "dog"]) / "train"
+    model = copy_with_sidecar(tiny_model_path, tmp_path / "model.keras")
+    with pytest.raises(FolderLayoutError) as e:
+        run_bench([model], BenchOptions(data=root, latency=False, isolate=False, cache=False))
+    assert "look like class folders" in str(e.value) and "move the class folders into" in str(e.value)

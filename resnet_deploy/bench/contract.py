@@ -46,16 +46,17 @@ class InputContract:
         return f"x = (pixels * {p.scale:g} - mean) / std{norm}; from {self.source}"
 
 
-def resolve_contract(entries, ref_path: Path | None, folder: bool = False) -> InputContract:
+def resolve_contract(entries, ref_path: Path | None, folder: bool = False, fit: str | None = None) -> InputContract:
     """The contract of the float reference (and of manifest-less artifacts); see the module docstring.
-    ``folder``: the run's data is an image folder (``folder_data.is_image_folder``)."""
+    ``folder``: the run's data is an image folder (``folder_data.is_image_folder``); ``fit``: its resize policy
+    where no manifest declares one (the manifests' wins: it is what the export calibrated with)."""
     from dataclasses import replace
 
     base = _preprocessing_contract(entries, ref_path)
-    return replace(base, **_folder_contract(entries, ref_path)) if folder else base
+    return replace(base, **_folder_contract(entries, ref_path, fit)) if folder else base
 
 
-def _folder_contract(entries, ref_path: Path | None) -> dict:
+def _folder_contract(entries, ref_path: Path | None, fit: str | None = None) -> dict:
     """decoding, num_classes, class_names, classes_from and notes for an image-folder run."""
     from resnet_deploy.data.folder import DEFAULT_FIT, Decoding
     from resnet_deploy.data.folder_data import model_decoding
@@ -88,15 +89,17 @@ def _folder_contract(entries, ref_path: Path | None) -> dict:
         decoding = Decoding(size, fit)
         source = f"the manifest(s) of {', '.join(who)}"
     else:
+        policy = fit or DEFAULT_FIT
         if sizes:
             size, who = next(iter(sizes.items()))
-            decoding = Decoding(size, DEFAULT_FIT)
+            decoding = Decoding(size, policy)
             source = f"the input size of {', '.join(who)}"
         else:
-            decoding = model_decoding(_metadata_shape(ref_path), DEFAULT_FIT, f"The reference {ref_path}")
+            decoding = model_decoding(_metadata_shape(ref_path), policy, f"The reference {ref_path}")
             source = f"the metadata of {ref_path.name if ref_path else 'the reference'}"
         notes.append(f"image folder decoded at {decoding.size[0]}x{decoding.size[1]} from {source}, resize policy "
-                     f"{DEFAULT_FIT} (the default: no manifest records an image-folder export's policy)")
+                     f"{policy} ({'given' if fit else 'the default'}: no manifest records an image-folder export's "
+                     "policy)")
     if outputs:
         num_classes, who = next(iter(outputs.items()))
         classes_from = f"{who[0]}"

@@ -64,7 +64,8 @@ def run_bench(artifact_paths: Iterable[str | os.PathLike], options: BenchOptions
     progress = progress or (lambda msg: None)
     started = time.perf_counter()
     results, ref_path, ref_notes = _participants(artifact_paths, options)
-    contract = resolve_contract(results, ref_path, folder=is_image_folder(options.data if data is None else data))
+    src = options.data if data is None else data
+    contract = resolve_contract(results, ref_path, folder=is_image_folder(src), fit=getattr(src, "fit", None))
     if contract.decoding is not None:
         split, data_info = _folder_images(options, data, contract) if options.accuracy else \
             (None, _no_test_images(options))
@@ -262,6 +263,9 @@ class Evaluated:
         return len(self.y)
 
 
+PASS_CHUNK_BYTES = 64 << 20  # uint8 pixels per chunk of the pass: a few chunks are held (prefetch), never a split
+
+
 def _pass_batches(split, chunk: int):
     """(pixels, labels) in order, ``chunk`` images at a time: rows of an array split, or an image folder's images
     decoded in bounded, prefetched batches (``FolderData.stream``): never the whole split in memory."""
@@ -277,13 +281,17 @@ def _pass_batches(split, chunk: int):
 
 def _accuracy_passes(workers: dict, results: list[ArtifactResult], split, options: BenchOptions,
                      progress) -> Evaluated:
-    """Every file that needs a pass runs each batch in turn, so each batch is decoded once for all of them. A
-    chunk is a whole number of evaluation batches, so each runtime sees the batches a whole-split call gives
-    (the same logits, bit for bit, whether the images came from an array or a folder)."""
+    """Every file that needs a pass runs each chunk in turn, so each image is decoded once for all of them. A
+    chunk is a whole number of evaluation batches (at most ``PASS_CHUNK_BYTES`` of pixels, 1,024 images at
+    most), so each runtime sees the batches a whole-split call gives (the same logits, bit for bit, whether the
+    images came from an array or a folder); an image folder holds the chunk being run and at most two decoded
+    ahead."""
     todo = [i for i, w in workers.items()
             if results[i].ok and results[i].role != "baseline" and results[i].logits is None]
     bs = options.batch_size
-    chunk = bs * max(1, ACCURACY_CHUNK // bs)
+    h, w = split.decoding.size if hasattr(split, "decoding") else split.x.shape[1:3]
+    per_chunk = max(1, min(ACCURACY_CHUNK, PASS_CHUNK_BYTES // (int(h) * int(w) * 3)))  # 1,024 CIFAR images
+    chunk = bs * max(1, per_chunk // bs)
     if todo:
         progress(f"test-set pass of {', '.join(results[i].label for i in todo)} ({len(split):,} images, "
                  f"{chunk} at a time)")

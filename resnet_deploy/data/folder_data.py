@@ -1,7 +1,9 @@
 """An image folder as the data of a command: ``--data DIR`` in the image-folder layout (``data.folder``).
 
 ``is_image_folder(data)`` is the dispatch every command asks (``--data``, else ``$RESNET_DEPLOY_DATA``):
-a folder with a ``train/``, ``val/`` or ``test/`` subfolder and no CIFAR-10 ``.npz``/batches in it.
+a folder with a ``train/``, ``val/`` or ``test/`` subfolder and no CIFAR-10 ``.npz``/batches in it; also a
+folder of class folders (or of images) without split folders, so that its error is the image-folder one
+("move the class folders into DIR/train/"), not "no CIFAR-10 found".
 
 ``FolderData`` is a split of the folder at one ``Decoding`` (the model's input size and the run's resize
 policy), in the shape the CIFAR-10 code reads a ``sources.Split``: ``name``, ``y``, ``len()``,
@@ -25,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from resnet_deploy.data.folder import (DEFAULT_FIT, Decoding, FolderSplit, FolderStream, ImageFolder,
-                                       looks_like_image_folder, open_image_folder, summarize_skipped)
+                                       _has_image_file, looks_like_image_folder, open_image_folder,
+                                       summarize_skipped)
 from resnet_deploy.errors import DataError
 from resnet_deploy.terminal import safe
 from resnet_deploy.untrusted.files import DEFAULT_MAX_MEMORY
@@ -48,6 +51,9 @@ class FolderSource:
         Decoding(fit=self.fit)  # an unknown policy is refused now, with the names that exist
         object.__setattr__(self, "path", Path(self.path))
 
+    def __fspath__(self) -> str:  # where a path is expected (BenchOptions.data), the folder; pass the source
+        return str(self.path)     # itself as ``data=`` to keep fit and strict
+
 
 def data_path(data) -> Path | None:
     """The path ``--data`` names, else ``$RESNET_DEPLOY_DATA``; None when neither (or data is an object)."""
@@ -66,10 +72,22 @@ def is_image_folder(data) -> bool:
     if isinstance(data, (ImageFolder, FolderData, FolderSource)):
         return True
     p = data_path(data)
-    if p is None or not looks_like_image_folder(p):
+    try:
+        if p is None or not p.is_dir() or _is_cifar(p):
+            return False
+        if looks_like_image_folder(p):
+            return True
+        # class folders of images without a split folder, or images directly: not CIFAR-10 either, so the
+        # image-folder error ("move them into DIR/train/") says more than "no CIFAR-10 found"
+        return _has_image_file(p) or any(d.is_dir() and _has_image_file(d) for d in p.iterdir()
+                                         if not d.name.startswith("."))
+    except OSError:
         return False
-    return not ((p / "test.npz").exists() or (p / "train.npz").exists() or (p / "test_batch").exists()
-                or (p / "cifar-10-batches-py").exists())
+
+
+def _is_cifar(p: Path) -> bool:
+    return any((p / n).exists() for n in ("test.npz", "train.npz", "test_batch", "data_batch_1",
+                                          "cifar-10-batches-py", "cifar-10-python.tar.gz"))
 
 
 def open_folder(data, splits: tuple[str, ...] | None = None, strict: bool = False) -> ImageFolder:
