@@ -101,12 +101,15 @@ class RunRecorder(keras.callbacks.Callback):
 
     def __init__(self, out_dir: Path, state: RunState, total_epochs: int, steps: int, batch_size: int,
                  log: Callable[[str], None], student=None, best=None, clock: Callable[[], float] = time.perf_counter,
-                 checkpoint_every_s: float = 0.0):
+                 checkpoint_every_s: float = 0.0, writes: bool = True):
         """``student``: the network whose weights the checkpoint keeps (None: the compiled model itself);
         ``best``: a ``trainer.BestModel`` that writes best.keras when the validation accuracy improves (None: none);
         ``checkpoint_every_s``: also write the resume checkpoint inside an epoch, at the first batch that
-        starts this many seconds after the last checkpoint (0: at epoch ends only)."""
+        starts this many seconds after the last checkpoint (0: at epoch ends only);
+        ``writes``: False on the processes after 0 of a multi-process run: the run state is kept, no file
+        is written (no checkpoint, log.csv or curves)."""
         super().__init__()
+        self.writes = writes
         self.student, self.best = student, best
         self.out_dir, self.state, self.total_epochs = out_dir, state, total_epochs
         self.log = log
@@ -130,7 +133,8 @@ class RunRecorder(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch, logs=None):
         self.clock.train_batch_begin(batch)
-        if self.checkpoint_every_s and batch and self._now() - self._last_save >= self.checkpoint_every_s:
+        if (self.writes and self.checkpoint_every_s and batch
+                and self._now() - self._last_save >= self.checkpoint_every_s):
             self._save_inside_epoch(batch)
 
     def _save_inside_epoch(self, batch: int) -> None:
@@ -173,6 +177,8 @@ class RunRecorder(keras.callbacks.Callback):
             st.best_epoch, st.best_accuracy = epoch + 1, acc
             if self.best is not None:
                 self.best.save(epoch + 1, acc)
+        if not self.writes:
+            return
         save_last(self.out_dir, self.model, st, self.student)
         self._last_save = self._now()
         write_csv(self.out_dir / "log.csv", st.history)

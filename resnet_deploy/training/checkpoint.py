@@ -22,6 +22,7 @@ on the validation images, loadable on its own.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,9 +69,36 @@ def optimizer_iterations(model) -> int:
 
 
 def current_lr(model) -> float:
+    """The learning rate of the next step, computed here from the step count (a number read back from the
+    device): no computation runs on the model's variables, which in a multi-process run live on every
+    process's devices and could only be computed on by all processes together."""
     import keras
 
-    return float(keras.ops.convert_to_numpy(optimizer_of(model).learning_rate))
+    opt = optimizer_of(model)
+    schedule = getattr(opt, "_learning_rate", None)
+    if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
+        return float(keras.ops.convert_to_numpy(schedule(optimizer_iterations(model))))
+    return float(keras.ops.convert_to_numpy(opt.learning_rate))
+
+
+@contextlib.contextmanager
+def local_writes():
+    """Write files without the Keras distribution in force: Keras's saving creates variables of its own
+    (``saving_lib.get_attr_skipset`` builds a reference ``Optimizer(1.0)``), and under a distribution over
+    several processes creating a variable is a collective step that only process 0, the writer, would
+    take (the others would wait in the next training step: "not the same on each process"). The model's
+    own variables are only read, which is local (replicated values); the distribution comes back after."""
+    import keras
+
+    previous = keras.distribution.distribution()
+    if previous is None:
+        yield
+        return
+    keras.distribution.set_distribution(None)
+    try:
+        yield
+    finally:
+        keras.distribution.set_distribution(previous)
 
 
 def save_last(out_dir: Path, model, state: RunState, student=None) -> None:
@@ -83,7 +111,7 @@ def save_last(out_dir: Path, model, state: RunState, student=None) -> None:
     variables = model.optimizer.variables
     state.optimizer_variables = [v.path for v in variables]
     final = out_dir / LAST
-    with atomic_path(final) as tmp:
+    with atomic_path(final) as tmp, local_writes():
         tmp.mkdir()
         (student or model).save_weights(tmp / "weights.weights.h5")
         np.savez(tmp / "optimizer.npz", **{f"v{i:04d}": np.asarray(keras.ops.convert_to_numpy(v))

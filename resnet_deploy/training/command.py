@@ -14,6 +14,8 @@ import typer
 
 from resnet_deploy.cli_common import DataOption, quiet_frameworks
 
+LAUNCH_FLAGS = ("process_id", "num_processes", "coordinator")  # multiprocess.LAUNCH_FLAGS, without importing it
+
 
 def train(
     ctx: typer.Context,
@@ -41,7 +43,22 @@ def train(
         help="auto, float32, mixed_float16 or mixed_bfloat16. auto: mixed_bfloat16 on GPUs with compute capability "
              ">= 8, mixed_float16 on older GPUs, float32 on CPU (mixed_float16 is refused on CPU).")] = "auto",
     distribute: Annotated[str, typer.Option(
-        help="none, or data-parallel over every GPU (keras.distribution on JAX, MirroredStrategy on TensorFlow).")] = "none",
+        help="none; data-parallel over every GPU of this machine (keras.distribution on JAX, MirroredStrategy on "
+             "TensorFlow); or multi-process: data parallel over the devices of several processes or machines "
+             "(KERAS_BACKEND=jax; start one process per machine or GPU, each with its --process-id).")] = "none",
+    process_id: Annotated[Optional[int], typer.Option(
+        help="multi-process: this process's id, 0 to N-1 (0 writes the run's files). Default: "
+             "KERAS_DISTRIBUTION_PROCESS_ID or SLURM_PROCID.", show_default=False)] = None,
+    num_processes: Annotated[Optional[int], typer.Option(
+        help="multi-process: the number of processes N. Default: KERAS_DISTRIBUTION_NUM_PROCESSES or SLURM_NTASKS.",
+        show_default=False)] = None,
+    coordinator: Annotated[Optional[str], typer.Option(
+        help="multi-process: HOST:PORT where process 0 listens, the same for all. Default: "
+             "KERAS_DISTRIBUTION_JOB_ADDRESSES, JAX_COORDINATOR_ADDRESS, or the first SLURM node.",
+        show_default=False)] = None,
+    peer_timeout: Annotated[int, typer.Option(
+        help="multi-process: seconds a process waits for the others to join, answer, or reach a collective "
+             "before it stops with an error.")] = 300,
     teacher: Annotated[Optional[Path], typer.Option(help="Distil from this .keras CIFAR-10 classifier.",
                                                     show_default=False)] = None,
     kd_temperature: Annotated[float, typer.Option(help="Distillation temperature.")] = 4.0,
@@ -72,11 +89,40 @@ def train(
     from resnet_deploy.training.recipe import TrainConfig
     from resnet_deploy.training.trainer import train_model
 
-    options = {k: v for k, v in ctx.params.items() if k not in ("data",)}
+    options = {k: v for k, v in ctx.params.items() if k not in ("data", "peer_timeout", *LAUNCH_FLAGS)}
     options["out_dir"] = options.pop("out")
-    if resume:
+    given = _given(ctx)
+    launch_given = [k for k in (*LAUNCH_FLAGS, "peer_timeout") if k in given]
+    # a resumed run's --distribute comes from its checkpoint: launch flags alone say it is a multi-process one
+    multi = distribute == "multi-process" or (resume and "distribute" not in given and bool(launch_given))
+    launch = _launch(ctx) if multi else None
+    if resume and launch is not None and launch.process_id != 0:
+        options["resume"] = True  # only process 0 reads the checkpoint; it sends the recipe to the others
+    elif resume:
         options = _resume_options(ctx, options)
-    train_model(TrainConfig(**options), data=data)
+    config = TrainConfig(**options)
+    if launch is None and config.distribute == "multi-process":  # resumed with the launcher's variables alone
+        launch = _launch(ctx)
+    if launch_given and config.distribute != "multi-process":
+        from resnet_deploy.errors import TrainError
+
+        raise TrainError(f"{', '.join('--' + k.replace('_', '-') for k in launch_given)} apply to --distribute "
+                         f"multi-process only (this run: --distribute {config.distribute}).",
+                         fix="add --distribute multi-process, or leave them out")
+    train_model(config, data=data, launch=launch)
+
+
+def _given(ctx: typer.Context) -> set[str]:
+    return {k for k in ctx.params if getattr(ctx.get_parameter_source(k), "name", "") == "COMMANDLINE"}
+
+
+def _launch(ctx: typer.Context):
+    """``--distribute multi-process``: this process's place in the run, from the flags or the launcher's
+    variables, checked before any work."""
+    from resnet_deploy.training.multiprocess import resolve_launch
+
+    p = ctx.params
+    return resolve_launch(p["process_id"], p["num_processes"], p["coordinator"], p["peer_timeout"])
 
 
 def _resume_options(ctx: typer.Context, options: dict) -> dict:
@@ -86,7 +132,7 @@ def _resume_options(ctx: typer.Context, options: dict) -> dict:
 
     out = options["out_dir"] if options["out_dir"] is not None else Path("runs") / options["arch"]
     saved = read_state(out).config
-    given = {k for k in ctx.params if getattr(ctx.get_parameter_source(k), "name", "") == "COMMANDLINE"}
+    given = _given(ctx) - {"peer_timeout", *LAUNCH_FLAGS}
     merged = TrainConfig.from_dict(saved).to_dict()
     for k in given - {"data", "out"}:
         merged[k] = options[k]

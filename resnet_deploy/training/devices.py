@@ -230,6 +230,11 @@ def replica_count(distribute: str, dev: DeviceInfo) -> int:
     """How many devices a data-parallel run splits each batch over; refuses what cannot work."""
     if distribute == "none":
         return 1
+    if distribute == "multi-process":  # joined before the devices were probed: dev counts every process's devices
+        if dev.backend != "jax":
+            raise TrainError(f"--distribute multi-process runs on the JAX backend, not {dev.backend}.",
+                             expected="KERAS_BACKEND=jax", fix="set KERAS_BACKEND=jax on every process")
+        return dev.count
     if dev.backend == "torch":
         raise TrainError("--distribute data-parallel is not available with KERAS_BACKEND=torch.",
                          expected="KERAS_BACKEND=jax (keras.distribution.DataParallel) or tensorflow "
@@ -248,6 +253,9 @@ def distribution_scope(distribute: str, dev: DeviceInfo):
 
     JAX: ``keras.distribution.DataParallel`` (batches sharded, variables replicated), reset
     afterwards. TensorFlow: ``tf.distribute.MirroredStrategy`` over the same devices.
+    ``multi-process``: the same DataParallel over the devices of every process (``jax.devices()`` lists them
+    all once the processes have joined), with ``auto_shard_dataset=False``: each process's batches are
+    already its own slice of the global batch (Keras would otherwise ask for a ``tf.data.Dataset``).
     """
     if distribute == "none":
         yield None
@@ -257,7 +265,8 @@ def distribution_scope(distribute: str, dev: DeviceInfo):
         import keras
 
         previous = keras.distribution.distribution()
-        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()))
+        keras.distribution.set_distribution(keras.distribution.DataParallel(
+            devices=jax.devices(), auto_shard_dataset=distribute != "multi-process"))
         try:
             yield "keras.distribution.DataParallel"
         finally:

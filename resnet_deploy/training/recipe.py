@@ -26,7 +26,7 @@ from resnet_deploy.errors import ResnetDeployError, TrainError
 
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 SCHEDULES = ("cosine", "onecycle")
-DISTRIBUTE = ("none", "data-parallel")
+DISTRIBUTE = ("none", "data-parallel", "multi-process")
 BASE_BATCH = 128  # the learning rate below is per this many images (linear scaling rule)
 BASE_LR = 0.1  # peak learning rate at batch BASE_BATCH
 WARMUP_START = 0.1  # the warm-up starts at this fraction of the peak learning rate
@@ -58,7 +58,8 @@ class TrainConfig:
     cutout: int = 0  # side of the square cut out of each training image (0: off)
     seed: int = 0
     precision: str = "auto"  # auto: mixed_bfloat16 on GPUs that have it, mixed_float16 on older GPUs, float32 on CPU
-    distribute: str = "none"  # data-parallel: keras.distribution (JAX) or tf.distribute.MirroredStrategy (TF)
+    distribute: str = "none"  # data-parallel: keras.distribution (JAX) or tf.distribute.MirroredStrategy (TF);
+    # multi-process: keras.distribution.DataParallel over the devices of several processes (JAX; multiprocess.py)
     teacher: Path | None = None  # a .keras classifier to distil from
     kd_temperature: float = 4.0
     kd_weight: float = 0.5  # loss = (1 - w) * cross-entropy + w * T^2 * KL(teacher_T || student_T)

@@ -4,6 +4,12 @@ Order of work: check the output folder and the resume state, probe the devices a
 precision (on ``--resume``: the one the run has trained in) and data parallelism, load the
 teacher, load the data; only then build and train. Every bad option fails before a batch is trained.
 
+``--distribute multi-process`` (``multiprocess.py``): the processes join first; process 0 alone checks and
+writes the output folder and sends its plan (recipe, run state, precision) to the others; every process
+then loads its teacher and data and says whether it is ready (any refusal stops all of them, before a
+batch is trained); on ``--resume`` process 0 sends its checkpoint to the others, so that every process
+restores the same one and the folder need not be shared.
+
 Selection note: ``model.keras`` is the model of the *last* epoch. Nothing is ever chosen on the
 test split: with ``--val-split N`` the per-epoch ``val_*`` figures come from N class-balanced
 training images held out of training, and ``best.keras`` is the epoch with the best of them;
@@ -12,6 +18,7 @@ without it, ``val_*`` are test-split figures for monitoring only and no ``best.k
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import shutil
@@ -28,6 +35,7 @@ if TYPE_CHECKING:
     from resnet_deploy.data.sources import Split
     from resnet_deploy.training.checkpoint import RunState
     from resnet_deploy.training.devices import DeviceInfo
+    from resnet_deploy.training.multiprocess import Launch, ProcessGroup
 
 OWNED = ("model.keras", "model.keras.json", "best.keras", "best.keras.json", "log.csv", "curves.png", "checkpoints")
 SELECTION_NOTE = ("model.keras is the last epoch (nothing chosen on the test split); val_* columns are measured "
@@ -74,6 +82,18 @@ class Run:
     log: Callable[[str], None]
     engine: str | None = None
     precision_choice: Any = None  # devices.PrecisionChoice: the policy with the reason it was chosen
+    group: ProcessGroup | None = None  # the processes of a multi-process run (None: this process alone)
+    checkpoint_dir: Path | None = None  # where --resume reads checkpoints/last (default: out; see _share_checkpoint)
+    say: Callable[[str], None] | None = None  # this process's own lines (``log`` is a no-op after process 0)
+
+    @property
+    def writer(self) -> bool:
+        """Whether this process writes the run's files: always, except the processes after 0 of a multi-process run."""
+        return self.group is None or self.group.writer
+
+    @property
+    def shard(self) -> tuple[int, int]:
+        return self.group.shard if self.group is not None else (0, 1)
 
     @property
     def steps(self) -> int:
@@ -97,9 +117,12 @@ class BestModel:
     def save(self, epoch: int, accuracy: float) -> None:
         from resnet_deploy.models.builder import transfer_weights
         from resnet_deploy.models.io import save_model
+        from resnet_deploy.training.checkpoint import local_writes
 
-        transfer_weights(self.student, self.export_model)
-        save_model(self.export_model, self.path, self.metadata | {"epoch": epoch, "val_accuracy": accuracy}, force=True)
+        with local_writes():  # only process 0 saves: no Keras step that all processes would have to take
+            transfer_weights(self.student, self.export_model)
+            save_model(self.export_model, self.path, self.metadata | {"epoch": epoch, "val_accuracy": accuracy},
+                       force=True)
 
 
 @dataclass(frozen=True)
@@ -111,28 +134,43 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
-def train_model(config: TrainConfig, data=None, log: Callable[[str], None] | None = None) -> TrainResult:
+def train_model(config: TrainConfig, data=None, log: Callable[[str], None] | None = None,
+                launch: Launch | None = None) -> TrainResult:
     """Train per ``config`` on CIFAR-10 and write ``<out>/``.
 
     ``data``: a path for ``data.load_cifar10`` (None: its default search), or a loaded ``Cifar10``.
     ``log``: where progress lines go (default: stdout).
+    ``launch``: this process's place in a ``--distribute multi-process`` run (None: ``resolve_launch()``
+    reads it from the environment). Such a run joins the other processes first, so it must be the first
+    JAX work of the Python process; only process 0 writes ``<out>/``, the others return a result whose
+    ``metadata`` says which process they were and which weights they ended with.
     """
     from resnet_deploy.fileio import output_lock
 
-    with output_lock(config.output_dir, "resnet-deploy train"):  # one writer per folder, for the whole run
-        return _train_locked(config, data, log or _print)
+    log = log or _print
+    if config.distribute != "multi-process":
+        with output_lock(config.output_dir, "resnet-deploy train"):  # one writer per folder, for the whole run
+            return _train_locked(config, data, log)
+    from resnet_deploy.training.multiprocess import join, resolve_launch
+
+    group = join(launch or resolve_launch(), config.seed, log)
+    try:
+        return _train_group(config, data, log, group)
+    except BaseException as exc:
+        if getattr(exc, "agreed", False) is False:
+            group.leaving(getattr(exc, "exit_code", 130 if isinstance(exc, KeyboardInterrupt) else 1))
+        raise
 
 
-def _train_locked(config: TrainConfig, data, log: Callable[[str], None]) -> TrainResult:
+def _check_run(config: TrainConfig, out: Path, log: Callable[[str], None]):
+    """The checks before any work, on the process that owns the folder: (state, devices, precision choice, replicas)."""
     from resnet_deploy.training.devices import choose_precision, probe_devices, replica_count
 
-    out = config.output_dir
     state = _prepare_state(config, out)
     dev = probe_devices()
     choice = choose_precision(config.precision, dev)
-    precision = choice.policy
     if config.resume:
-        note = _check_resumed_precision(config, state, precision, dev, out)
+        note = _check_resumed_precision(config, state, choice.policy, dev, out)
         if note:
             log(note)
     replicas = replica_count(config.distribute, dev)
@@ -143,20 +181,193 @@ def _train_locked(config: TrainConfig, data, log: Callable[[str], None]) -> Trai
         from resnet_deploy.training.distill import load_teacher
 
         load_teacher(config.teacher)  # fail now on a wrong teacher; it is loaded again in the device scope
-    run = Run(config, out, state, dev, precision, replicas, _load_data(config, data), log, precision_choice=choice)
+    return state, dev, choice, replicas
+
+
+def _prepare_folder(config: TrainConfig, out: Path, log: Callable[[str], None]) -> None:
+    """Once every check has passed: clear the folder (--force) or recover a killed run's leftovers (--resume)."""
     if not config.resume and config.force:
         _clean(out)
     if config.resume:
         for line in _recover(out):
             log(line)
     out.mkdir(parents=True, exist_ok=True)
+
+
+def _train_locked(config: TrainConfig, data, log: Callable[[str], None]) -> TrainResult:
+    out = config.output_dir
+    state, dev, choice, replicas = _check_run(config, out, log)
+    run = Run(config, out, state, dev, choice.policy, replicas, _load_data(config, data), log, precision_choice=choice)
+    _prepare_folder(config, out, log)
+    return _run_interruptible(run)
+
+
+def _run_interruptible(run: Run) -> TrainResult:
     try:
         return _run(run)
     except KeyboardInterrupt:
-        if (out / "checkpoints" / "last").exists():
-            log(f"interrupted after epoch {state.epoch}/{config.epochs}: continue with "
-                f"`resnet-deploy train --resume --out {out}`")
+        if run.writer and (run.out / "checkpoints" / "last").exists():
+            run.log(f"interrupted after epoch {run.state.epoch}/{run.config.epochs}: continue with "
+                    f"`resnet-deploy train --resume --out {run.out}`")
         raise
+
+
+def _train_group(config: TrainConfig, data, log: Callable[[str], None], group: ProcessGroup) -> TrainResult:
+    """One process of a multi-process run, from the checks to the result (see the module docstring)."""
+    import contextlib
+
+    from resnet_deploy.fileio import output_lock
+    from resnet_deploy.training.checkpoint import RunState
+    from resnet_deploy.training.devices import PrecisionChoice, probe_devices, resolve_precision
+
+    out = config.output_dir
+    with contextlib.ExitStack() as held:
+        checked: dict = {}
+
+        def plan() -> dict:  # process 0 only: the folder, the state and the devices, as in a single-process run
+            held.enter_context(output_lock(out, "resnet-deploy train"))
+            checked["run"] = _check_run(config, out, log)
+            state, dev, choice, replicas = checked["run"]
+            return {"config": config.to_dict(), "state": state.to_dict(), "choice": choice.to_dict(),
+                    "replicas": replicas, "device": dev.to_dict()}
+
+        shared = _agreed(group.from_zero, "checking the run", plan)
+        mine = config
+
+        def ready() -> dict:  # every process: the same recipe, its own teacher and data
+            nonlocal mine
+            if not group.writer:
+                mine = _follow(config, shared["config"])
+                dev = probe_devices()
+                resolve_precision(shared["choice"]["policy"], dev)  # refuses a policy this process's device cannot run
+                if mine.teacher is not None:
+                    from resnet_deploy.training.distill import load_teacher
+
+                    load_teacher(mine.teacher)
+                checked["dev"] = dev
+            checked["data"] = _load_data(mine, data)
+            return {"data": _data_fingerprint(checked["data"]),
+                    "teacher": _file_sha256(mine.teacher)}
+
+        everyone = _agreed(group.check_all, "getting ready", ready)
+        _agreed(group.check_all, "comparing the processes' data", lambda: _compare_inputs(everyone))
+        if group.writer:
+            state, dev, choice, replicas = checked["run"]
+        else:
+            state = RunState(**shared["state"])
+            dev, replicas = checked["dev"], shared["replicas"]
+            choice = PrecisionChoice(**shared["choice"])
+        run = Run(mine, out, state, dev, choice.policy, replicas, checked["data"], log if group.writer else _quiet,
+                  precision_choice=choice, group=group, say=log)
+        if group.writer:
+            _prepare_folder(mine, out, log)
+        with _share_checkpoint(run) as run.checkpoint_dir:
+            return _run_interruptible(run)
+
+
+def _agreed(step, name: str, fn):
+    """Run a ``ProcessGroup`` exchange; its refusals are raised on every process alike (``agreed``), so
+    each process may end normally, through JAX's shutdown barrier, which all of them reach."""
+    from resnet_deploy.errors import ResnetDeployError
+    from resnet_deploy.training.multiprocess import PeerLostError
+
+    try:
+        return step(name, fn)
+    except ResnetDeployError as exc:
+        if not isinstance(exc, PeerLostError):
+            exc.agreed = True
+        raise
+
+
+def _quiet(msg: str) -> None:
+    """The log of the processes after 0: they print only their own lines (``Run.say``), not the run's."""
+
+
+def _follow(config: TrainConfig, zero: dict) -> TrainConfig:
+    """A process after 0 trains process 0's recipe. A fresh run refuses a process started with another
+    recipe (the same command line is expected everywhere); a resumed one cannot know the recipe (only
+    process 0 reads the checkpoint) and takes process 0's."""
+    from resnet_deploy.training.checkpoint import recipe_differences
+
+    theirs = TrainConfig.from_dict({**zero, "teacher": None})
+    if not config.resume:
+        a, b = theirs.recipe(), config.recipe()
+        for r in (a, b):
+            r.pop("teacher")  # a path, which may differ between machines: the file's sha256 is compared instead
+        diffs = recipe_differences(a, b)
+        if diffs:
+            raise TrainError("this process was started with another recipe than process 0: "
+                             + "; ".join(d.replace("checkpoint", "process 0") for d in diffs),
+                             expected="the same training options on every process",
+                             fix="start every process with the same command line (only the process id differs)")
+    return TrainConfig.from_dict({**zero, "teacher": config.teacher if zero.get("teacher") else None,
+                                  "workers": config.workers, "verbose": config.verbose, "out_dir": config.out_dir,
+                                  "force": False})
+
+
+def _data_fingerprint(data: RunData) -> str:
+    """sha256 (16 hex) of the images and labels the run trains and validates on."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for split in (data.train, data.monitor):
+        h.update(np.ascontiguousarray(split.x).tobytes())
+        h.update(np.ascontiguousarray(split.y).astype(np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _file_sha256(path: Path | None) -> str | None:
+    from resnet_deploy.fileio import sha256_file
+
+    return sha256_file(path) if path is not None else None
+
+
+def _compare_inputs(everyone: list[dict]) -> None:
+    zero = everyone[0]
+    for key, what in (("data", "training and validation images"), ("teacher", "teacher model")):
+        odd = [i for i, r in enumerate(everyone) if r[key] != zero[key]]
+        if odd:
+            raise TrainError(f"process(es) {', '.join(map(str, odd))} do not have process 0's {what} "
+                             f"(sha256 {zero[key]} on process 0).",
+                             expected=f"the same {what} on every process",
+                             fix="give every machine the same copy (--data, --teacher, --limit-train, --val-split)")
+
+
+@contextlib.contextmanager
+def _share_checkpoint(run: Run):
+    """``--resume`` in a multi-process run: process 0 sends checkpoints/last to the others, which restore it from
+    a private temporary folder (never the run folder); yields where ``restore_last`` reads (None: the run folder)."""
+    group = run.group
+    if group is None or not run.config.resume:
+        yield None
+        return
+    import json
+    import tempfile
+
+    from resnet_deploy.training.checkpoint import LAST, last_folder
+
+    names = ("weights.weights.h5", "optimizer.npz", "state.json")
+    payload = None
+    if group.writer:
+        folder = last_folder(run.out)
+        files = [(folder / n).read_bytes() for n in names]
+        header = json.dumps([len(f) for f in files]).encode()
+        payload = len(header).to_bytes(8, "big") + header + b"".join(files)
+    got = group.broadcast_bytes(payload)
+    if group.writer:
+        yield None
+        return
+    n = int.from_bytes(got[:8], "big")
+    sizes, pos = json.loads(got[8:8 + n]), 8 + n
+    with tempfile.TemporaryDirectory(prefix="resnet-deploy-resume-") as tmp:
+        folder = Path(tmp) / LAST
+        folder.mkdir(parents=True)
+        for name, size in zip(names, sizes):
+            (folder / name).write_bytes(got[pos:pos + size])
+            pos += size
+        yield Path(tmp)
 
 
 def _print(msg: str) -> None:
@@ -364,38 +575,92 @@ def _run(run: Run) -> TrainResult:
             model, student = _compile(config, run.precision, run.steps)
             _log_header(run, student)
             if config.resume:
-                restore_last(run.out, model, state, student)
+                restore_last(run.checkpoint_dir or run.out, model, state, student)
                 inside = f", batch {state.step}/{run.steps} of epoch {state.epoch + 1}" if state.step else ""
                 run.log(f"resuming after epoch {state.epoch}/{config.epochs}{inside} "
                         f"(optimizer step {state.iterations}, lr {_lr(model):.4g})")
+                if not run.writer:
+                    run.say(f"process {run.group.rank} of {run.group.count}: restored process 0's checkpoint "
+                            f"(epoch {state.epoch}, optimizer step {state.iterations})")
                 _note_budget_change(run)
             train_b = TrainBatches(data.train.x, data.train.y, config.batch_size, config.seed, config.pad, config.flip,
-                                   config.cutout, epoch=state.epoch, workers=config.workers)
-            monitor_b = EvalBatches(data.monitor.x, data.monitor.y, config.batch_size, multiple=run.replicas)
-            best = None if data.val is None else BestModel(  # never chosen on the test split
+                                   config.cutout, epoch=state.epoch, workers=config.workers, shard=run.shard)
+            monitor_b = EvalBatches(data.monitor.x, data.monitor.y, config.batch_size, multiple=run.replicas,
+                                    shard=run.shard)
+            best = None if data.val is None or not run.writer else BestModel(  # never chosen on the test split
                 run.out / "best.keras", student, export_model,
                 base_metadata(config.arch, config.width, config.stem) | {"selection": run.selection_note,
                                                                           "recipe": config.recipe()})
             state.sessions += 1
             state.precision = run.precision
             recorder = RunRecorder(run.out, state, config.epochs, run.steps, config.batch_size, run.log,
-                                   student=student, best=best, checkpoint_every_s=60 * config.checkpoint_every)
-            verbose = 1 if config.verbose and sys.stdout.isatty() else 0
-            if state.step:  # resumed from a checkpoint inside an epoch: first the rest of that epoch
-                recorder.begin_tail(state.step)
-                tail = EpochTail(train_b, state.epoch, state.step, workers=config.workers)
-                model.fit(tail, epochs=state.epoch + 1, initial_epoch=state.epoch, validation_data=monitor_b,
-                          callbacks=[recorder], verbose=verbose, shuffle=False)
-            if state.epoch < config.epochs:
-                # shuffle=False: TrainBatches already draws each epoch's order from (seed, epoch); fit's own
-                # shuffle would reorder the batches with Python's `random`, whose state a resumed run does
-                # not share with the uninterrupted one (its batches would come in another order)
-                model.fit(train_b, epochs=config.epochs, initial_epoch=state.epoch, validation_data=monitor_b,
-                          callbacks=[EpochSeeder(train_b), recorder], verbose=verbose, shuffle=False)
+                                   student=student, best=best, checkpoint_every_s=60 * config.checkpoint_every,
+                                   writes=run.writer)
+            verbose = 1 if config.verbose and sys.stdout.isatty() and run.writer else 0
+            with _collectives(run):
+                if state.step:  # resumed from a checkpoint inside an epoch: first the rest of that epoch
+                    recorder.begin_tail(state.step)
+                    tail = EpochTail(train_b, state.epoch, state.step, workers=config.workers)
+                    model.fit(tail, epochs=state.epoch + 1, initial_epoch=state.epoch, validation_data=monitor_b,
+                              callbacks=[recorder], verbose=verbose, shuffle=False)
+                if state.epoch < config.epochs:
+                    # shuffle=False: TrainBatches already draws each epoch's order from (seed, epoch); fit's own
+                    # shuffle would reorder the batches with Python's `random`, whose state a resumed run does
+                    # not share with the uninterrupted one (its batches would come in another order)
+                    model.fit(train_b, epochs=config.epochs, initial_epoch=state.epoch, validation_data=monitor_b,
+                              callbacks=[EpochSeeder(train_b), recorder], verbose=verbose, shuffle=False)
+            fingerprint = _same_weights_everywhere(run, student)
             transfer_weights(student, export_model)
     finally:
         keras.config.set_dtype_policy(previous_policy)
-    return _finish(run, export_model, time.perf_counter() - session_t0)
+    if not run.writer:
+        run.say(f"process {run.group.rank} of {run.group.count}: trained {state.epoch} epochs, final weights "
+                f"sha256 {fingerprint} (the same on every process); process 0 writes the run's files")
+        return TrainResult(run.out / "model.keras", {"process_id": run.group.rank, "weights_sha256_16": fingerprint,
+                                                     "epochs": state.epoch, "optimizer_steps": state.iterations},
+                           float("nan"), run.out, list(state.history))
+    return _finish(run, export_model, time.perf_counter() - session_t0, fingerprint)
+
+
+@contextlib.contextmanager
+def _collectives(run: Run):
+    """Training in a multi-process run: a failed collective (another process died or hung) becomes a
+    ``PeerLostError`` (and this process ends without waiting for the others at exit)."""
+    if run.group is None:
+        yield
+        return
+    from resnet_deploy.training.multiprocess import translate
+
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - re-raised unchanged unless a collective failed
+        err = translate(exc, run.group)
+        if err is exc:
+            raise
+        raise err from exc
+
+
+def _same_weights_everywhere(run: Run, student) -> str | None:
+    """A multi-process run: the sha256 of the final weights, checked equal on every process (they are
+    one replicated model: a difference would be a broken run, which is then refused, not written)."""
+    if run.group is None:
+        return None
+    from resnet_deploy.training.multiprocess import weights_sha256
+
+    everyone = _agreed(run.group.check_all, "comparing the final weights", lambda: weights_sha256(student))
+    if len(set(everyone)) > 1:
+        err = TrainError("The processes ended with different weights: " + ", ".join(
+            f"process {i} {h}" for i, h in enumerate(everyone)) + "; no model is written.",
+            expected="one model replicated on every process", fix="report this with the run's logs")
+        err.agreed = True
+        raise err
+    return everyone[0]
+
+
+def _group_metadata(group: ProcessGroup, fingerprint: str | None) -> dict:
+    return {"processes": group.count, "devices_per_process": group.local_devices,
+            "coordinator": group.launch.coordinator, "launch_sources": dict(group.launch.sources),
+            "peer_timeout_s": group.launch.peer_timeout, "weights_sha256_16": fingerprint}
 
 
 def _lr(model) -> float:
@@ -414,8 +679,9 @@ def _log_header(run: Run, student) -> None:
         f"on CIFAR-10 from {data.source}")
     log(f"  device: {run.dev.describe()}")
     why = f" [{run.precision_choice.reason}]" if run.precision_choice is not None else ""
+    processes = f" in {run.group.count} processes ({run.group.describe()})" if run.group is not None else ""
     log(f"  precision: {run.precision}{why} (logits and loss in float32); engine: "
-        + (f"{run.engine} over {run.replicas} devices" if run.engine else "single device"))
+        + (f"{run.engine} over {run.replicas} devices{processes}" if run.engine else "single device"))
     held = f" (+ {len(data.val):,} held out for validation)" if data.val is not None else ""
     log(f"  data: {len(data.train):,} train{held} / {len(data.test):,} test images; batch {config.batch_size}, "
         f"{run.steps} steps/epoch, {config.epochs} epochs")
@@ -446,7 +712,7 @@ def _timing(history: list[dict]) -> dict:
             "train_images_per_s": round(statistics.median(speeds), 1) if speeds else None}  # median over epochs
 
 
-def _finish(run: Run, export_model, session_s: float) -> TrainResult:
+def _finish(run: Run, export_model, session_s: float, fingerprint: str | None = None) -> TrainResult:
     from resnet_deploy.envinfo import library_versions, machine_info
     from resnet_deploy.fileio import sha256_file
     from resnet_deploy.models.io import base_metadata, save_model
@@ -469,7 +735,8 @@ def _finish(run: Run, export_model, session_s: float) -> TrainResult:
         "precision": run.precision,
         "precision_choice": run.precision_choice.to_dict() if run.precision_choice is not None else None,
         "tf_onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
-        "distribution": {"mode": config.distribute, "engine": run.engine, "replicas": run.replicas},
+        "distribution": {"mode": config.distribute, "engine": run.engine, "replicas": run.replicas,
+                         **(_group_metadata(run.group, fingerprint) if run.group is not None else {})},
         "optimizer_steps": state.iterations,
         "budget_changes": state.budget_changes,
         "train_time_s": round(state.elapsed_s, 1),  # epoch wall-clock, test passes included
