@@ -189,6 +189,36 @@ def tuning_score(logits: np.ndarray, y: np.ndarray, float_logits: np.ndarray) ->
             "val_agreement": round(agreement(pred, float_pred), 6)}
 
 
+def kl_per_image(scores: np.ndarray, ref_scores: np.ndarray) -> np.ndarray:
+    """KL(float model || artifact) per image, in nats, between the two class distributions: the scores themselves
+    where the float model outputs probabilities (``output_kind``), else their softmax. A continuous score of how
+    far an INT8 file moved from the float model, with far less sampling noise than a difference of top-1."""
+    a, r = np.asarray(scores, np.float64), np.asarray(ref_scores, np.float64)
+    if a.shape != r.shape:
+        raise ValueError(f"score shapes differ: {a.shape} vs {r.shape}")
+    if output_kind(ref_scores) == "probabilities":
+        p, q = np.clip(r, 1e-12, None), np.clip(a, 1e-12, None)
+        p, q = p / p.sum(1, keepdims=True), q / q.sum(1, keepdims=True)
+        return np.sum(p * (np.log(p) - np.log(q)), axis=1)
+    lp, lq = _log_softmax(r), _log_softmax(a)
+    return np.sum(np.exp(lp) * (lp - lq), axis=1)
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.sum(np.exp(z), axis=1, keepdims=True))
+
+
+def paired_mean_interval(diffs: np.ndarray, confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean of per-image paired differences and its normal-approximation interval (mean +- z * sd / sqrt(n));
+    the images are the pairing, so two files scored on the same images differ by their own noise only."""
+    d = np.asarray(diffs, np.float64).ravel()
+    if len(d) < 2:
+        return (float(d.mean()) if len(d) else float("nan"), float("nan"), float("nan"))
+    m, half = float(d.mean()), _z(confidence) * float(d.std(ddof=1)) / math.sqrt(len(d))
+    return (m, m - half, m + half)
+
+
 def _same_length(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     a, b = np.asarray(a).ravel(), np.asarray(b).ravel()
     if len(a) != len(b):

@@ -167,6 +167,7 @@ class Setting(Record):
     calib_samples: int
     method: str = "minmax"
     per_channel: bool = True
+    activations: str = "int8"  # "int16": TFLite 16x8 (int16 activations, int8 weights)
 
 
 @dataclass(frozen=True)
@@ -195,10 +196,17 @@ class Try(Record):
     convert_s: float
     eval_s: float
     file: Path | None = field(default=None, metadata={"json": False}, compare=False)
+    activations: str = "int8"
+    val_kl: float | None = None  # mean KL(float || this file) per tuning image, nats
+    gain_vs: str | None = None  # the try this one is compared with (the plain export, or the fallback's best)
+    kl_gain: list | None = None  # [mean, low, high] of the paired per-image KL reduction over gain_vs (95 %)
+    val_change_interval_pp: list | None = None  # paired bootstrap 95 % interval of the top-1 change vs float
+
+    OMIT_NONE: ClassVar[tuple[str, ...]] = ("val_kl", "gain_vs", "kl_gain", "val_change_interval_pp")
 
     @property
     def setting(self) -> Setting:
-        return Setting(self.calib_samples, self.method, self.per_channel)
+        return Setting(self.calib_samples, self.method, self.per_channel, self.activations)
 
     @property
     def score(self) -> Score:

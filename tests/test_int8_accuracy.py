@@ -254,20 +254,25 @@ def test_cli_analyze_prints_the_ranking_and_manual_float_layers_apply(tmp_path, 
 
 
 class _ScriptedTrier:
-    """Stands in for the search's trier (``int8_search.search_and_fall_back``): each set of float layers has a
-    scripted (top-1, agreement)."""
+    """Stands in for the search's trier (``int8_search.search_and_fall_back``): each setting and set of float
+    layers has a scripted (top-1, agreement, mean KL); its per-image KL is that mean plus its own noise (sd 0.005
+    over 1,000 images, so a paired difference's standard error is about 0.0002)."""
 
     def __init__(self, scores: dict, analysis: list[dict]):
-        self.scores, self.analysis, self.rows = scores, analysis, []
-        self.train = np.zeros(1000)
+        self.scores, self.analysis, self.rows, self.kls = scores, analysis, [], []
+        self.train = np.zeros(5000)
 
     def run(self, setting, float_layers=(), phase="search"):
         from resnet_deploy.records import Try
 
-        top1, agree = self.scores[(setting.calib_samples, setting.method, tuple(float_layers))]
+        key = (setting.calib_samples, setting.method if setting.activations == "int8" else "16x8", tuple(float_layers))
+        top1, agree, kl = self.scores.get(key, (0.80, 0.90, 0.1))
+        noise = np.random.default_rng(len(self.rows)).normal(0, 0.005, 1000)
         row = Try(phase, setting.calib_samples, setting.method, setting.per_channel, "0" * 16, list(float_layers),
-                  top1, round(100 * (0.9 - top1), 4), agree, 0.0, 0.0, file=f"f{len(self.rows)}")
+                  top1, round(100 * (0.9 - top1), 4), agree, 0.0, 0.0, file=f"f{len(self.rows)}",
+                  activations=setting.activations, val_kl=kl)
         self.rows.append(row)
+        self.kls.append(kl + noise)
         return row
 
     def analyze(self, setting, file, n):
@@ -282,11 +287,14 @@ def _fallback(monkeypatch, scores, analysis, **kw):
     x = np.zeros((10, 32, 32, 3), np.uint8)
     tuning = int8_search.TuningSplit(x, x.astype(np.float32), np.zeros(10, int), np.arange(10),
                                      np.eye(10)[[0] * 9 + [1]], {})
-    opts = ExportOptions(int8=True, accuracy_aware=True, search_calib_samples=(), **kw)
+    kw.setdefault("search_calib_samples", ())
+    opts = ExportOptions(int8=True, accuracy_aware=True, **kw)
     trier = _ScriptedTrier(scores, analysis)
+    lines = []
     best, rec = int8_search.search_and_fall_back(trier, Format.TFLITE, opts, tuning, __import__("time").perf_counter(),
-                                                 lambda m: None)
+                                                 lines.append)
     assert best.float_layers == rec.fallback.float_layers  # the file kept is the one the record names
+    trier.lines = lines
     return rec.to_json(), trier
 
 
@@ -294,27 +302,68 @@ ANALYSIS = [{"layer": "a", "op": "CONV_2D"}, {"layer": "add", "op": "ADD"}, {"la
             {"layer": "d", "op": "FULLY_CONNECTED"}]
 
 
-def test_fallback_keeps_only_layers_that_raise_agreement_and_says_when_the_budget_is_not_met(monkeypatch):
-    s = {(300, "minmax", ()): (0.88, 0.95), (300, "minmax", ("a",)): (0.885, 0.96),
-         (300, "minmax", ("a", "c")): (0.89, 0.955), (300, "minmax", ("a", "d")): (0.887, 0.97)}
+def test_fallback_keeps_only_layers_that_lower_kl_beyond_noise_and_says_when_the_budget_is_not_met(monkeypatch):
+    s = {(300, "minmax", ()): (0.88, 0.95, 0.050), (300, "minmax", ("a",)): (0.885, 0.96, 0.030),
+         (300, "minmax", ("a", "c")): (0.89, 0.97, 0.0299),  # higher top-1 and agreement, KL gain within noise
+         (300, "minmax", ("a", "d")): (0.887, 0.955, 0.020)}
     rec, trier = _fallback(monkeypatch, s, ANALYSIS, int8_max_drop=0.1)
-    # the ADD row is never tried (no float twin); c lowered agreement and was dropped; d was kept
-    assert [r.float_layers for r in trier.rows] == [[], ["a"], ["a", "c"], ["a", "d"]]
+    # the ADD row is never tried (no float twin); c did not lower KL beyond noise and was dropped; d was kept
+    fallback = [r for r in trier.rows if r.phase == "fallback"]
+    assert [r.float_layers for r in fallback] == [["a"], ["a", "c"], ["a", "d"]]
     assert rec["fallback"]["float_layers"] == ["a", "d"] and rec["fallback"]["tries"] == 3
     assert rec["result"]["met_budget"] is False and "NO INT8 tflite file met the budget" in rec["result"]["note"]
     assert rec["result"]["val_drop_pp"] == pytest.approx(1.3)  # the best kept, though over budget
     assert rec["fallback"]["latency"]["ratio"] == pytest.approx(1.5)
+    # every comparison carries its paired interval, computed here another way
+    i_c = trier.rows.index(fallback[1])
+    i_a = trier.rows.index(fallback[0])
+    d = trier.kls[i_a] - trier.kls[i_c]
+    half = 1.959964 * d.std(ddof=1) / np.sqrt(len(d))
+    assert fallback[1].kl_gain == pytest.approx([d.mean(), d.mean() - half, d.mean() + half], abs=1e-6)
+    assert fallback[1].kl_gain[1] < 0 < fallback[1].kl_gain[2]
+    assert any("within noise" in line and "[" in line for line in trier.lines)
+
+
+def test_search_keeps_the_plain_export_unless_a_candidate_is_better_beyond_noise(monkeypatch):
+    s = {(300, "minmax", ()): (0.899, 0.99, 0.0200), (1000, "minmax", ()): (0.8995, 0.995, 0.0199),
+         (300, "16x8", ()): (0.898, 0.99, 0.0201)}
+    rec, trier = _fallback(monkeypatch, s, ANALYSIS, int8_max_drop=0.5, search_calib_samples=(1000,))
+    assert len(trier.rows) == 3 and rec["search"]["winner"]["calib_samples"] == 300  # 1000's gain is noise
+    assert [r.activations for r in trier.rows] == ["int8", "int8", "int16"]
+    s[(300, "16x8", ())] = (0.899, 0.99, 0.0150)  # 16x8 much closer to the float model
+    rec, trier = _fallback(monkeypatch, s, ANALYSIS, int8_max_drop=0.5, search_calib_samples=(1000,))
+    assert rec["search"]["winner"]["activations"] == "int16" and rec["result"]["calibration"]["activations"] == "int16"
 
 
 def test_fallback_stops_at_the_budget_and_at_its_limits(monkeypatch):
-    s = {(300, "minmax", ()): (0.88, 0.95), (300, "minmax", ("a",)): (0.8995, 0.99)}
+    s = {(300, "minmax", ()): (0.88, 0.95, 0.05), (300, "minmax", ("a",)): (0.8995, 0.99, 0.01)}
     rec, trier = _fallback(monkeypatch, s, ANALYSIS, int8_max_drop=0.1)
-    assert len(trier.rows) == 2 and rec["result"]["met_budget"] is True and rec["fallback"]["float_layers"] == ["a"]
+    assert len(trier.rows) == 3 and rec["result"]["met_budget"] is True and rec["fallback"]["float_layers"] == ["a"]
     rec, trier = _fallback(monkeypatch, s, ANALYSIS, int8_max_drop=0.1, int8_max_float_layers=0)
-    assert len(trier.rows) == 1 and rec["result"]["met_budget"] is False and rec["fallback"]["latency"] is None
-    s[(300, "minmax", ())] = (0.9, 0.99)  # within the budget from the start: nothing stays float
+    assert len(trier.rows) == 2 and rec["result"]["met_budget"] is False and rec["fallback"]["latency"] is None
+    s[(300, "minmax", ())] = (0.9, 0.99, 0.05)  # within the budget from the start: nothing stays float
     rec, trier = _fallback(monkeypatch, s, ANALYSIS, int8_max_drop=0.0)
-    assert len(trier.rows) == 1 and rec["fallback"]["needed"] is False and rec["result"]["met_budget"] is True
-    s[(300, "minmax", ())] = (0.88, 0.95)
+    assert len(trier.rows) == 2 and rec["fallback"]["needed"] is False and rec["result"]["met_budget"] is True
+    s[(300, "minmax", ())] = (0.88, 0.95, 0.05)
     rec, trier = _fallback(monkeypatch, s, ANALYSIS, int8_max_drop=0.1, search_time=1e-9)
     assert len(trier.rows) == 1 and "time budget" in rec["search"]["stopped"]  # the first try always runs
+
+
+def test_kl_and_paired_interval_are_what_a_hand_computation_says():
+    from resnet_deploy.metrics import kl_per_image, paired_mean_interval
+
+    ref = np.array([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
+    art = np.array([[1.5, 0.2, -1.0], [0.0, 1.0, 0.0]])
+    want = []
+    for r, a in zip(ref, art):
+        p, q = np.exp(r) / np.exp(r).sum(), np.exp(a) / np.exp(a).sum()
+        want.append(sum(pi * np.log(pi / qi) for pi, qi in zip(p, q)))
+    assert kl_per_image(art, ref) == pytest.approx(want, rel=1e-9)
+    probs = np.exp(ref) / np.exp(ref).sum(1, keepdims=True)  # a softmax model: its outputs are distributions
+    assert kl_per_image(np.exp(art) / np.exp(art).sum(1, keepdims=True), probs) == pytest.approx(want, rel=1e-6)
+    import statistics
+
+    d = [0.1, 0.3, -0.2, 0.4]
+    m, lo, hi = paired_mean_interval(np.array(d))
+    half = 1.959964 * statistics.stdev(d) / 2
+    assert (m, lo, hi) == pytest.approx((0.15, 0.15 - half, 0.15 + half), abs=1e-6)

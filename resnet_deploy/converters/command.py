@@ -221,10 +221,15 @@ def _print_int8_accuracy(console, artifact, top: int = 8) -> None:
                   f"{rec.calibration_indices_sha256_16}, disjoint: {rec.disjoint}", highlight=False)
     if rec.searched:
         w, fb = rec.search.winner, rec.fallback
+        from resnet_deploy.converters.int8_search import _describe
+
+        act = ", 16x8 (int16 activations)" if w.get("activations") == "int16" else ""
         console.print(f"  search: {len(rec.search.tries)} tries ({rec.search.stopped}); winner: {w['calib_samples']} "
-                      f"calibration images, {w['method']}, {'per-channel' if w['per_channel'] else 'per-tensor'} "
+                      f"calibration images, {w['method']}, {'per-channel' if w['per_channel'] else 'per-tensor'}{act} "
                       f"(tuning agreement {w['val_agreement']:.2%}); float layers: "
                       f"{', '.join(fb.float_layers) or 'none'}", highlight=False)
+        for i, t in enumerate(rec.search.tries, 1):  # each try with its intervals (top-1 change, KL reduction)
+            console.print(f"    try {i} ({t.phase}): {_describe(t)}", highlight=False, soft_wrap=True)
         if fb.latency:
             lat = fb.latency
             console.print(f"  latency cost of the fallback's float layers (batch 1, 1 thread): "

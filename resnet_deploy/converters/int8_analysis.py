@@ -10,6 +10,7 @@ nodes to the Keras layers a user knows.
   at each quantized tensor is the accumulated error, so a node's own share is the SQNR it *loses*
   between its input and its output (``added_noise_db``), which is what we rank by.
 
+Which Keras layer a node computes is found by its weights (``int8_mapping``), never by its name.
 Both return rows ``{"layer", "node", "op", "score", ...}`` sorted most sensitive first; ``score`` is
 comparable within one table (higher = worse), not across formats.
 """
@@ -17,20 +18,20 @@ comparable within one table (higher = worse), not across formats.
 from __future__ import annotations
 
 import math
-import re
 
 import numpy as np
 
 from resnet_deploy.converters.base import ONNX_COMPUTE_OPS
-from resnet_deploy.errors import ExportError
 
 COMPUTE_CLASSES = ("Conv2D", "DepthwiseConv2D", "Dense", "Conv2DTranspose", "SeparableConv2D")
-_SUFFIX = re.compile(r"_\d+$")
 
 
 # Keras layer names ------------------------------------------------------------------------------------
 def keras_layer_index(model) -> dict[str, tuple[str, str | None]]:
-    """``{layer name: (class name, name of the layer feeding it or None)}``."""
+    """``{layer name: (class name, name of the layer feeding it or None)}``; a SavedModel's kernels (no Keras
+    layers: ``int8_mapping.keras_kernels`` reads its variables) are listed by their variable path."""
+    from resnet_deploy.converters.int8_mapping import keras_kernels
+
     out = {}
     for layer in model.layers:
         src = None
@@ -44,81 +45,44 @@ def keras_layer_index(model) -> dict[str, tuple[str, str | None]]:
         except (AttributeError, IndexError, TypeError):
             src = None
         out[layer.name] = (type(layer).__name__, src)
+    kinds = {"conv": "Conv2D", "dense": "Dense", "depthwise": "DepthwiseConv2D"}
+    for name, k in keras_kernels(model).items():  # nested models' and SavedModels' kernels
+        out.setdefault(name, (kinds[k.kind], None))
     return out
-
-
-def layer_of(node_name: str, index: dict) -> str | None:
-    """The Keras layer a converter's node comes from. A fused node names several layers (TFLite's
-    ``relu;conv`` ops, tf2onnx's Conv named after the folded BatchNormalization): the compute layer wins,
-    and a BatchNormalization stands for the convolution it was folded into."""
-    found = []
-    for seg in re.split(r"[/;:]", node_name):
-        for cand in (seg, _SUFFIX.sub("", seg)):
-            if cand in index and cand not in found:
-                found.append(cand)
-                break
-    if not found:
-        return None
-    for name in found:
-        if index[name][0] in COMPUTE_CLASSES:
-            return name
-    for name in found:
-        cls, src = index[name]
-        if cls == "BatchNormalization" and src in index and index[src][0] in COMPUTE_CLASSES:
-            return src
-    return found[-1]
-
-
-def tflite_op_layer(tensor_name: str, op: str, index: dict) -> str | None:
-    """The Keras layer of a TFLite op from its output tensor's name; the model's output op carries only
-    ``StatefulPartitionedCall:0``, so a FULLY_CONNECTED op without a name is the model's only Dense layer."""
-    layer = layer_of(tensor_name, index)
-    if layer is None and op == "FULLY_CONNECTED":
-        dense = [n for n, (cls, _) in index.items() if cls == "Dense"]
-        layer = dense[0] if len(dense) == 1 else None
-    return layer
-
-
-def onnx_node_layer(node, index: dict) -> str | None:
-    """The Keras layer of an ONNX node: from its name, else its weight's or its output's name
-    (``quant_pre_process`` may rename fused nodes ``Conv__135``; the tensors keep tf2onnx's names)."""
-    for name in (node.name, *node.input[1:2], *node.output[:1]):
-        layer = layer_of(name, index)
-        if layer:
-            return layer
-    return None
-
-
-def nodes_for_layers(layers, node_layer: dict, index: dict, where: str) -> list[str]:
-    """The converter's node names (``{node: layer}``) that belong to the Keras ``layers``; an unknown
-    layer is an error."""
-    by_layer: dict[str, list[str]] = {}
-    for n, layer in node_layer.items():
-        by_layer.setdefault(layer, []).append(n)
-    missing = [l for l in layers if l not in by_layer]
-    if missing:
-        known = sorted(l for l in by_layer if l and index.get(l, ("",))[0] in COMPUTE_CLASSES)
-        raise ExportError(f"No {where} node comes from the layer(s) {missing}.",
-                          expected=f"Keras layer names of this model's compute layers, e.g. {', '.join(known[:6])}",
-                          fix="pass --int8-float-layers with names from the analysis table (--analyze)")
-    return [n for l in layers for n in by_layer[l]]
 
 
 # TFLite ---------------------------------------------------------------------------------------------------
 def _relative_rmse(f, q, scale, zero_point) -> float:
-    deq = (np.asarray(q, np.float32) - zero_point) * scale
-    f = np.asarray(f, np.float32)
-    return float(np.sqrt(np.mean((f - deq) ** 2)) / max(float(np.std(f)), 1e-12))
+    """NaN (ranked worst) where the float output is not finite, never a RuntimeWarning on the terminal."""
+    with _quiet_numpy():
+        deq = (np.asarray(q, np.float64) - zero_point) * scale
+        f = np.asarray(f, np.float64)
+        return float(np.sqrt(np.mean((f - deq) ** 2)) / max(float(np.std(f)), 1e-12))
 
 
-def tflite_layer_errors(debugger, images: np.ndarray, index: dict) -> list[dict]:
-    """Per-op errors of a ``QuantizationDebugger`` on ``images`` (float, preprocessed), ranked."""
+def _quiet_numpy():
+    """Invalid/overflow arithmetic yields NaN/inf silently (the score is then ranked worst); numpy's
+    RuntimeWarnings and their ``warnings`` twins stay off the terminal."""
+    import contextlib
+    import warnings
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(np.errstate(invalid="ignore", over="ignore", divide="ignore"))
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore", RuntimeWarning)
+    return stack
+
+
+def tflite_layer_errors(debugger, images: np.ndarray, node_layer: dict) -> list[dict]:
+    """Per-op errors of a ``QuantizationDebugger`` on ``images`` (float, preprocessed), ranked; ``node_layer``:
+    ``{op output tensor name: Keras layer}`` (``int8_mapping``, by weights)."""
     import tensorflow as tf
 
     debugger.options = tf.lite.experimental.QuantizationDebugOptions(
         layer_direct_compare_metrics={"relative_rmse": _relative_rmse})
     debugger._data_gen = lambda: ([images[i:i + 1]] for i in range(len(images)))
-    debugger.run()
+    with _quiet_numpy():  # the debugger's own metrics subtract infinities on saturated ops
+        debugger.run()
     rows = []
     for name, stats in debugger.layer_statistics.items():
         node, _ = debugger._get_operand_name_and_index(name)
@@ -128,7 +92,7 @@ def tflite_layer_errors(debugger, images: np.ndarray, index: dict) -> list[dict]
             debugger._numeric_verify_op_details[name]["inputs"][0], subgraph_index=0)
             ["quantization_parameters"]["scales"][0])
         rel = float(stats["relative_rmse"])
-        rows.append({"layer": tflite_op_layer(node, op, index), "node": node, "op": op, "score": round(rel, 6),
+        rows.append({"layer": node_layer.get(node), "node": node, "op": op, "score": round(rel, 6),
                      "relative_rmse": round(rel, 6),
                      "rmse_over_scale": round(math.sqrt(float(stats["mean_squared_error"])) / scale, 4)
                      if scale else None, "max_abs_error": round(float(stats["max_abs_error"]), 6)})
@@ -136,14 +100,14 @@ def tflite_layer_errors(debugger, images: np.ndarray, index: dict) -> list[dict]
 
 
 def rank(rows: list[dict]) -> list[dict]:
-    rows = sorted(rows, key=lambda r: -(r["score"] if np.isfinite(r["score"]) else 1e9))
+    rows = sorted(rows, key=lambda r: -(r["score"] if np.isfinite(r["score"]) else 1e9))  # NaN/inf: worst
     for i, r in enumerate(rows, 1):
         r["rank"] = i
     return rows
 
 
 # ONNX -----------------------------------------------------------------------------------------------------
-def onnx_layer_errors(float_path, qdq_path, images: np.ndarray, input_name: str, index: dict,
+def onnx_layer_errors(float_path, qdq_path, images: np.ndarray, input_name: str, node_layer: dict,
                       work_dir) -> list[dict]:
     """Per compute node (Conv/Gemm/MatMul) of the float graph: SQNR of the float vs QDQ activations at its
     input and output (``qdq_loss_debug``) and the noise it adds, ranked."""
@@ -165,7 +129,7 @@ def onnx_layer_errors(float_path, qdq_path, images: np.ndarray, input_name: str,
         if s_out is None:
             continue
         added = (s_in if s_in is not None else 100.0) - s_out
-        rows.append({"layer": onnx_node_layer(n, index), "node": n.name, "op": n.op_type, "score": round(added, 3),
+        rows.append({"layer": node_layer.get(n.name), "node": n.name, "op": n.op_type, "score": round(added, 3),
                      "added_noise_db": round(added, 3), "sqnr_in_db": None if s_in is None else round(s_in, 3),
                      "sqnr_out_db": round(s_out, 3)})
     return rank(rows)
@@ -192,10 +156,12 @@ def _onnx_sqnr(float_path, qdq_path, images: np.ndarray, input_name: str, work_d
                 continue
             f = np.concatenate([a.ravel() for a in m["float"]]).astype(np.float64)
             q = np.concatenate([a.ravel() for a in m["post_qdq"]]).astype(np.float64)
-            signal[t] = signal.get(t, 0.0) + float(f @ f)
-            noise[t] = noise.get(t, 0.0) + float((f - q) @ (f - q))
+            with _quiet_numpy():
+                signal[t] = signal.get(t, 0.0) + float(f @ f)
+                noise[t] = noise.get(t, 0.0) + float((f - q) @ (f - q))
     eps = np.finfo(np.float64).eps
-    return {t: 10 * math.log10(max(signal[t], eps) / max(noise[t], eps)) for t in signal}
+    return {t: 10 * math.log10(max(signal[t], eps) / max(noise[t], eps)) for t in signal
+            if math.isfinite(signal[t]) and math.isfinite(noise[t])}
 
 
 _PASS_THROUGH = ("Relu", "Clip", "Transpose", "Reshape", "Squeeze", "Flatten", "BatchNormalization", "Identity")

@@ -28,13 +28,15 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
 from resnet_deploy.artifact import TensorSpec
 from resnet_deploy.config import Precision
 from resnet_deploy.converters.base import ONNX_COMPUTE_OPS, ArtifactPlan, ConvertResult
 from resnet_deploy.converters.onnx_process import INPUT_NAME, to_onnx
 from resnet_deploy.errors import ExportError
 
-_CALIB = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+_CALIB = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile", "minmax-bc": "MinMax"}
 _ELEM = {1: "float32", 10: "float16", 3: "int8", 2: "uint8"}
 
 
@@ -93,11 +95,11 @@ def _fp16(session, plan: ArtifactPlan) -> tuple[dict, None]:
 
 def _int8(session, plan: ArtifactPlan) -> tuple[dict, dict]:
     """QDQ quantization of the float graph, in the scheme the plan's file name carries."""
-    from resnet_deploy.converters.int8_analysis import keras_layer_index
+    from resnet_deploy.converters.int8_mapping import keras_kernels
 
     source, origin = float_source(session, plan.model, plan.options.opset, as_path=True)
     o = plan.options
-    with OnnxInt8(source, o, keras_layer_index(plan.model)) as q:
+    with OnnxInt8(source, o, keras_kernels(plan.model)) as q:
         cal = q.quantize(Path(plan.path), plan.calibration, o.calibration.method, o.calibration.per_channel,
                          o.search.float_layers)
     if plan.target.scheme and cal["scheme"] != plan.target.scheme:
@@ -132,11 +134,13 @@ class OnnxInt8:
     any calibration sample, calibration method, per-channel choice and set of Keras layers kept in float
     (``nodes_to_exclude``). A context manager: the temporary folder goes with it."""
 
-    def __init__(self, proto, options, layer_index: dict):
+    def __init__(self, proto, options, kernels: dict):
         import onnx
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
-        self.options, self.index = options, layer_index
+        from resnet_deploy.converters.int8_mapping import onnx_mapping
+
+        self.options, self.kernels = options, kernels
         self._tmp = tempfile.TemporaryDirectory(prefix="rd-onnx-")
         self.dir = Path(self._tmp.name)
         fp32, self.pre = self.dir / "fp32.onnx", self.dir / "pre.onnx"
@@ -145,6 +149,8 @@ class OnnxInt8:
         else:
             onnx.save(proto, str(fp32))
         quant_pre_process(str(fp32), str(self.pre), skip_symbolic_shape=False)
+        # which node computes which Keras layer, by weights (int8_mapping), in the graph that is quantized
+        self.mapping = onnx_mapping(self.pre, kernels)
 
     def __enter__(self):
         return self
@@ -153,25 +159,21 @@ class OnnxInt8:
         self._tmp.cleanup()
 
     def compute_nodes(self) -> dict[str, str | None]:
-        """``{node name: Keras layer}`` for every Conv/Gemm/MatMul of the prepared graph."""
-        import onnx
-
-        from resnet_deploy.converters.int8_analysis import onnx_node_layer
-
-        return {n.name: onnx_node_layer(n, self.index) for n in onnx.load(str(self.pre)).graph.node
-                if n.op_type in ONNX_COMPUTE_OPS}
+        """``{node name: Keras layer}`` for every weighted Conv/Gemm/MatMul of the prepared graph."""
+        return dict(self.mapping.node_layer)
 
     def quantize(self, out_path: Path, calibration, method: str, per_channel: bool, float_layers=()) -> dict:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
         from resnet_deploy.converters.calibration import onnx_reader
-        from resnet_deploy.converters.int8_analysis import nodes_for_layers
+        from resnet_deploy.converters.int8_mapping import onnx_float_layers
 
         if calibration is None:
             raise ExportError("ONNX INT8 needs calibration images.", fix="pass --data with CIFAR-10")
         q = self.options.onnx_int8()
         types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
-        exclude = nodes_for_layers(list(float_layers), self.compute_nodes(), self.index, "ONNX") if float_layers else []
+        float_layers = list(dict.fromkeys(float_layers))
+        exclude = self.mapping.nodes_for(float_layers) if float_layers else []
         batch = even_batch(len(calibration))  # the histogram calibrators stack batches: sizes must match
         with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print their progress
             quantize_static(str(self.pre), str(out_path), onnx_reader(calibration, INPUT_NAME, batch),
@@ -179,6 +181,13 @@ class OnnxInt8:
                             activation_type=types[q.activation_type], weight_type=types[q.weight_type],
                             reduce_range=q.reduce_range, nodes_to_exclude=exclude,
                             calibrate_method=getattr(CalibrationMethod, _CALIB[method]))
+        corrected = correct_biases(self.pre, out_path, calibration) if method.endswith("-bc") else None
+        got = onnx_float_layers(out_path, self.kernels)
+        if sorted(map(str, got)) != sorted(float_layers):
+            raise ExportError(f"The INT8 ONNX model computes the layers {got} in float; {float_layers or 'none'} were "
+                              "to stay float (matched by weights).",
+                              expected="exactly the listed layers in float, every other Conv/Gemm/MatMul quantized",
+                              fix="report this model, with the layers you kept float (--int8-float-layers)")
         weights = f"{q.weight_type} " + ("per-channel" if per_channel else "per-tensor")
         cal = {"tool": "onnxruntime.quantization.quantize_static", "method": method,
                "activations": f"{q.activation_type} per-tensor",
@@ -188,12 +197,82 @@ class OnnxInt8:
                "reader_batch": batch, "sample": calibration.recipe}
         if float_layers:
             cal.update(float_layers=list(float_layers), nodes_to_exclude=exclude)
+        if corrected is not None:
+            cal["bias_correction"] = corrected
         return cal
 
     def analyze(self, qdq_path: Path, images) -> list[dict]:
         from resnet_deploy.converters.int8_analysis import onnx_layer_errors
 
-        return onnx_layer_errors(self.pre, qdq_path, images, INPUT_NAME, self.index, self.dir)
+        return onnx_layer_errors(self.pre, qdq_path, images, INPUT_NAME, self.mapping.node_layer, self.dir)
+
+
+def correct_biases(float_path, qdq_path, calibration, batch: int = 50) -> dict:
+    """Empirical bias correction of a QDQ file, in place: for every Conv with a bias, the mean per output channel of
+    its output over the calibration images is measured in the float graph and in the quantized one, and the bias
+    is moved by the difference (rounded in the int32 bias's own scale), so quantization no longer shifts each
+    channel's mean (the expected-error correction of Nagel et al. 2019, NNCF's fast bias correction, measured in
+    one pass for every layer). Returns what was done, for the manifest."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    from resnet_deploy.converters.int8_mapping import Kernel, match, onnx_weights
+
+    q = onnx.load(str(qdq_path))
+    f = onnx.load(str(float_path))
+    inits = {i.name: i for i in q.graph.initializer}
+    producer = {o: n for n in q.graph.node for o in n.output}
+    # each quantized Conv paired with its float twin by weights (ONNX Runtime renames a Conv's output when it
+    # removes the Relu after it, so names do not pair them)
+    f_nodes = {n.name: n for n in f.graph.node if n.op_type == "Conv"}
+    twins = match({k: v for k, v in onnx_weights(q.graph).items()},
+                  {k: Kernel(k, "conv", v) for k, v in onnx_weights(f.graph).items() if k in f_nodes}, "ONNX").node_layer
+    convs = [n for n in q.graph.node if n.op_type == "Conv" and len(n.input) > 2 and twins.get(n.name)]
+    names = [n.output[0] for n in convs]
+    f_names = [f_nodes[twins[n.name]].output[0] for n in convs]
+    if not names:
+        return {"method": "none: no Conv with a bias"}
+
+    def channel_means(model, names) -> dict[str, np.ndarray]:
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        have = {o.name for o in m.graph.output}
+        m.graph.output.extend([helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
+                               for t in names if t not in have])
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        sums: dict[str, np.ndarray] = {}
+        counts: dict[str, int] = {}
+        inp = sess.get_inputs()[0].name
+        for i in range(0, len(calibration), batch):
+            outs = sess.run(names, {inp: calibration.x[i:i + batch]})
+            for t, v in zip(names, outs):  # (N, C, H, W)
+                sums[t] = sums.get(t, 0) + np.asarray(v, np.float64).sum(axis=(0, 2, 3))
+                counts[t] = counts.get(t, 0) + v.shape[0] * v.shape[2] * v.shape[3]
+        return {t: s / counts[t] for t, s in sums.items()}
+
+    mf, mq = channel_means(f, f_names), channel_means(q, names)
+    moved = []
+    for n, t, ft in zip(convs, names, f_names):
+        shift = mq[t] - mf[ft]  # per output channel: what quantization added to its mean
+        b = n.input[2]
+        dq = producer.get(b)
+        if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in inits and dq.input[1] in inits:
+            old = numpy_helper.to_array(inits[dq.input[0]])
+            scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float64)
+            new = np.clip(np.round(old - shift / scale), -2 ** 31, 2 ** 31 - 1).astype(old.dtype)
+            inits[dq.input[0]].CopyFrom(numpy_helper.from_array(new, dq.input[0]))
+        elif b in inits:
+            old = numpy_helper.to_array(inits[b])
+            inits[b].CopyFrom(numpy_helper.from_array((old - shift).astype(old.dtype), b))
+        else:
+            continue
+        moved.append(n.name)
+    onnx.save(q, str(qdq_path))
+    return {"method": "empirical bias correction (per-channel mean of each Conv output, float vs quantized, "
+                      "over the calibration images, one pass)", "convs_corrected": len(moved)}
 
 
 def even_batch(n: int, cap: int = 16) -> int:

@@ -36,7 +36,7 @@ from resnet_deploy.converters.onnx_rules import (ACTIVATION_TYPES, DEFAULT_OPSET
 from resnet_deploy.data.preprocess import Preprocessing
 from resnet_deploy.errors import ExportError
 
-CALIB_METHODS = ("minmax", "entropy", "percentile")
+CALIB_METHODS = ("minmax", "entropy", "percentile", "minmax-bc")  # -bc: ONNX bias correction after minmax
 DEFAULT_MAX_DROP = 0.10  # accuracy-aware INT8: tuning-split top-1 pp an INT8 file may lose
 EXPORT_FORMATS = (Format.TFLITE, Format.ONNX)
 
@@ -93,8 +93,11 @@ class CalibrationOptions:
     seed: int = 0
     method: str = "minmax"  # ONNX Runtime's calibrator; TFLite uses its own min/max
     per_channel: bool = True  # ONNX INT8 weights per channel
+    activations: str = "int8"  # TFLite: "int16" is 16x8 (int16 activations, int8 weights), whole model
 
     def __post_init__(self):
+        _check(self.activations in ("int8", "int16"), f"Unknown activation type {self.activations!r}.",
+               "int8 or int16 (TFLite 16x8)")
         _check(self.method in CALIB_METHODS, f"Unknown calibration method {self.method!r}.", " / ".join(CALIB_METHODS))
         _check(self.samples >= 1, f"--calib-samples {self.samples} is too small.", "1 or more (a few hundred is typical)")
 

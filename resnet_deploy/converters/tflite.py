@@ -41,6 +41,8 @@ def convert(session, plan: ArtifactPlan) -> ConvertResult:
     import tensorflow as tf
 
     p = plan.target.precision
+    if p is Precision.INT8 and plan.options.calibration.activations == "int16" and not plan.target.qat:
+        return _convert_16x8(session, plan)
     if p is Precision.INT8 and (plan.options.search.float_layers or plan.options.int8_aware) and not plan.target.qat:
         return _convert_selective(session, plan)
     conv, how = _run(lambda: _converter(session, plan.model), plan.target.tag)
@@ -136,7 +138,7 @@ class TFLiteInt8:
     def __init__(self, session, model, calibration):
         import tensorflow as tf
 
-        from resnet_deploy.converters.int8_analysis import keras_layer_index
+        from resnet_deploy.converters.int8_mapping import keras_kernels, tflite_mapping
 
         _require_calibration(calibration)
         conv, self.how = _run(lambda: _converter(session, model, fresh=True), "int8 calibration")
@@ -145,53 +147,95 @@ class TFLiteInt8:
         # float kernels allowed, so denylisted layers can run in float
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
         self.calibration = calibration
-        self.index = keras_layer_index(model)
+        self.kernels = keras_kernels(model)
         self.debugger = _run(lambda: tf.lite.experimental.QuantizationDebugger(
             converter=conv, debug_dataset=lambda: iter(())), "int8 calibration")
+        # which op computes which Keras layer, by weights (int8_mapping): denylisted_nodes takes the ops'
+        # output tensor names, and the analysis table names layers through it
+        self.mapping = tflite_mapping(self.debugger.calibrated_model, self.kernels)
 
     def op_names(self) -> dict[str, str | None]:
-        """``{output tensor name: Keras layer}`` of the calibrated model's conv/dense ops (``denylisted_nodes``
-        takes those names)."""
-        from resnet_deploy.converters.int8_analysis import tflite_op_layer
-
-        ops, tensors = read_graph(self.debugger.calibrated_model)
-        names = {i: t["name"] for i, t in enumerate(tensors)}
-        return {names[op["outputs"][0]]: tflite_op_layer(names[op["outputs"][0]], op["op_name"], self.index)
-                for op in ops if op["op_name"] in TFLITE_COMPUTE_OPS}
+        """``{output tensor name: Keras layer}`` of the calibrated model's conv/dense ops."""
+        return dict(self.mapping.node_layer)
 
     def quantize(self, float_layers=()) -> bytes:
+        """The INT8 model with ``float_layers`` computing in float; the layers that compute in float are read
+        back from the result by their weights and must be exactly those."""
         import tensorflow as tf
 
-        from resnet_deploy.converters.int8_analysis import nodes_for_layers
+        from resnet_deploy.converters.int8_mapping import tflite_float_layers
 
-        nodes = nodes_for_layers(list(float_layers), self.op_names(), self.index, "TFLite") if float_layers else None
+        layers = list(dict.fromkeys(float_layers))
+        nodes = self.mapping.nodes_for(layers) if layers else None
         self.debugger.options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=nodes)
-        return _run(self.debugger.get_nondebug_quantized_model, "int8 quantization")
+        out = _run(self.debugger.get_nondebug_quantized_model, "int8 quantization")
+        got = tflite_float_layers(out, self.kernels)
+        if sorted(map(str, got)) != sorted(layers):
+            raise ExportError(f"The INT8 TFLite model computes the layers {got} in float; {layers or 'none'} were to "
+                              "stay float (matched by weights).",
+                              expected="exactly the listed layers in float, every other conv/dense op integer",
+                              fix="report this model, with the layers you kept float (--int8-float-layers)")
+        return out
 
     def analyze(self, images: np.ndarray) -> list[dict]:
         from resnet_deploy.converters.int8_analysis import tflite_layer_errors
 
-        return _run(lambda: tflite_layer_errors(self.debugger, images, self.index), "int8 analysis")
+        return _run(lambda: tflite_layer_errors(self.debugger, images, self.mapping.node_layer), "int8 analysis")
 
 
 def _convert_selective(session, plan: ArtifactPlan) -> ConvertResult:
-    """Full-integer INT8 except ``search.float_layers``, which compute in float."""
+    """Full-integer INT8 except ``search.float_layers``, which compute in float (checked by weights in
+    ``TFLiteInt8.quantize``)."""
     import tensorflow as tf
 
     layers = list(plan.options.search.float_layers)
     q = TFLiteInt8(session, plan.model, plan.calibration)
     Path(plan.path).write_bytes(q.quantize(layers))
     ops = op_report(plan.path)
-    if len(ops["float_compute_ops"]) != len(layers):
+    if len(ops["float_compute_ops"]) != len(q.mapping.nodes_for(layers) if layers else []):
         raise ExportError(f"The INT8 TFLite model computes {ops['float_compute_ops']} in float; "
                           f"{len(layers)} layer(s) were to stay float: {layers}.",
                           expected="exactly the listed layers in float, every other conv/dense op integer",
                           fix="list only conv/dense layers in --int8-float-layers (names from --analyze)")
     settings = {"converter": q.how, "tensorflow": tf.__version__, "weights": "int8 per-channel", "activations": "int8",
                 "io": "float32", "qat": plan.target.qat, "float_layers": layers,
-                "selective": "tf.lite.experimental.QuantizationDebugger denylisted_nodes"}
+                "selective": "tf.lite.experimental.QuantizationDebugger denylisted_nodes",
+                "layer_mapping": "by weights (int8_mapping)"}
     return ConvertResult(*io_specs(plan.path), settings, ops,
                          dict(_calibration_block(plan.calibration), float_layers=layers))
+
+
+def quantize_16x8(session, model, calibration) -> bytes:
+    """The whole model in 16x8: int16 activations, int8 weights (``EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_
+    INT16_WEIGHTS_INT8``), float I/O. The converter applies it to every op: it has no per-layer 16x8 (a
+    ``QuantizationDebugger`` denylist only leaves ops in float), so 16x8 is a whole-file alternative to keeping
+    layers float. LiteRT's XNNPACK delegate does not run int16 ops: they run on the reference kernels."""
+    import tensorflow as tf
+
+    _require_calibration(calibration)
+    conv, _ = _run(lambda: _converter(session, model, fresh=True), "16x8 quantization")
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.representative_dataset = calibration.representative_dataset
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
+    return _run(conv.convert, "16x8 quantization")
+
+
+def _convert_16x8(session, plan: ArtifactPlan) -> ConvertResult:
+    import tensorflow as tf
+
+    if plan.options.search.float_layers:
+        raise ExportError("16x8 TFLite files keep no layer in float here.",
+                          expected="--int8-float-layers or 16x8, not both", fix="drop --int8-float-layers")
+    Path(plan.path).write_bytes(quantize_16x8(session, plan.model, plan.calibration))
+    ops = op_report(plan.path)
+    if ops["float_compute_ops"]:
+        raise ExportError(f"The 16x8 TFLite model still computes {ops['float_compute_ops']} in float.",
+                          expected="every conv/dense op integer (int16 activations, int8 weights)",
+                          fix="report this model")
+    settings = {"converter": "tf.lite.TFLiteConverter (16x8)", "tensorflow": tf.__version__,
+                "weights": "int8 per-channel", "activations": "int16 (16x8)", "io": "float32", "qat": False}
+    return ConvertResult(*io_specs(plan.path), settings, ops,
+                         dict(_calibration_block(plan.calibration), activations="int16 per-tensor (16x8)"))
 
 
 def _interpreter(path):
