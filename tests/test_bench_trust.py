@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import json
+
 import shutil
 from pathlib import Path
 
@@ -274,14 +276,19 @@ def test_a_cache_hit_skips_the_float_pass_and_no_cache_bypasses_it(tiny_export, 
     assert "accuracy_pass_s" in ref.timing
     (entry,) = (tmp_path / "c" / "reference-logits").glob("*.npz")
     np.testing.assert_array_equal(np.load(entry)["logits"], ref.logits)
-    # Replace the cached logits with ones that are right on every image: a run that reads the cache (and
-    # does no float pass) reports 100 %, one that computed the logits would not.
-    perfect = np.eye(10, dtype=np.float32)[test_split.y]
-    reference_cache.store(entry.stem, perfect, tmp_path / "c")
     second = run_bench([tiny_export["int8"]], BenchOptions(**opts), data=test_split)
     ref2 = second.result("model.keras")
-    assert ref2.accuracy["top1"] == 1.0 and "accuracy_pass_s" not in ref2.timing
-    assert any("from the cache" in n for n in ref2.notes)
+    assert "accuracy_pass_s" not in ref2.timing and any("from the cache" in n for n in ref2.notes)
+    np.testing.assert_array_equal(ref2.logits, ref.logits)
+    # Cached logits that are right on every image, under the right key: a cache that believed them would report
+    # 100 %. A hit re-runs the float model on random cached images, so they are discarded, said, and recomputed.
+    perfect = np.eye(10, dtype=np.float32)[test_split.y]
+    reference_cache.store(entry.stem, perfect, tmp_path / "c")
+    planted = run_bench([tiny_export["int8"]], BenchOptions(**opts), data=test_split)
+    ref3 = planted.result("model.keras")
+    assert "accuracy_pass_s" in ref3.timing and ref3.accuracy["top1"] == pytest.approx(ref.accuracy["top1"])
+    assert "were discarded" in json.dumps(planted.to_dict(), default=str)
+    np.testing.assert_array_equal(np.load(entry)["logits"], ref.logits)  # the honest logits are cached again
     bypass = run_bench([tiny_export["int8"]], BenchOptions(**{**opts, "cache": False}), data=test_split)
     assert bypass.result("model.keras").accuracy["top1"] == pytest.approx(ref.accuracy["top1"])
     # another image count is another key: no hit
