@@ -331,3 +331,34 @@ def test_class_folders_without_a_split_folder_get_the_image_folder_error(tiny_mo
     with pytest.raises(FolderLayoutError) as e:
         run_bench([model], BenchOptions(data=root, latency=False, isolate=False, cache=False))
     assert "look like class folders" in str(e.value) and "move the class folders into" in str(e.value)
+
+
+
+def test_fit_and_strict_reach_export_and_bench_from_the_command_line(tmp_path):
+    """--fit and --strict on export and bench become the image-folder source the library takes (FolderSource:
+    its policy and strictness), and either flag without an image folder is refused before any model or image is
+    read, with nothing written."""
+    from typer.testing import CliRunner
+
+    from resnet_deploy.cli import app
+    from resnet_deploy.cli_common import folder_data
+    from resnet_deploy.data.folder_data import FolderSource
+
+    folder = _user_folder(tmp_path / "photos")
+    src = folder_data(folder, "stretch", True)
+    assert isinstance(src, FolderSource) and src.fit == "stretch" and src.strict
+    assert folder_data(folder, None, False) == folder  # no flag: --data as it is
+    runner = CliRunner()
+    not_a_folder = tmp_path / "cifar"
+    not_a_folder.mkdir()
+    rng = np.random.default_rng(0)
+    np.savez(not_a_folder / "test.npz", x=rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), y=np.arange(8) % 5)
+    model = tmp_path / "model.keras"
+    model.write_bytes(b"never read")
+    art = tmp_path / "m.onnx"
+    art.write_bytes(b"never read")
+    for cmd in (["bench", str(art)], ["export", str(model), "--out", str(tmp_path / "o2")]):
+        for flag in (["--fit", "crop"], ["--strict"]):
+            r = runner.invoke(app, [*cmd, "--data", str(not_a_folder), *flag], env={"COLUMNS": "200"})
+            assert r.exit_code == 2 and "--fit and --strict apply to an image folder" in r.output, r.output
+    assert not (tmp_path / "o2").exists()

@@ -16,7 +16,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from resnet_deploy.cli_common import DataOption
+from resnet_deploy.cli_common import DataOption, FitOption, StrictOption, folder_data
 from resnet_deploy.logfilter import quiet_frameworks
 
 _PLOT_SUFFIXES = (".png", ".svg", ".pdf")
@@ -41,6 +41,8 @@ def bench(
         "--reference", help="The float Keras model to compare with. Default: the one named in the artifacts' "
                             "manifests.", show_default=False)] = None,
     data: DataOption = None,
+    fit: FitOption = None,
+    strict: StrictOption = False,
     limit: Annotated[Optional[int], typer.Option(help="Use only the first N test images (quick runs).",
                                                  show_default=False)] = None,
     batch_size: Annotated[int, typer.Option(help="Batch size of the accuracy pass.")] = _D["batch_size"],
@@ -127,6 +129,8 @@ def bench(
                            runtimes=runtimes, allow_saturating=allow_saturating,
                            max_memory=None if max_memory.strip().lower() == "none" else max_memory)
     check_outputs(json_path, markdown_path, plot_path, force, options)
+    # --fit/--strict need an image folder (said before any work); without them run_bench reads options.data
+    source = folder_data(data, fit, strict) if fit is not None or strict else None
     quiet_frameworks()
     from rich.console import Console
 
@@ -142,7 +146,7 @@ def bench(
     written: list = []
     try:
         with console.status("benchmarking") as status:
-            report = run_bench(artifacts, options, progress=progress)
+            report = run_bench(artifacts, options, data=source, progress=progress)
         stage[0] = "writing the report"
         finish(report, console, json_path, markdown_path, plot_path, written=written, to_stdout=as_json)
     except KeyboardInterrupt:

@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from resnet_deploy.cli_common import DataOption
+from resnet_deploy.cli_common import DataOption, FitOption, StrictOption, folder_data
 from resnet_deploy.converters.onnx_rules import MAX_OPSET, MIN_OPSET, TARGET_CHOICES
 from resnet_deploy.converters.options import ExportOptions
 from resnet_deploy.errors import ExportError
@@ -81,6 +81,8 @@ def export(
     out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: the model's folder).", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing artifacts and manifests.")] = _D.force,
     data: DataOption = None,
+    fit: FitOption = None,
+    strict: StrictOption = False,
     opset: Annotated[int, typer.Option(help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (QDQ per-channel needs "
                                             f"{MIN_OPSET}; tf2onnx 1.17 writes up to {MAX_OPSET}).")] = _D.opset,
     target: Annotated[str, typer.Option(
@@ -163,13 +165,14 @@ def export(
             float_layers=tuple(n.strip() for n in (int8_float_layers or "").split(",") if n.strip()),
             analyze=analyze, analysis_samples=analysis_samples),
         qat=QatOptions(qat_epochs, qat_samples, qat_lr, _D.qat.batch_size))
+    source = folder_data(data, fit, strict)  # --fit/--strict: checked before any model or image is read
     from rich.console import Console
 
     console = Console()
     t0 = time.perf_counter()
     out_dir = options.out_dir or model_path.resolve().parent
     with output_lock(out_dir, "resnet-deploy export"), console.status("exporting") as status:
-        artifacts = export_model(model_path, options, data=data,
+        artifacts = export_model(model_path, options, data=source,
                                  progress=lambda m: (console.print(m, highlight=False), status.update(m)))
     _print_table(console, artifacts, time.perf_counter() - t0)
     for a in artifacts:
