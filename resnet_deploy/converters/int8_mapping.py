@@ -225,6 +225,17 @@ def tflite_mapping(model_bytes, kernels: dict[str, Kernel]) -> Mapping:
     return match(tflite_weights(model_bytes), kernels, "TFLite")
 
 
+def check_float_layers(got: list, wanted: list, fmt: str, integer_ops: str) -> None:
+    """After quantizing: the layers the written file computes in float (``got``, read back by their weights) must
+    be exactly ``wanted``; else an ExportError naming both (``fmt``: TFLite/ONNX; ``integer_ops``: what the other
+    ops are expected to be)."""
+    if sorted(map(str, got)) != sorted(wanted):
+        raise ExportError(f"The INT8 {fmt} model computes the layers {got} in float; {wanted or 'none'} were to stay "
+                          "float (matched by weights).",
+                          expected=f"exactly the listed layers in float, every other {integer_ops}",
+                          fix="report this model, with the layers you kept float (--int8-float-layers)")
+
+
 def tflite_float_layers(model_bytes, kernels: dict[str, Kernel]) -> list[str | None]:
     """The Keras layers of the conv/dense ops of a .tflite file that compute in float (None: an op whose
     weights match no layer)."""

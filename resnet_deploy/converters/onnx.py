@@ -166,7 +166,7 @@ class OnnxInt8:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
         from resnet_deploy.converters.calibration import onnx_reader
-        from resnet_deploy.converters.int8_mapping import onnx_float_layers
+        from resnet_deploy.converters.int8_mapping import check_float_layers, onnx_float_layers
 
         if calibration is None:
             raise ExportError("ONNX INT8 needs calibration images.", fix="pass --data with CIFAR-10")
@@ -182,12 +182,8 @@ class OnnxInt8:
                             reduce_range=q.reduce_range, nodes_to_exclude=exclude,
                             calibrate_method=getattr(CalibrationMethod, _CALIB[method]))
         corrected = correct_biases(self.pre, out_path, calibration) if method.endswith("-bc") else None
-        got = onnx_float_layers(out_path, self.kernels)
-        if sorted(map(str, got)) != sorted(float_layers):
-            raise ExportError(f"The INT8 ONNX model computes the layers {got} in float; {float_layers or 'none'} were "
-                              "to stay float (matched by weights).",
-                              expected="exactly the listed layers in float, every other Conv/Gemm/MatMul quantized",
-                              fix="report this model, with the layers you kept float (--int8-float-layers)")
+        check_float_layers(onnx_float_layers(out_path, self.kernels), float_layers, "ONNX",
+                           "Conv/Gemm/MatMul quantized")
         weights = f"{q.weight_type} " + ("per-channel" if per_channel else "per-tensor")
         cal = {"tool": "onnxruntime.quantization.quantize_static", "method": method,
                "activations": f"{q.activation_type} per-tensor",

@@ -163,18 +163,13 @@ class TFLiteInt8:
         back from the result by their weights and must be exactly those."""
         import tensorflow as tf
 
-        from resnet_deploy.converters.int8_mapping import tflite_float_layers
+        from resnet_deploy.converters.int8_mapping import check_float_layers, tflite_float_layers
 
         layers = list(dict.fromkeys(float_layers))
         nodes = self.mapping.nodes_for(layers) if layers else None
         self.debugger.options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=nodes)
         out = _run(self.debugger.get_nondebug_quantized_model, "int8 quantization")
-        got = tflite_float_layers(out, self.kernels)
-        if sorted(map(str, got)) != sorted(layers):
-            raise ExportError(f"The INT8 TFLite model computes the layers {got} in float; {layers or 'none'} were to "
-                              "stay float (matched by weights).",
-                              expected="exactly the listed layers in float, every other conv/dense op integer",
-                              fix="report this model, with the layers you kept float (--int8-float-layers)")
+        check_float_layers(tflite_float_layers(out, self.kernels), layers, "TFLite", "conv/dense op integer")
         return out
 
     def analyze(self, images: np.ndarray) -> list[dict]:
